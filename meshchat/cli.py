@@ -1,0 +1,282 @@
+"""The command line: arguments to a running node, and the main thread's loop.
+
+The main thread owns the console commands: it takes lines from a queue that
+the ``meshchat-stdin`` thread fills with a blocking ``readline`` (stdin cannot
+go in a selector on Windows), and runs them in order. ``main`` returns the
+exit status: 0 after a clean stop, 1 if the node could not start or a worker
+thread died, 2 for bad arguments.
+"""
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+from typing import List, Optional
+
+from . import __version__
+from .console import (
+    PROMPT, Bad, Help, JsonConsole, Nothing, Peers, Ping, Quit, Say, Stats, TerminalConsole,
+    parse_line, readline_buffer,
+)
+from .node import Failure, Node
+from .relay import RelayConfig
+from .wire import Addr, WireError, parse_addr
+
+log = logging.getLogger("meshchat")
+
+_EOF = object()  # end of input, or a reason to stop, in the line queue
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+        # One line, naming the argument; the usage block is one --help away.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float, high: Optional[float] = None, what: str = ""):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low or (high is not None and value > high) or value != value:
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {span}")
+        return value
+
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="meshchat",
+        description="A serverless chat: every node floods messages over UDP to its peers.",
+        epilog="Example: meshchat --port 9001 --peers 127.0.0.1:9002 127.0.0.1:9003",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_number(int, 0, 65535, "a port"), default=9001,
+                   help="UDP port to bind (default 9001; 0 picks a free one)")
+    p.add_argument("--peers", nargs="*", default=[], metavar="HOST:PORT",
+                   help="neighbours, space- or comma-separated")
+    p.add_argument("--advertise", metavar="HOST",
+                   help="host others reach this node at, for its label (needed with --host 0.0.0.0)")
+    p.add_argument("--ttl", type=_number(int, 1, what="an integer"), default=8,
+                   help="hops a message of ours travels (default 8)")
+    p.add_argument("--seen-ttl", type=_number(float, 1.0, what="a number"), default=120.0,
+                   metavar="SECONDS", help="how long a message id is remembered (default 120)")
+    p.add_argument("--json", action="store_true", help="one JSON event per line on stdout, for scripts")
+    p.add_argument("--headless", action="store_true", help="no input; relay until stopped")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"], help="logging on stderr (default warning)")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-ttl", type=_number(int, 1, what="an integer"), default=16,
+                        help="lower a received ttl above this to it (default 16)")
+    limits.add_argument("--max-datagram", type=_number(int, 64, 65535, "an integer"), default=8192,
+                        metavar="BYTES", help="drop datagrams larger than this (default 8192)")
+    limits.add_argument("--max-skew", type=_number(float, 1.0, what="a number"), default=60.0,
+                        metavar="SECONDS", help="drop messages whose ts is this far from our clock "
+                        "(default 60; at most half of --seen-ttl)")
+    limits.add_argument("--seen-max", type=_number(int, 1, what="an integer"), default=100_000,
+                        metavar="IDS", help="most message ids remembered; the oldest go first (default 100000)")
+    limits.add_argument("--rate-limit", type=_number(float, 0.0, what="a number"), default=200.0,
+                        metavar="PER_S", help="datagrams per second taken from each neighbour "
+                        "(default 200, burst twice that; 0 for no limit)")
+    limits.add_argument("--peers-only", action="store_true",
+                        help="drop datagrams from addresses that are not --peers")
+    p.add_argument("--version", action="version", version=f"meshchat {__version__}")
+    return p
+
+
+def resolve_peer(text: str) -> Addr:
+    """``host:port`` to an IPv4 address tuple; host names are looked up once, here."""
+    host, port = parse_addr(text)
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as e:
+        raise WireError(f"cannot resolve {host!r}: {e}") from None
+    return infos[0][4][0], port
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    peers: List[Addr] = []
+    for item in args.peers:
+        for text in item.split(","):
+            if text.strip():
+                try:
+                    peers.append(resolve_peer(text.strip()))
+                except WireError as e:
+                    parser.error(f"argument --peers: {e}")
+    args.peers = peers
+    if args.ttl > args.max_ttl:
+        parser.error(f"argument --ttl: {args.ttl} is above --max-ttl {args.max_ttl}")
+    if args.max_skew > args.seen_ttl / 2:
+        parser.error(f"argument --max-skew: must be at most half of --seen-ttl ({args.seen_ttl / 2:g}), "
+                     "so that a replayed message is always too old")
+    if args.host in ("0.0.0.0", "") and not args.advertise:
+        args.advertise = _guess_address()
+    if args.advertise:
+        try:
+            parse_addr(f"{args.advertise}:1")
+        except WireError:
+            parser.error(f"argument --advertise: {args.advertise!r} is not a host name or address")
+    return args
+
+
+def _guess_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _read_stdin(lines: "queue.Queue[object]", interactive: bool, console: TerminalConsole) -> None:
+    """The meshchat-stdin thread: blocking reads, one line at a time, into the queue."""
+    try:
+        if interactive:
+            while True:
+                console.reading = True
+                try:
+                    line = input(PROMPT)
+                except EOFError:
+                    break
+                finally:
+                    console.reading = False
+                done = threading.Event()
+                lines.put((line, done))
+                done.wait()  # so that the prompt comes back after our own line is shown
+        else:
+            for raw in sys.stdin.buffer:
+                lines.put((raw.decode("utf-8", "replace"), None))
+    except (OSError, ValueError) as e:
+        log.debug("stdin is gone: %s", e)
+    finally:
+        lines.put(_EOF)
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGTERM."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Stop()
+
+
+def _wait(get):
+    """Block in ``get``; on Windows wake now and then, since Ctrl-C cannot interrupt a lock there."""
+    if sys.platform != "win32":
+        return get()
+    while True:
+        try:
+            return get(timeout=0.5)
+        except queue.Empty:
+            continue
+
+
+def run_command(cmd: object, node: Node, console, typed: bool) -> bool:
+    """Run one console command; False when it asks to quit."""
+    if isinstance(cmd, Say):
+        messages = node.say(cmd.body, cmd.dst)
+        if isinstance(console, TerminalConsole):
+            console.sent(messages, replace_typed=typed)
+        else:
+            console.sent(messages)
+    elif isinstance(cmd, Ping):
+        console.pinged(node.ping(cmd.dst))
+    elif isinstance(cmd, Bad):
+        console.error(cmd.error)
+    elif isinstance(cmd, Help):
+        console.help()
+    elif isinstance(cmd, Peers):
+        console.peers(node.peer_table())
+    elif isinstance(cmd, Stats):
+        console.stats(node.stats())
+    elif isinstance(cmd, Quit):
+        return False
+    else:
+        assert isinstance(cmd, Nothing)
+    return True
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="meshchat: %(levelname)s: %(message)s")
+    lines: "queue.Queue[object]" = queue.Queue()
+    stop_reading = lambda: lines.put(_EOF)  # noqa: E731
+    interactive = not args.json and not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
+    if args.json:
+        console = JsonConsole(sys.stdout, on_broken=stop_reading)
+    else:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        if interactive:
+            try:
+                import readline  # noqa: F401  # line editing, and a prompt we can redraw
+            except ImportError:
+                pass
+        console = TerminalConsole(sys.stdout, color=color, interactive=interactive,
+                                  on_broken=stop_reading, get_typed=readline_buffer())
+
+    def on_event(event: object) -> None:
+        console.show(event)
+        if isinstance(event, Failure):
+            lines.put(_EOF)
+
+    config = RelayConfig(label="", ttl=args.ttl, seen_ttl_s=args.seen_ttl, seen_max=args.seen_max,
+                         max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
+                         rate_limit=args.rate_limit, peers_only=args.peers_only)
+    try:
+        node = Node(config, args.host, args.port, args.peers, on_event, advertise=args.advertise)
+    except OSError as e:
+        import errno
+
+        if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
+            print(f"meshchat: port {args.port} on {args.host} is already in use", file=sys.stderr)
+        else:
+            print(f"meshchat: cannot bind {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    node.start()
+    console.ready(node.label)
+    try:
+        if args.headless:
+            _wait(lines.get)
+        else:
+            reader = threading.Thread(target=_read_stdin, args=(lines, interactive, console),
+                                      name="meshchat-stdin", daemon=True)
+            reader.start()
+            while True:
+                item = _wait(lines.get)
+                if item is _EOF:
+                    break
+                line, done = item
+                if not run_command(parse_line(line), node, console, typed=done is not None):
+                    break  # leave the input thread waiting, not inside readline
+                if done is not None:
+                    done.set()
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        node.stop()
+        _quiet_exit(console)
+    return 1 if node.failure else 0
+
+
+def _quiet_exit(console) -> None:
+    """After a broken stdout, keep the interpreter's final flush from printing a traceback."""
+    if console.broken:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""A running node: its UDP socket, its threads, and the lock around the relay.
+
+Threads:
+- ``meshchat-net`` blocks in ``select()`` on the socket and a waker socket,
+  drains every datagram that is ready, asks the relay what to do with each,
+  and sends the copies. ``stop()`` wakes it through the waker; it never polls.
+- ``meshchat-reaper`` expires old ids every ``REAP_INTERVAL_S``.
+- The caller's thread (the CLI's main thread, or a test) calls ``say``,
+  ``ping``, ``stats``, ``peer_table`` and ``stop``.
+
+The relay's state (seen ids, peer table, counters) is shared by all three and
+guarded by ``self._lock``. Events for the user (``Display``, ``Pong``,
+``Notice``, ``Failure``) go to ``on_event``, called from ``meshchat-net``.
+"""
+
+import logging
+import selectors
+import socket
+import sys
+import threading
+import time
+from dataclasses import replace
+from typing import Callable, Iterable, List, NamedTuple, Optional
+
+from .relay import Relay, RelayConfig, Send
+from .wire import Addr, Message
+
+log = logging.getLogger(__name__)
+
+REAP_INTERVAL_S = 5.0
+RECV_BUFFER_BYTES = 65535  # read every datagram whole, whatever its size
+RCVBUF_WANTED_BYTES = 1 << 20
+DRAIN_BATCH = 256  # datagrams per wake-up before the waker gets a look in
+JOIN_TIMEOUT_S = 1.0
+
+
+class Failure(NamedTuple):
+    """A worker thread died; the node is no longer relaying."""
+
+    thread: str
+    error: str
+
+
+def _quiet_windows_resets(sock: socket.socket) -> None:
+    """Stop Windows from failing recvfrom() after an ICMP error from a peer that is down."""
+    if sys.platform != "win32":
+        return
+    try:
+        import ctypes
+        from ctypes import wintypes
+
+        ws2 = ctypes.WinDLL("ws2_32")
+        ws2.WSAIoctl.argtypes = [
+            ctypes.c_size_t, wintypes.DWORD, ctypes.c_void_p, wintypes.DWORD,
+            ctypes.c_void_p, wintypes.DWORD, ctypes.POINTER(wintypes.DWORD),
+            ctypes.c_void_p, ctypes.c_void_p,
+        ]
+        for code in (0x9800000C, 0x9800000F):  # SIO_UDP_CONNRESET, SIO_UDP_NETRESET
+            off = wintypes.BOOL(False)
+            returned = wintypes.DWORD()
+            ws2.WSAIoctl(sock.fileno(), code, ctypes.byref(off), ctypes.sizeof(off),
+                         None, 0, ctypes.byref(returned), None, None)
+    except (OSError, AttributeError, ValueError) as e:
+        log.debug("could not switch off UDP reset reports: %s", e)
+
+
+class Node:
+    def __init__(
+        self,
+        config: RelayConfig,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        peers: Iterable[Addr] = (),
+        on_event: Callable[[object], None] = lambda event: None,
+        advertise: Optional[str] = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        relay_factory: Callable[..., Relay] = Relay,
+    ) -> None:
+        """Bind the socket (OSError if the port is taken); ``start()`` starts the threads.
+
+        The label in ``config`` is replaced by ``ADVERTISE_OR_HOST:PORT`` once bound.
+        """
+        self._clock = clock
+        self._wall = wall
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self.failure: Optional[Failure] = None
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            # No SO_REUSEADDR: two nodes must never share a port.
+            self._sock.bind((host, port))
+            self._sock.setblocking(False)
+            self.rcvbuf_bytes = self._grow_rcvbuf()
+            _quiet_windows_resets(self._sock)
+        except BaseException:
+            self._sock.close()
+            raise
+        self.addr: Addr = (host, self._sock.getsockname()[1])
+        self.label = f"{advertise or host}:{self.addr[1]}"
+        self.relay = relay_factory(replace(config, label=self.label), peers)
+
+        self._waker_r, self._waker_w = socket.socketpair()
+        self._waker_r.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._sock, selectors.EVENT_READ, self._datagrams_ready)
+        self._selector.register(self._waker_r, selectors.EVENT_READ, self._woken)
+        self._closed = False
+
+    def _grow_rcvbuf(self) -> int:
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_WANTED_BYTES)
+        except OSError as e:
+            log.debug("SO_RCVBUF not raised: %s", e)
+        return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+    # -- life cycle -------------------------------------------------------------
+
+    def start(self) -> "Node":
+        for name, body in (("meshchat-net", self._net_loop), ("meshchat-reaper", self._reap_loop)):
+            t = threading.Thread(target=self._guarded, args=(name, body), name=name, daemon=True)
+            self._threads.append(t)
+            t.start()
+        return self
+
+    def stop(self) -> bool:
+        """Stop the threads and close the socket; safe to call twice. False if a thread hung."""
+        self._stopping.set()
+        self._wake()
+        ok = True
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(JOIN_TIMEOUT_S)
+                if t.is_alive():
+                    log.warning("thread %s did not stop within %.1f s", t.name, JOIN_TIMEOUT_S)
+                    ok = False
+        self._close()
+        return ok
+
+    def __enter__(self) -> "Node":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._selector.close()
+        for s in (self._sock, self._waker_r, self._waker_w):
+            s.close()
+
+    def _wake(self) -> None:
+        try:
+            self._waker_w.send(b"\0")
+        except OSError:
+            pass  # already closed, or the waker is full: either way it will wake
+
+    def _guarded(self, name: str, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except BaseException as e:  # a dead worker must not leave the node half-alive
+            if self._stopping.is_set():
+                return
+            log.error("thread %s died: %r", name, e, exc_info=True)
+            self.failure = Failure(name, f"{type(e).__name__}: {e}")
+            self._stopping.set()
+            self._wake()
+            self._on_event(self.failure)
+
+    # -- the threads ------------------------------------------------------------
+
+    def _net_loop(self) -> None:
+        select = self._selector.select
+        while not self._stopping.is_set():
+            for key, _ in select():
+                key.data()
+
+    def _woken(self) -> None:
+        try:
+            while self._waker_r.recv(512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _datagrams_ready(self) -> None:
+        recvfrom = self._sock.recvfrom
+        relay = self.relay
+        lock = self._lock
+        for _ in range(DRAIN_BATCH):
+            try:
+                data, addr = recvfrom(RECV_BUFFER_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # Windows reports an ICMP error from an earlier send here.
+                log.debug("recvfrom failed: %s", e)
+                with lock:
+                    relay.counters.recv_errors += 1
+                continue
+            with lock:
+                actions = relay.datagram_received(data, addr, self._clock(), self._wall())
+            for action in actions:
+                if type(action) is Send:
+                    self._send(action)
+                else:
+                    self._on_event(action)
+
+    def _reap_loop(self) -> None:
+        while not self._stopping.wait(REAP_INTERVAL_S):
+            with self._lock:
+                self.relay.expire(self._clock())
+
+    def _send(self, send: Send) -> None:
+        sendto = self._sock.sendto
+        for addr in send.addrs:
+            try:
+                sendto(send.data, addr)
+            except OSError as e:
+                # One unreachable or slow peer must not stop the others.
+                log.debug("send to %s:%s failed: %s", addr[0], addr[1], e)
+                with self._lock:
+                    self.relay.counters.send_errors += 1
+
+    # -- the caller's side -------------------------------------------------------
+
+    def say(self, body: str, dst: str = "") -> List[Message]:
+        """Send a CHAT; returns the messages it became (more than one if it was long)."""
+        return self._originate("CHAT", body, dst)
+
+    def ping(self, dst: str = "") -> List[Message]:
+        return self._originate("PING", "", dst)
+
+    def _originate(self, kind: str, body: str, dst: str) -> List[Message]:
+        with self._lock:
+            messages, sends = self.relay.originate(kind, body, dst, self._clock(), self._wall())
+        for send in sends:
+            self._send(send)
+        return messages
+
+    def add_peer(self, addr: Addr) -> None:
+        with self._lock:
+            self.relay.add_peer(addr)
+
+    def stats(self) -> dict:
+        with self._lock:
+            out = self.relay.stats()
+        out["rcvbuf_bytes"] = self.rcvbuf_bytes
+        return out
+
+    def peer_table(self) -> list:
+        with self._lock:
+            return self.relay.peer_table(self._clock())

@@ -1,0 +1,333 @@
+"""The flooding decision: a datagram in, a list of actions out.
+
+Rules, so that a mesh of these (and of seed-design nodes) behaves:
+1. Every datagram received ends in exactly one outcome: handled, or dropped
+   for one named reason. ``handled + sum(dropped_*) == received`` always.
+2. A message id is handled once. Our own ids are recorded when we send them,
+   so copies that come back from the mesh are dropped as duplicates.
+3. A message is displayed when ``dst`` is empty or our label; a copy with
+   ``ttl - 1`` goes to every peer except the one it came from and its origin,
+   while ``ttl - 1 > 0``. So ``ttl`` N reaches exactly N hops. A message
+   addressed to us has arrived and goes no further.
+4. Nothing here touches a socket, a thread or a clock: ``now`` (monotonic
+   seconds) and ``wall`` (unix seconds, for ``ts``) are arguments, so tests
+   drive it with plain values. The node calls it under its one lock.
+"""
+
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+
+from .seen import SeenCache
+from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
+
+MAX_SEND_BYTES = 1400  # one Ethernet frame; also under macOS's 9216-byte default
+PONG_INTERVAL_S = 10.0  # answer a broadcast PING from one origin at most this often
+PING_TIMEOUT_S = 30.0  # forget a PING we sent after this long
+HEARD_KEEP_S = 600.0  # /peers forgets a stranger not heard from for this long
+MAX_TRACKED = 4096  # bound on per-address tables, which spoofed sources could grow
+
+COUNTERS = (
+    "received",
+    "handled",
+    "displayed",
+    "relayed",
+    "consumed",
+    "dropped_malformed",
+    "dropped_oversize",
+    "dropped_duplicate",
+    "dropped_stale",
+    "dropped_ttl",
+    "dropped_rate",
+    "dropped_not_peer",
+    "send_errors",
+    "recv_errors",
+)
+
+_MID_PREFIX = b'{"mid":"'
+
+
+class Send(NamedTuple):
+    """Send ``data`` to each of ``addrs``."""
+
+    data: bytes
+    addrs: Tuple[Addr, ...]
+
+
+class Display(NamedTuple):
+    """Show ``message`` to the user."""
+
+    message: Message
+
+
+class Pong(NamedTuple):
+    """A PONG answered our PING ``mid`` from ``src`` after ``rtt_ms``."""
+
+    src: str
+    rtt_ms: float
+    mid: str
+
+
+class Notice(NamedTuple):
+    """Something the node tells its user."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    label: str
+    ttl: int = 8
+    seen_ttl_s: float = 120.0
+    seen_max: int = 100_000
+    max_ttl: int = 16
+    max_skew_s: float = 60.0
+    max_datagram: int = 8192
+    rate_limit: float = 200.0
+    peers_only: bool = False
+
+
+class Counters:
+    __slots__ = COUNTERS
+
+    def __init__(self) -> None:
+        for name in COUNTERS:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> Dict[str, int]:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+
+def _peek_mid(data: bytes) -> Optional[str]:
+    """The mid of a datagram in the usual compact form, without decoding it all."""
+    if not data.startswith(_MID_PREFIX):
+        return None
+    end = data.find(b'"', 8, 8 + 4 * MAX_MID_CHARS + 1)
+    if end <= 8:
+        return None
+    raw = data[8:end]
+    if b"\\" in raw:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _escaped_len(ch: str) -> int:
+    """Bytes ``ch`` takes inside a JSON string as ``wire.encode`` writes it."""
+    o = ord(ch)
+    if 0x20 <= o < 0x7F:
+        return 2 if ch in '"\\' else 1
+    if ch in "\n\r\t\b\f":
+        return 2
+    return 12 if o > 0xFFFF else 6
+
+
+def split_body(body: str, room: int) -> List[str]:
+    """Cut ``body`` on character boundaries into pieces that each encode in ``room`` bytes."""
+    pieces: List[str] = []
+    start, size = 0, 0
+    for i, ch in enumerate(body):
+        n = _escaped_len(ch)
+        if size + n > room and i > start:
+            pieces.append(body[start:i])
+            start, size = i, 0
+        size += n
+    pieces.append(body[start:])
+    return pieces
+
+
+class Relay:
+    def __init__(
+        self,
+        config: RelayConfig,
+        peers: Iterable[Addr] = (),
+        new_mid: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self.config = config
+        self.label = config.label
+        self.seen = SeenCache(config.seen_ttl_s, config.seen_max)
+        self.counters = Counters()
+        self._new_mid = new_mid
+        self.peers: List[Addr] = []
+        self._peer_set: Set[Addr] = set()
+        self._peer_by_label: Dict[str, Addr] = {}
+        self.heard: Dict[Addr, float] = {}
+        self._pings: Dict[str, float] = {}  # mid of a PING we sent -> when
+        self._ponged: Dict[str, float] = {}  # origin of a broadcast PING -> when we answered
+        self._buckets: Dict[Addr, List[float]] = {}  # addr -> [tokens, last refill]
+        self._skew_told: Dict[str, float] = {}
+        for addr in peers:
+            self.add_peer(addr)
+
+    def add_peer(self, addr: Addr) -> None:
+        if addr not in self._peer_set:
+            self.peers.append(addr)
+            self._peer_set.add(addr)
+            self._peer_by_label[format_addr(addr)] = addr
+
+    # -- receiving -----------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
+        c = self.counters
+        c.received += 1
+        cfg = self.config
+        if addr in self.heard or len(self.heard) < MAX_TRACKED:
+            self.heard[addr] = now
+        if cfg.peers_only and addr not in self._peer_set:
+            c.dropped_not_peer += 1
+            return []
+        if cfg.rate_limit and not self._take_token(addr, now):
+            c.dropped_rate += 1
+            return []
+        if len(data) > cfg.max_datagram:
+            c.dropped_oversize += 1
+            return []
+        mid = _peek_mid(data)
+        if mid is not None and mid in self.seen:
+            c.dropped_duplicate += 1
+            return []
+        try:
+            msg = decode(data)
+        except WireError:
+            c.dropped_malformed += 1
+            return []
+        if msg.ttl <= 0:
+            c.dropped_ttl += 1
+            return []
+        if msg.mid in self.seen:
+            c.dropped_duplicate += 1
+            return []
+        if abs(wall - msg.ts) > cfg.max_skew_s:
+            c.dropped_stale += 1
+            return self._tell_skew(msg, now, wall)
+        self.seen.add(msg.mid, now)
+        if msg.ttl > cfg.max_ttl:
+            msg = msg._replace(ttl=cfg.max_ttl)
+        return self._handle(msg, addr, now, wall)
+
+    def _handle(self, msg: Message, addr: Addr, now: float, wall: float) -> list:
+        c = self.counters
+        c.handled += 1
+        actions: list = []
+        to_me = msg.dst == self.label
+        kind = msg.kind
+        shown = kind == "CHAT" and (to_me or msg.dst == "")
+        if shown:
+            actions.append(Display(msg))
+            c.displayed += 1
+        if kind == "PING":
+            if to_me or (msg.dst == "" and self._may_answer(msg.src, now)):
+                actions.extend(self.originate("PONG", msg.mid, msg.src, now, wall)[1])
+        elif kind == "PONG" and to_me:
+            sent = self._pings.get(msg.body)
+            if sent is not None:
+                actions.append(Pong(msg.src, (now - sent) * 1000.0, msg.body))
+        if not to_me and msg.ttl > 1:
+            origin = self._peer_by_label.get(msg.src)
+            targets = tuple(p for p in self.peers if p != addr and p != origin)
+            if targets:
+                actions.append(Send(encode(msg._replace(ttl=msg.ttl - 1)), targets))
+                c.relayed += 1
+                return actions
+        if not shown:
+            c.consumed += 1
+        return actions
+
+    def _take_token(self, addr: Addr, now: float) -> bool:
+        rate = self.config.rate_limit
+        bucket = self._buckets.get(addr)
+        if bucket is None:
+            if len(self._buckets) >= MAX_TRACKED:
+                addr = ("*", 0)  # strangers beyond the bound share one bucket
+                bucket = self._buckets.get(addr)
+            if bucket is None:
+                bucket = self._buckets[addr] = [2.0 * rate, now]
+        tokens = min(2.0 * rate, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _may_answer(self, origin: str, now: float) -> bool:
+        last = self._ponged.get(origin)
+        if last is not None and now - last < PONG_INTERVAL_S:
+            return False
+        if len(self._ponged) < MAX_TRACKED or last is not None:
+            self._ponged[origin] = now
+        return True
+
+    def _tell_skew(self, msg: Message, now: float, wall: float) -> list:
+        if msg.src in self._skew_told or len(self._skew_told) >= MAX_TRACKED:
+            return []
+        self._skew_told[msg.src] = now
+        ahead = msg.ts - wall
+        way = "ahead of" if ahead > 0 else "behind"
+        return [
+            Notice(
+                f"clock of {msg.src} is {abs(ahead):.0f} s {way} ours; its messages are "
+                f"dropped (limit {self.config.max_skew_s:g} s)"
+            )
+        ]
+
+    # -- sending -------------------------------------------------------------
+
+    def originate(
+        self, kind: str, body: str, dst: str, now: float, wall: float
+    ) -> Tuple[List[Message], List[Send]]:
+        """New messages from this node, split so each datagram fits MAX_SEND_BYTES."""
+        mid = self._new_mid()
+        msg = Message(mid, wall, self.config.ttl, kind, self.label, dst, body)
+        data = encode(msg)
+        if len(data) <= MAX_SEND_BYTES:
+            messages = [msg]
+        else:
+            room = MAX_SEND_BYTES - len(encode(msg._replace(body="")))
+            pieces = split_body(body, room)
+            messages = [msg._replace(mid=mid if i == 0 else self._new_mid(), body=p) for i, p in enumerate(pieces)]
+        sends = []
+        for m in messages:
+            self.seen.add(m.mid, now)
+            if kind == "PING":
+                self._pings[m.mid] = now
+            if self.peers:
+                sends.append(Send(data if m is msg else encode(m), tuple(self.peers)))
+        return messages, sends
+
+    # -- housekeeping ----------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """Forget what is too old to matter; the reaper calls this every few seconds."""
+        self.seen.expire(now)
+        _drop_older(self._pings, now - PING_TIMEOUT_S)
+        _drop_older(self._ponged, now - PONG_INTERVAL_S)
+        _drop_older(self._skew_told, now - self.config.seen_ttl_s)
+        _drop_older(self.heard, now - HEARD_KEEP_S, keep=self._peer_set)
+        # A bucket refills completely in 2 s, and a full bucket is the same as none.
+        stale = [a for a, (_, last) in self._buckets.items() if now - last > 2.0]
+        for a in stale:
+            del self._buckets[a]
+
+    def stats(self) -> Dict[str, int]:
+        out = self.counters.as_dict()
+        out["seen_size"] = len(self.seen)
+        return out
+
+    def peer_table(self, now: float) -> List[Tuple[str, bool, Optional[float]]]:
+        """(address, configured, seconds since last heard or None) for /peers."""
+        rows = []
+        for addr in self.peers:
+            last = self.heard.get(addr)
+            rows.append((format_addr(addr), True, None if last is None else now - last))
+        for addr, last in self.heard.items():
+            if addr not in self.peers:
+                rows.append((format_addr(addr), False, now - last))
+        return rows
+
+
+def _drop_older(table: dict, cutoff: float, keep: Iterable = ()) -> None:
+    for key in [k for k, when in table.items() if when < cutoff and k not in keep]:
+        del table[key]

@@ -1,0 +1,139 @@
+"""The wire format: one compact JSON object per UDP datagram.
+
+Rules, so that every node agrees:
+1. A datagram is one UTF-8 JSON object with the seven fields of the seed
+   design: mid, ts, ttl, kind, src, dst, body.
+2. Fields this version does not know are kept in ``Message.extra`` and sent
+   on unchanged, so newer nodes can add fields without breaking older ones.
+3. Anything else is a ``WireError`` whose text names the field at fault;
+   decoding never raises anything but ``WireError``.
+
+Pure functions, no I/O: called from the socket thread and the main thread.
+"""
+
+import json
+import math
+import re
+from typing import Any, Dict, NamedTuple, Tuple
+
+KNOWN_KINDS = ("CHAT", "PING", "PONG")
+FIELDS = ("mid", "ts", "ttl", "kind", "src", "dst", "body")
+MAX_MID_CHARS = 64
+MAX_HOST_CHARS = 253
+
+# An unknown kind is still relayed, so that newer kinds cross older nodes.
+_KIND_RE = re.compile(r"[A-Z][A-Z0-9_]{0,15}\Z")
+_HOST_RE = re.compile(r"[A-Za-z0-9._-]+\Z")
+
+Addr = Tuple[str, int]
+
+
+class WireError(ValueError):
+    """A datagram or address that is not valid; the text says why."""
+
+
+class Message(NamedTuple):
+    mid: str
+    ts: float
+    ttl: int
+    kind: str
+    src: str
+    dst: str
+    body: str
+    extra: Dict[str, Any] = {}
+
+    @property
+    def is_broadcast(self) -> bool:
+        return self.dst == ""
+
+
+def parse_addr(text: str) -> Addr:
+    """Split ``host:port`` into a tuple, or raise WireError saying what is wrong."""
+    if not isinstance(text, str):
+        raise WireError("address must be a string")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise WireError(f"{text!r} is not HOST:PORT")
+    if len(host) > MAX_HOST_CHARS or not _HOST_RE.match(host):
+        raise WireError(f"{text!r} has an invalid host")
+    if not port.isdigit() or not port.isascii() or not 0 < int(port) < 65536:
+        raise WireError(f"{text!r} needs a port from 1 to 65535")
+    return host, int(port)
+
+
+def format_addr(addr: Addr) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+def encode(msg: Message) -> bytes:
+    """The datagram for ``msg``: compact JSON, ASCII-only so any str encodes."""
+    obj = {
+        "mid": msg.mid,
+        "ts": msg.ts,
+        "ttl": msg.ttl,
+        "kind": msg.kind,
+        "src": msg.src,
+        "dst": msg.dst,
+        "body": msg.body,
+    }
+    if msg.extra:
+        obj.update(msg.extra)
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _reject_constant(name: str) -> Any:
+    raise WireError(f"{name} is not a number")
+
+
+def decode(data: bytes) -> Message:
+    """Parse and validate one datagram. Raises only WireError."""
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except WireError:
+        raise
+    except UnicodeDecodeError:
+        raise WireError("not UTF-8") from None
+    except (ValueError, RecursionError):
+        # RecursionError: deep nesting; ValueError: bad JSON or, from
+        # Python 3.11, an integer of more than 4300 digits.
+        raise WireError("not JSON") from None
+    if not isinstance(obj, dict):
+        raise WireError("not a JSON object")
+    return message_from_dict(obj)
+
+
+def message_from_dict(obj: Dict[str, Any]) -> Message:
+    """Validate the fields of a decoded JSON object."""
+    try:
+        mid = obj["mid"]
+        ts = obj["ts"]
+        ttl = obj["ttl"]
+        kind = obj["kind"]
+        src = obj["src"]
+        dst = obj["dst"]
+        body = obj["body"]
+    except KeyError as e:
+        raise WireError(f"missing field {e.args[0]!r}") from None
+    if not isinstance(mid, str) or not 0 < len(mid) <= MAX_MID_CHARS or not mid.isprintable():
+        raise WireError(f"mid must be 1 to {MAX_MID_CHARS} printable characters")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        raise WireError("ts must be a number")
+    try:
+        ts = float(ts)
+    except OverflowError:
+        raise WireError("ts is out of range") from None
+    if not math.isfinite(ts):
+        raise WireError("ts must be finite")
+    if isinstance(ttl, bool) or not isinstance(ttl, int):
+        raise WireError("ttl must be an integer")
+    if not isinstance(kind, str) or not _KIND_RE.match(kind):
+        raise WireError("kind must be an upper-case word of at most 16 characters")
+    parse_addr(src)
+    if dst != "":
+        if not isinstance(dst, str):
+            raise WireError("dst must be a string")
+        parse_addr(dst)
+    if not isinstance(body, str):
+        raise WireError("body must be a string")
+    extra = {k: v for k, v in obj.items() if k not in FIELDS} if len(obj) > len(FIELDS) else {}
+    return Message(mid, ts, ttl, kind, src, dst, body, extra)

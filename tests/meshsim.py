@@ -1,0 +1,73 @@
+"""An in-memory mesh of sans-I/O relays joined by a fake link, for deterministic tests."""
+
+from collections import deque
+from typing import Dict, List, Tuple
+
+from meshchat.relay import Display, Pong, Relay, RelayConfig, Send
+
+
+def addr_of(i: int) -> Tuple[str, int]:
+    return ("10.0.0.%d" % i, 9000)
+
+
+def label_of(i: int) -> str:
+    return "10.0.0.%d:9000" % i
+
+
+class SimMesh:
+    """Relays 1..n; ``edges`` lists neighbour pairs. Time stands still unless moved."""
+
+    def __init__(self, n: int, edges, wall: float = 1_000_000.0, **config):
+        self.now = 100.0
+        self.wall = wall
+        self.relays: Dict[int, Relay] = {}
+        self.shown: Dict[int, List] = {i: [] for i in range(1, n + 1)}
+        self.pongs: Dict[int, List[Pong]] = {i: [] for i in range(1, n + 1)}
+        self.datagrams = 0
+        neighbours = {i: [] for i in range(1, n + 1)}
+        for a, b in edges:
+            neighbours[a].append(addr_of(b))
+            neighbours[b].append(addr_of(a))
+        counter = iter(range(10**9))
+        for i in range(1, n + 1):
+            cfg = RelayConfig(label=label_of(i), **config)
+            self.relays[i] = Relay(cfg, neighbours[i], new_mid=lambda i=i: "m%d-%d" % (i, next(counter)))
+        self._queue = deque()
+
+    def _post(self, sender: int, actions) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                for addr in action.addrs:
+                    self._queue.append((sender, addr, action.data))
+            elif isinstance(action, Display):
+                self.shown[sender].append(action.message)
+            elif isinstance(action, Pong):
+                self.pongs[sender].append(action)
+
+    def originate(self, i: int, body: str = "hi", dst: str = "", kind: str = "CHAT"):
+        messages, sends = self.relays[i].originate(kind, body, dst, self.now, self.wall)
+        self._post(i, sends)
+        return messages
+
+    def inject(self, i: int, data: bytes, from_addr=("10.9.9.9", 9000)):
+        self._post(i, self.relays[i].datagram_received(data, from_addr, self.now, self.wall))
+
+    def run(self) -> None:
+        """Deliver every datagram in flight, breadth first, until the mesh is quiet."""
+        while self._queue:
+            sender, (host, _), data = self._queue.popleft()
+            self.datagrams += 1
+            target = int(host.rsplit(".", 1)[1])
+            actions = self.relays[target].datagram_received(data, addr_of(sender), self.now, self.wall)
+            self._post(target, actions)
+
+    def bodies(self, i: int) -> List[str]:
+        return [m.body for m in self.shown[i]]
+
+
+def line(n: int):
+    return [(i, i + 1) for i in range(1, n)]
+
+
+def full(n: int):
+    return [(a, b) for a in range(1, n + 1) for b in range(a + 1, n + 1)]

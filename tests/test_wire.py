@@ -1,0 +1,124 @@
+import json
+
+import pytest
+
+from meshchat.wire import Message, WireError, decode, encode, format_addr, parse_addr
+
+GOOD = {"mid": "abc", "ts": 1730563200.123, "ttl": 8, "kind": "CHAT",
+        "src": "127.0.0.1:9001", "dst": "", "body": "hello mesh"}
+
+
+def raw(**changes):
+    obj = dict(GOOD, **changes)
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def test_round_trip_keeps_every_field():
+    msg = Message("id-1", 1730563200.5, 3, "CHAT", "10.0.0.1:9001", "10.0.0.2:9002", "héllo ☃ 𝄞")
+    assert decode(encode(msg)) == msg
+
+
+def test_encoding_is_compact_json_in_seed_field_order():
+    data = encode(Message("m", 1.5, 8, "CHAT", "127.0.0.1:9001", "", "hi"))
+    assert data == b'{"mid":"m","ts":1.5,"ttl":8,"kind":"CHAT","src":"127.0.0.1:9001","dst":"","body":"hi"}'
+
+
+def test_seed_datagram_decodes():
+    msg = decode(raw())
+    assert (msg.mid, msg.ttl, msg.kind, msg.src, msg.dst, msg.body) == (
+        "abc", 8, "CHAT", "127.0.0.1:9001", "", "hello mesh")
+    assert msg.is_broadcast
+
+
+def test_unknown_fields_survive_a_round_trip_unchanged():
+    msg = decode(raw(sig="xyz", hops=[1, {"a": None}]))
+    assert msg.extra == {"sig": "xyz", "hops": [1, {"a": None}]}
+    again = json.loads(encode(msg._replace(ttl=7)))
+    assert again["sig"] == "xyz" and again["hops"] == [1, {"a": None}] and again["ttl"] == 7
+
+
+def test_integer_ts_is_accepted():
+    assert decode(raw(ts=1730563200)).ts == 1730563200.0
+
+
+def test_unknown_upper_case_kind_is_valid():
+    assert decode(raw(kind="FILE_CHUNK")).kind == "FILE_CHUNK"
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"\xff\xfe", "not UTF-8"),
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'"text"', "not a JSON object"),
+    (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+])
+def test_undecodable_datagrams_say_why(data, why):
+    with pytest.raises(WireError, match=why):
+        decode(data)
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("mid", "", "mid"),
+    ("mid", 7, "mid"),
+    ("mid", "x" * 65, "mid"),
+    ("mid", "a\nb", "mid"),
+    ("ts", "now", "ts"),
+    ("ts", True, "ts"),
+    ("ts", 10 ** 400, "ts"),
+    ("ttl", 1.5, "ttl"),
+    ("ttl", True, "ttl"),
+    ("ttl", "8", "ttl"),
+    ("kind", "chat", "kind"),
+    ("kind", "A" * 17, "kind"),
+    ("kind", None, "kind"),
+    ("src", "nowhere", "nowhere"),
+    ("src", "host:0", "port"),
+    ("src", "host:99999", "port"),
+    ("src", "bad host:1", "host"),
+    ("dst", "x", "HOST:PORT"),
+    ("dst", 5, "dst"),
+    ("body", None, "body"),
+    ("body", ["a"], "body"),
+])
+def test_each_bad_field_is_named(field, value, why):
+    with pytest.raises(WireError, match=why):
+        decode(raw(**{field: value}))
+
+
+@pytest.mark.parametrize("field", ["mid", "ts", "ttl", "kind", "src", "dst", "body"])
+def test_missing_field_is_named(field):
+    obj = dict(GOOD)
+    del obj[field]
+    with pytest.raises(WireError, match=f"missing field '{field}'"):
+        decode(json.dumps(obj).encode())
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_numbers_are_rejected(constant):
+    with pytest.raises(WireError):
+        decode(raw().replace(b"1730563200.123", constant))
+
+
+def test_huge_float_literal_is_rejected():
+    with pytest.raises(WireError, match="ts"):
+        decode(raw().replace(b"1730563200.123", b"1e999"))
+
+
+def test_lone_surrogate_in_body_still_encodes():
+    msg = decode(raw().replace(b"hello mesh", b"\\ud800"))
+    assert decode(encode(msg)).body == "\ud800"
+
+
+@pytest.mark.parametrize("text, addr", [("127.0.0.1:9001", ("127.0.0.1", 9001)),
+                                        ("localhost:1", ("localhost", 1)),
+                                        ("my-host.lan:65535", ("my-host.lan", 65535))])
+def test_parse_addr(text, addr):
+    assert parse_addr(text) == addr
+    assert format_addr(addr) == text
+
+
+@pytest.mark.parametrize("text", ["9001", ":9001", "host:", "host:abc", "host:-1", "host:65536",
+                                  "ho st:1", "host:１２", "a" * 300 + ":1"])
+def test_parse_addr_rejects(text):
+    with pytest.raises(WireError):
+        parse_addr(text)
