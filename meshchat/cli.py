@@ -15,11 +15,11 @@ import signal
 import socket
 import sys
 import threading
-from typing import List, Optional
+from typing import Callable, Iterator, List, Optional
 
 from . import __version__
 from .console import (
-    PROMPT, Bad, Help, JsonConsole, Nothing, Peers, Ping, Quit, Say, Stats, TerminalConsole,
+    MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nothing, Peers, Ping, Quit, Say, Stats, TerminalConsole,
     parse_line, readline_buffer,
 )
 from .node import Failure, Node
@@ -135,8 +135,33 @@ def _guess_address() -> str:
         return "127.0.0.1"
 
 
-def _read_stdin(lines: "queue.Queue[object]", interactive: bool, console: TerminalConsole) -> None:
-    """The meshchat-stdin thread: blocking reads, one line at a time, into the queue."""
+def stdin_lines(read: Callable[[int], bytes], limit: int = MAX_LINE_BYTES) -> Iterator[bytes]:
+    """Lines from a raw ``read``, each cut at ``limit + 1`` bytes so that a huge line costs no memory."""
+    parts: List[bytes] = []
+    size = 0
+    while True:
+        chunk = read(65536)
+        if not chunk:
+            break
+        while chunk:
+            head, newline, chunk = chunk.partition(b"\n")
+            if size <= limit:
+                parts.append(head[: limit + 1 - size])
+                size += len(parts[-1])
+            if newline:
+                yield b"".join(parts)
+                parts, size = [], 0
+    if parts:
+        yield b"".join(parts)
+
+
+def _read_stdin(lines: "queue.Queue[object]", interactive: bool, console) -> None:
+    """The meshchat-stdin thread: blocking reads, one line at a time, into the queue.
+
+    Piped input is read with os.read on the descriptor, never through
+    sys.stdin: a daemon thread blocked inside sys.stdin's buffer would hold
+    its lock while the interpreter shuts down, which aborts the process.
+    """
     try:
         if interactive:
             while True:
@@ -149,9 +174,10 @@ def _read_stdin(lines: "queue.Queue[object]", interactive: bool, console: Termin
                     console.reading = False
                 done = threading.Event()
                 lines.put((line, done))
-                done.wait()  # so that the prompt comes back after our own line is shown
+                done.wait()  # the prompt comes back after our own line is shown
         else:
-            for raw in sys.stdin.buffer:
+            fd = sys.stdin.fileno()
+            for raw in stdin_lines(lambda n: os.read(fd, n)):
                 lines.put((raw.decode("utf-8", "replace"), None))
     except (OSError, ValueError) as e:
         log.debug("stdin is gone: %s", e)

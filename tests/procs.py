@@ -1,0 +1,84 @@
+"""Real ``meshchat`` processes, their stdout lines read into a queue by a thread."""
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Optional
+
+TIMEOUT_S = 10.0
+
+
+class Proc:
+    def __init__(self, *args: str, stdin=subprocess.PIPE):
+        self.args = [sys.executable, "-m", "meshchat", *args]
+        self.popen = subprocess.Popen(self.args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, encoding="utf-8", errors="replace")
+        self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="test-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.popen.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def event(self, name: str, timeout: float = TIMEOUT_S) -> dict:
+        """The next JSON event called ``name``, skipping others."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                raise AssertionError(f"no {name!r} event within {timeout} s from {self.args}") from None
+            if line is None:
+                raise AssertionError(f"process ended before a {name!r} event: {self.stderr()}")
+            obj = json.loads(line)
+            if obj["event"] == name:
+                return obj
+
+    def ready(self) -> str:
+        return self.event("ready")["node"]
+
+    def send(self, line: str) -> None:
+        self.popen.stdin.write(line + "\n")
+        self.popen.stdin.flush()
+
+    def wait(self, timeout: float = TIMEOUT_S) -> int:
+        code = self.popen.wait(timeout)
+        self._reader.join(timeout)
+        return code
+
+    def stderr(self) -> str:
+        return self.popen.stderr.read() if self.popen.poll() is not None else ""
+
+    def rest(self) -> List[dict]:
+        """Every event left on stdout, once the process has ended."""
+        out = []
+        while True:
+            line = self.lines.get(timeout=TIMEOUT_S)
+            if line is None:
+                return out
+            out.append(json.loads(line))
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(TIMEOUT_S)
+        self._reader.join(TIMEOUT_S)
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            if stream:
+                stream.close()
+
+    def __enter__(self) -> "Proc":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run(*args: str, input: Optional[str] = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meshchat", *args], input=input, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,156 @@
+"""The command line: arguments, exit statuses, and real processes starting and stopping."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from meshchat import __version__
+from meshchat.cli import parse_args, stdin_lines
+
+from procs import Proc, run
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--peers", "127.0.0.1"], "--peers"),
+    (["--peers", "127.0.0.1:0"], "--peers"),
+    (["--port", "70000"], "--port"),
+    (["--port", "-1"], "--port"),
+    (["--port", "nine"], "--port"),
+    (["--ttl", "0"], "--ttl"),
+    (["--ttl", "20"], "--ttl"),
+    (["--seen-ttl", "60", "--max-skew", "31"], "--max-skew"),
+    (["--rate-limit", "-1"], "--rate-limit"),
+    (["--advertise", "bad host"], "--advertise"),
+    (["--peers", "no-such-host.invalid:9001"], "--peers"),
+    (["--bogus"], "--bogus"),
+])
+def test_bad_arguments_exit_2_with_one_line_naming_them(argv, names, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_args(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and names in err and "Traceback" not in err
+
+
+def test_peers_take_spaces_and_commas_and_resolve_names():
+    args = parse_args(["--peers", "127.0.0.1:9002,localhost:9003", "127.0.0.1:9004"])
+    assert args.peers == [("127.0.0.1", 9002), ("127.0.0.1", 9003), ("127.0.0.1", 9004)]
+
+
+def test_defaults_follow_the_seed():
+    args = parse_args([])
+    assert (args.host, args.port, args.ttl, args.seen_ttl) == ("127.0.0.1", 9001, 8, 120.0)
+
+
+def test_version_and_help():
+    assert run("--version").stdout.strip() == f"meshchat {__version__}"
+    help_text = run("--help").stdout
+    for flag in ("--peers", "--ttl", "--seen-ttl", "--json", "--headless", "--advertise", "--max-datagram",
+                 "--rate-limit", "--peers-only", "--seen-max", "--max-skew", "--max-ttl"):
+        assert flag in help_text
+
+
+def test_port_in_use_exits_1_with_one_line():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        result = run("--port", str(taken.getsockname()[1]), "--headless")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "already in use" in result.stderr
+
+
+def test_piped_lines_are_sent_before_end_of_input_stops_the_node():
+    with Proc("--port", "0", "--json", "--headless") as listener:
+        port = listener.ready().rsplit(":", 1)[1]
+        sender = run("--port", "0", "--json", "--peers", f"127.0.0.1:{port}",
+                     input="hi\n@127.0.0.1:%s just you\n" % port)
+        assert sender.returncode == 0, sender.stderr
+        assert listener.event("chat")["body"] == "hi"
+        private = listener.event("chat")
+        assert private["body"] == "just you" and private["dst"] == f"127.0.0.1:{port}"
+
+
+def test_json_mode_reports_every_command_as_events():
+    result = run("--port", "0", "--json", input="/stats\n/peers\n/help\n@bad hi\n/ping\nhello\n/quit\nnot sent\n")
+    assert result.returncode == 0
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["ready", "stats", "peers", "notice", "error", "ping", "sent"]
+    assert events[1]["received"] == 0 and events[-1]["body"] == "hello"
+
+
+def test_plain_output_to_a_pipe_has_no_colour():
+    result = run("--port", "0", input="hello\n/stats\n")
+    assert result.returncode == 0 and "\x1b" not in result.stdout and "<you> hello" in result.stdout
+
+
+def test_bad_stdin_bytes_and_a_huge_line_are_survived():
+    huge = b"x" * 10_000_000
+    result = subprocess.run([sys.executable, "-m", "meshchat", "--port", "0", "--json"],
+                            input=b"\xff\xfe bad utf-8\n\x00nul\n" + huge + b"\nafter\n",
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0 and b"Traceback" not in result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["ready", "sent", "sent", "error", "sent"]
+    assert events[1]["body"] == "\ufffd\ufffd bad utf-8" and events[2]["body"] == "\x00nul"
+    assert "64 KiB" in events[3]["error"] and events[4]["body"] == "after"
+
+
+@pytest.mark.parametrize("chunks, lines", [
+    ([b"a\nb", b"c\n", b"d"], [b"a", b"bc", b"d"]),
+    ([b"\n\n"], [b"", b""]),
+    ([b"x" * 10, b"y" * 10, b"\nz\n"], [b"x" * 6, b"z"]),
+])
+def test_stdin_lines_splits_and_caps_lines(chunks, lines):
+    feed = iter(chunks + [b""])
+    assert list(stdin_lines(lambda n: next(feed), limit=5)) == lines
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_a_node_cleanly_and_quickly(sig):
+    with Proc("--port", "0", "--json", "--headless") as node:
+        node.ready()
+        started = time.monotonic()
+        node.popen.send_signal(sig)
+        assert node.wait() == 0
+        assert time.monotonic() - started < 2.0
+        assert "Traceback" not in node.stderr()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigint_stops_a_node_that_is_waiting_for_input():
+    with Proc("--port", "0", "--json") as node:
+        node.ready()
+        node.popen.send_signal(signal.SIGINT)
+        assert node.wait() == 0
+        assert "Traceback" not in node.stderr()
+
+
+def test_quit_command_stops_the_node():
+    with Proc("--port", "0", "--json") as node:
+        node.ready()
+        node.send("/quit")
+        assert node.wait() == 0
+
+
+def test_stdout_closed_early_stops_the_node_cleanly():
+    proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--port", "0", "--json"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdout.readline()
+        proc.stdout.close()
+        proc.stdin.write(b"/stats\n" * 50)
+        proc.stdin.flush()
+        assert proc.wait(10) == 0
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stderr.close()

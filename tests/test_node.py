@@ -1,0 +1,141 @@
+"""Real UDP sockets on 127.0.0.1, several nodes in this process."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from meshchat.node import Failure, Node
+from meshchat.relay import Display, Pong, RelayConfig
+from meshchat.wire import Message, encode
+
+from meshsim import full, line
+from nodes import Cluster, Probe
+
+
+def test_two_nodes_chat_both_ways():
+    with Cluster(2, [(1, 2)]) as c:
+        c[1].node.say("hello from 1")
+        assert c[2].shown(1) == ["hello from 1"]
+        c[2].node.say("hello from 2")
+        assert c[1].shown(1) == ["hello from 2"]
+        assert c[1].node.stats()["displayed"] == 1, "its own line is not shown back to it"
+
+
+def test_three_node_full_mesh_shows_each_message_exactly_once():
+    with Cluster(3, full(3)) as c:
+        for i in (1, 2, 3):
+            c[i].node.say(f"from {i}")
+        # Each message reaches the other two directly, and each of them relays one
+        # copy to the third (never back to the sender or the origin): 4 datagrams a
+        # node in all, 2 of them duplicates.
+        for i in (1, 2, 3):
+            c[i].wait_processed(4)
+        for i in (1, 2, 3):
+            shown = sorted(e.message.body for e in c[i].pending() if isinstance(e, Display))
+            assert shown == sorted(f"from {j}" for j in (1, 2, 3) if j != i)
+            stats = c[i].node.stats()
+            assert stats["received"] == 4 and stats["dropped_duplicate"] == 2
+
+
+@pytest.mark.parametrize("ttl", [1, 2, 4])
+def test_five_node_line_reaches_exactly_ttl_hops(ttl):
+    with Cluster(5, line(5), ttl=ttl) as c:
+        c[1].node.say("how far?")
+        for hop in range(2, 2 + ttl):
+            assert c[hop].shown(1) == ["how far?"]
+        last = 1 + ttl
+        if last < 5:
+            c[last].wait_processed(1)
+            assert c[last].node.stats()["relayed"] == 0, "ttl ran out here"
+            assert c[last + 1].node.stats()["received"] == 0
+
+
+def test_addressed_message_crosses_a_relay_unseen():
+    with Cluster(3, line(3)) as c:
+        c[1].node.say("for 3 only", dst=c[3].label)
+        [event] = [c[3].next(Display)]
+        assert event.message.body == "for 3 only" and event.message.dst == c[3].label
+        c[2].wait_processed(1)
+        assert c[2].node.stats()["displayed"] == 0 and c[2].node.stats()["relayed"] == 1
+
+
+def test_ping_pong_over_two_hops():
+    with Cluster(3, line(3)) as c:
+        [ping] = c[1].node.ping(c[3].label)
+        pong = c[1].next(Pong)
+        assert pong.src == c[3].label and pong.mid == ping.mid and pong.rtt_ms >= 0
+
+
+def test_broadcast_ping_hears_from_everyone():
+    with Cluster(4, line(4)) as c:
+        c[1].node.ping()
+        heard = {c[1].next(Pong).src for _ in range(3)}
+        assert heard == {c[i].label for i in (2, 3, 4)}
+
+
+def test_a_dead_peer_does_not_stop_the_others():
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))
+    dead_addr = dead.getsockname()
+    dead.close()  # nothing listens there now: sends may be refused
+    with Cluster(2, [(1, 2)]) as c:
+        c[1].node.add_peer(dead_addr)
+        for i in range(5):
+            c[1].node.say(f"m{i}")
+        assert c[2].shown(5) == [f"m{i}" for i in range(5)]
+        c[2].node.say("still here")
+        assert c[1].shown(1) == ["still here"]
+
+
+def test_stranger_datagrams_are_relayed_and_garbage_is_counted():
+    with Cluster(2, [(1, 2)]) as c:
+        stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with stranger:
+            stranger.sendto(b"\xffgarbage", c[1].node.addr)
+            msg = Message("s1", time.time(), 4, "CHAT", "127.0.0.1:1", "", "from outside")
+            stranger.sendto(encode(msg), c[1].node.addr)
+            assert c[2].shown(1) == ["from outside"]
+        stats = c[1].node.stats()
+        assert stats["dropped_malformed"] == 1 and stats["relayed"] == 1
+
+
+def test_port_in_use_is_an_oserror_and_leaves_nothing_open():
+    with Cluster(1) as c:
+        with pytest.raises(OSError):
+            Node(RelayConfig(label=""), "127.0.0.1", c[1].node.addr[1])
+
+
+def test_stop_is_prompt_idempotent_and_joins_every_thread():
+    p = Probe()
+    p.node.start()
+    assert p.node.stop() is True
+    assert p.node.stop() is True
+    names = {t.name for t in threading.enumerate()}
+    assert not names & {"meshchat-net", "meshchat-reaper"}
+
+
+def test_label_uses_advertised_host():
+    node = Node(RelayConfig(label=""), "127.0.0.1", 0, advertise="chat.example")
+    with node:
+        assert node.label == f"chat.example:{node.addr[1]}"
+
+
+def test_a_crashing_thread_stops_the_node_loudly():
+    p = Probe()
+    node = p.node
+
+    def explode(*args):
+        raise RuntimeError("boom")
+
+    node.relay.datagram_received = explode
+    node.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"x", node.addr)
+        failure = p.next(Failure)
+        assert failure.thread == "meshchat-net" and "boom" in failure.error
+        assert node.stopping
+    finally:
+        node.stop()
