@@ -234,6 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="meshchat: %(levelname)s: %(message)s")
     lines: "queue.Queue[object]" = queue.Queue()
+    restore_terminal: Callable[[], None] = lambda: None
     stop_reading = lambda: lines.put(_EOF)  # noqa: E731
     interactive = not args.json and not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
     if args.json:
@@ -241,6 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         if interactive:
+            restore_terminal = _terminal_restorer()
             try:
                 import readline  # noqa: F401  # line editing, and a prompt we can redraw
             except ImportError:
@@ -269,9 +271,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    node.start()
-    console.ready(node.label)
     try:
+        node.start()
+        console.ready(node.label)
         if args.headless:
             _wait(lines.get)
         else:
@@ -291,8 +293,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         pass
     finally:
         node.stop()
+        restore_terminal()
         _quiet_exit(console)
     return 1 if node.failure else 0
+
+
+def _terminal_restorer() -> Callable[[], None]:
+    """Undo on exit what readline did to the terminal: the stdin thread may still be inside it."""
+    try:
+        import termios
+    except ImportError:  # Windows: the console keeps its own modes
+        return lambda: None
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+
+    def restore() -> None:
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except (OSError, ValueError, termios.error):
+            pass
+
+    return restore
 
 
 def _quiet_exit(console) -> None:

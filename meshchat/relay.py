@@ -40,6 +40,7 @@ COUNTERS = (
     "dropped_ttl",
     "dropped_rate",
     "dropped_not_peer",
+    "sent",
     "send_errors",
     "recv_errors",
 )
@@ -230,6 +231,7 @@ class Relay:
             if targets:
                 actions.append(Send(encode(msg._replace(ttl=msg.ttl - 1)), targets))
                 c.relayed += 1
+                c.sent += len(targets)
                 return actions
         if not shown:
             c.consumed += 1
@@ -295,6 +297,7 @@ class Relay:
                 self._pings[m.mid] = now
             if self.peers:
                 sends.append(Send(data if m is msg else encode(m), tuple(self.peers)))
+                self.counters.sent += len(self.peers)
         return messages, sends
 
     # -- housekeeping ----------------------------------------------------------

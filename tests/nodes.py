@@ -1,13 +1,13 @@
 """Real nodes on 127.0.0.1 in this process, each bound to a free port.
 
-Each ``Probe`` keeps two queues: the node's events for the user, and one
-item per datagram its relay has finished with, so tests wait for "node 3
-has handled 2 datagrams" instead of sleeping.
+Each ``Probe`` queues its node's events for the user; a ``Cluster`` also
+queues one item per datagram any of its relays has finished with, so tests
+wait for "nothing is in flight any more" instead of sleeping.
 """
 
 import queue
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 from meshchat.node import Node
 from meshchat.relay import Display, Relay, RelayConfig
@@ -23,11 +23,11 @@ def _get(q: "queue.Queue[object]", deadline: float, what: str):
 
 
 class Probe:
-    """One node, what it reported, and how many datagrams it has processed."""
+    """One node and the events it reported."""
 
-    def __init__(self, **config):
+    def __init__(self, processed: "Optional[queue.Queue[str]]" = None, **config):
         self.events: "queue.Queue[object]" = queue.Queue()
-        self.processed: "queue.Queue[int]" = queue.Queue()
+        self.processed: "queue.Queue[str]" = processed or queue.Queue()
         processed = self.processed
 
         class TracingRelay(Relay):
@@ -35,7 +35,7 @@ class Probe:
                 try:
                     return super().datagram_received(*args)
                 finally:
-                    processed.put(1)
+                    processed.put(self.label)
 
         self.node = Node(RelayConfig(label="", **config), "127.0.0.1", 0,
                          on_event=self.events.put, relay_factory=TracingRelay)
@@ -55,11 +55,6 @@ class Probe:
     def shown(self, count: int) -> List[str]:
         return [self.next(Display).message.body for _ in range(count)]
 
-    def wait_processed(self, count: int, timeout=TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        for i in range(count):
-            _get(self.processed, deadline, f"datagram {i + 1} of {count} at {self.label}")
-
     def pending(self) -> List[object]:
         """Events queued now, without waiting."""
         out = []
@@ -75,9 +70,10 @@ class Cluster:
 
     def __init__(self, n: int, edges=(), **config):
         self.probes: Dict[int, Probe] = {}
+        self.processed: "queue.Queue[str]" = queue.Queue()  # a label per datagram any node finished
         try:
             for i in range(1, n + 1):
-                self.probes[i] = Probe(**config)
+                self.probes[i] = Probe(self.processed, **config)
             for a, b in edges:
                 self.probes[a].node.add_peer(self.probes[b].node.addr)
                 self.probes[b].node.add_peer(self.probes[a].node.addr)
@@ -89,6 +85,17 @@ class Cluster:
 
     def __getitem__(self, i: int) -> Probe:
         return self.probes[i]
+
+    def wait_until(self, condition: Callable[[], bool], timeout=TIMEOUT_S) -> None:
+        """Check ``condition`` after each datagram any node processes, until it holds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            _get(self.processed, deadline, "datagram that makes the condition hold")
+
+    def quiet(self) -> bool:
+        """Every datagram sent has been received: nothing is in flight (on loopback, nothing is lost)."""
+        stats = [p.node.stats() for p in self.probes.values()]
+        return sum(s["sent"] - s["send_errors"] for s in stats) == sum(s["received"] for s in stats)
 
     def stop(self) -> None:
         for p in self.probes.values():
