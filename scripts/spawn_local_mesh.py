@@ -174,9 +174,12 @@ class Mesh:
             text = "\n".join(f"{mark} {line}" for line in str(e.get("text") or e.get("error")).splitlines())
         else:
             text = "* " + ", ".join(f"{k} {v}" for k, v in e.items() if k != "event")
+        self.print("\n".join(f"{self.paint(i, '[' + self.names[i] + ']')} {line}"
+                             for line in text.splitlines() or [""]))
+
+    def print(self, text: str) -> None:
         with self._print_lock:
-            for line in text.splitlines() or [""]:
-                print(f"{self.paint(i, '[' + self.names[i] + ']')} {line}", flush=True)
+            print(text, flush=True)
 
     def wait_ready(self) -> bool:
         ready: Set[int] = set()
@@ -258,8 +261,8 @@ def run_children(args: argparse.Namespace, links: List[Set[int]]) -> int:
         if not mesh.wait_ready():
             print("spawn_local_mesh: not every node started (is a port in use? try --base-port)", file=sys.stderr)
             return 1
-        print(f"{args.nodes} nodes up ({args.topology}). Type a line to send it from node 1, "
-              f"'2: hello' to send from node 2, '/help' for commands, Ctrl-C to stop.", flush=True)
+        mesh.print(f"{args.nodes} nodes up ({args.topology}). Type a line to send it from node 1, "
+                   f"'2: hello' to send from node 2, '/help' for commands, Ctrl-C to stop.")
         for line in sys.stdin:
             line = line.rstrip("\r\n")
             if line.strip():
