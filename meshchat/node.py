@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from typing import Callable, Iterable, List, NamedTuple, Optional
+from typing import Any, Callable, Iterable, List, NamedTuple, Optional
 
 from .relay import Relay, RelayConfig, Send
 from .wire import Addr, Message
@@ -76,10 +76,13 @@ class Node:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         relay_factory: Callable[..., Relay] = Relay,
+        wrap_socket: Callable[[socket.socket], Any] = lambda sock: sock,
     ) -> None:
         """Bind the socket (OSError if the port is taken); ``start()`` starts the threads.
 
         The label in ``config`` is replaced by ``ADVERTISE_OR_HOST:PORT`` once bound.
+        ``relay_factory`` and ``wrap_socket`` let tests trace the relay and inject
+        socket faults; the selector always watches the real socket.
         """
         self._clock = clock
         self._wall = wall
@@ -107,6 +110,7 @@ class Node:
         self._waker_r.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._sock, selectors.EVENT_READ, self._datagrams_ready)
+        self._io = wrap_socket(self._sock)
         self._selector.register(self._waker_r, selectors.EVENT_READ, self._woken)
         self._closed = False
 
@@ -193,7 +197,7 @@ class Node:
             pass
 
     def _datagrams_ready(self) -> None:
-        recvfrom = self._sock.recvfrom
+        recvfrom = self._io.recvfrom
         relay = self.relay
         lock = self._lock
         for _ in range(DRAIN_BATCH):
@@ -221,7 +225,7 @@ class Node:
                 self.relay.expire(self._clock())
 
     def _send(self, send: Send) -> None:
-        sendto = self._sock.sendto
+        sendto = self._io.sendto
         for addr in send.addrs:
             try:
                 sendto(send.data, addr)

@@ -157,7 +157,7 @@ class Relay:
         self.heard: Dict[Addr, float] = {}
         self._pings: Dict[str, float] = {}  # mid of a PING we sent -> when
         self._ponged: Dict[str, float] = {}  # origin of a broadcast PING -> when we answered
-        self._buckets: Dict[Addr, List[float]] = {}  # addr -> [tokens, last refill]
+        self._buckets: Dict[tuple, List[float]] = {}  # addr, or ("PONG", origin) -> [tokens, last refill]
         self._skew_told: Dict[str, float] = {}
         for addr in peers:
             self.add_peer(addr)
@@ -220,7 +220,9 @@ class Relay:
             c.displayed += 1
         if kind == "PING":
             if to_me or (msg.dst == "" and self._may_answer(msg.src, now)):
-                actions.extend(self.originate("PONG", msg.mid, msg.src, now, wall)[1])
+                # Replies cost us a flood each: limited per asker like datagrams per neighbour.
+                if not self.config.rate_limit or self._take_token(("PONG", msg.src), now):
+                    actions.extend(self.originate("PONG", msg.mid, msg.src, now, wall)[1])
         elif kind == "PONG" and to_me:
             sent = self._pings.get(msg.body)
             if sent is not None:
@@ -237,15 +239,16 @@ class Relay:
             c.consumed += 1
         return actions
 
-    def _take_token(self, addr: Addr, now: float) -> bool:
+    def _take_token(self, key: tuple, now: float) -> bool:
+        """A token bucket per key: ``rate_limit`` a second, bursts of twice that."""
         rate = self.config.rate_limit
-        bucket = self._buckets.get(addr)
+        bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= MAX_TRACKED:
-                addr = ("*", 0)  # strangers beyond the bound share one bucket
-                bucket = self._buckets.get(addr)
+                key = ("*", 0)  # strangers beyond the bound share one bucket
+                bucket = self._buckets.get(key)
             if bucket is None:
-                bucket = self._buckets[addr] = [2.0 * rate, now]
+                bucket = self._buckets[key] = [2.0 * rate, now]
         tokens = min(2.0 * rate, bucket[0] + (now - bucket[1]) * rate)
         bucket[1] = now
         if tokens < 1.0:

@@ -20,6 +20,7 @@ KNOWN_KINDS = ("CHAT", "PING", "PONG")
 FIELDS = ("mid", "ts", "ttl", "kind", "src", "dst", "body")
 MAX_MID_CHARS = 64
 MAX_HOST_CHARS = 253
+MAX_INT_DIGITS = 30  # a longer integer is an attack on int(), not a value
 
 # An unknown kind is still relayed, so that newer kinds cross older nodes.
 _KIND_RE = re.compile(r"[A-Z][A-Z0-9_]{0,15}\Z")
@@ -85,17 +86,22 @@ def _reject_constant(name: str) -> Any:
     raise WireError(f"{name} is not a number")
 
 
+def _parse_int(digits: str) -> int:
+    if len(digits) > MAX_INT_DIGITS:
+        raise WireError(f"integer of {len(digits)} digits")
+    return int(digits)
+
+
 def decode(data: bytes) -> Message:
     """Parse and validate one datagram. Raises only WireError."""
     try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_int=_parse_int)
     except WireError:
         raise
     except UnicodeDecodeError:
         raise WireError("not UTF-8") from None
     except (ValueError, RecursionError):
-        # RecursionError: deep nesting; ValueError: bad JSON or, from
-        # Python 3.11, an integer of more than 4300 digits.
+        # RecursionError: deep nesting is not a ValueError.
         raise WireError("not JSON") from None
     if not isinstance(obj, dict):
         raise WireError("not a JSON object")

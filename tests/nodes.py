@@ -25,7 +25,7 @@ def _get(q: "queue.Queue[object]", deadline: float, what: str):
 class Probe:
     """One node and the events it reported."""
 
-    def __init__(self, processed: "Optional[queue.Queue[str]]" = None, **config):
+    def __init__(self, processed: "Optional[queue.Queue[str]]" = None, wrap_socket=lambda s: s, **config):
         self.events: "queue.Queue[object]" = queue.Queue()
         self.processed: "queue.Queue[str]" = processed or queue.Queue()
         processed = self.processed
@@ -38,7 +38,7 @@ class Probe:
                     processed.put(self.label)
 
         self.node = Node(RelayConfig(label="", **config), "127.0.0.1", 0,
-                         on_event=self.events.put, relay_factory=TracingRelay)
+                         on_event=self.events.put, relay_factory=TracingRelay, wrap_socket=wrap_socket)
 
     @property
     def label(self) -> str:
@@ -51,6 +51,12 @@ class Probe:
             event = _get(self.events, deadline, f"{kind.__name__} at {self.label}")
             if isinstance(event, kind):
                 return event
+
+    def wait_for_body(self, body: str, timeout=TIMEOUT_S) -> None:
+        """Skip displayed messages until one with ``body``."""
+        deadline = time.monotonic() + timeout
+        while self.next(Display, max(deadline - time.monotonic(), 0.001)).message.body != body:
+            pass
 
     def shown(self, count: int) -> List[str]:
         return [self.next(Display).message.body for _ in range(count)]
@@ -68,12 +74,12 @@ class Probe:
 class Cluster:
     """Probes 1..n joined by ``edges`` (pairs of indexes), started, stopped on exit."""
 
-    def __init__(self, n: int, edges=(), **config):
+    def __init__(self, n: int, edges=(), wrap_socket=lambda s: s, **config):
         self.probes: Dict[int, Probe] = {}
         self.processed: "queue.Queue[str]" = queue.Queue()  # a label per datagram any node finished
         try:
             for i in range(1, n + 1):
-                self.probes[i] = Probe(self.processed, **config)
+                self.probes[i] = Probe(self.processed, wrap_socket, **config)
             for a, b in edges:
                 self.probes[a].node.add_peer(self.probes[b].node.addr)
                 self.probes[b].node.add_peer(self.probes[a].node.addr)
