@@ -297,13 +297,15 @@ class TerminalConsole(Console):
         for line in HELP.splitlines():
             self._line(line)
 
-    def stats(self, counters: dict) -> None:
-        dropped = ", ".join(f"{k[8:]} {v}" for k, v in counters.items() if k.startswith("dropped_") and v)
+    def stats(self, c: dict) -> None:
+        drops = {k[len("dropped_"):]: v for k, v in c.items() if k.startswith("dropped_")}
+        why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in drops.items() if v)
         self.notice(
-            f"received {counters['received']}, displayed {counters['displayed']}, "
-            f"relayed {counters['relayed']}, dropped {dropped or 'none'}; "
-            f"duplicates {counters['dropped_duplicate']}, malformed {counters['dropped_malformed']}, "
-            f"send errors {counters['send_errors']}, seen ids {counters['seen_size']}"
+            f"received {c['received']}: handled {c['handled']} (displayed {c['displayed']}, "
+            f"relayed {c['relayed']}, consumed {c['consumed']}), dropped {sum(drops.values())}"
+            f"{' (' + why + ')' if why else ''}; sent {c['sent']}, send errors {c['send_errors']}, "
+            f"receive errors {c['recv_errors']}; seen ids {c['seen_size']}; "
+            f"receive buffer {c['rcvbuf_bytes'] // 1024} KiB"
         )
 
     def peers(self, rows: list) -> None:

@@ -124,3 +124,15 @@ def test_broken_stdout_is_reported_once_and_then_ignored():
     con.notice("a")
     con.notice("b")
     assert con.broken and calls == [1]
+
+
+def test_terminal_stats_name_each_drop_reason():
+    from meshchat.relay import COUNTERS
+    out = io.StringIO()
+    counters = dict.fromkeys(COUNTERS, 0)
+    counters.update(received=9, handled=5, displayed=4, relayed=3, consumed=1, dropped_duplicate=3,
+                    dropped_rate=1, seen_size=5, rcvbuf_bytes=2048 * 1024)
+    TerminalConsole(out, color=False, interactive=False).stats(counters)
+    line = out.getvalue()
+    assert "received 9: handled 5 (displayed 4, relayed 3, consumed 1), dropped 4 (duplicate 3, rate 1)" in line
+    assert "seen ids 5" in line and "2048 KiB" in line

@@ -251,3 +251,22 @@ def test_originate_records_own_id_and_sends_to_every_peer():
 
 def test_counter_names_are_stable():
     assert set(relay().stats()) == set(COUNTERS) | {"seen_size"}
+
+
+def test_pong_replies_are_rate_limited_per_asker():
+    r = relay(rate_limit=5)
+    pongs = 0
+    for i in range(30):
+        # Each PING comes from another neighbour address, so only the reply limit applies.
+        actions = r.datagram_received(datagram(mid=f"p{i}", kind="PING", dst=r.label), ("10.1.0.%d" % i, 1),
+                                      0.0, WALL)
+        pongs += sum(1 for a in actions if isinstance(a, Send))
+    assert pongs == 10  # a burst of twice the rate
+
+
+def test_tables_fed_by_strangers_stay_bounded():
+    from meshchat.relay import MAX_TRACKED
+    r = relay(rate_limit=1)
+    for i in range(MAX_TRACKED + 500):
+        r.datagram_received(b"x", ("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1), 0.0, WALL)
+    assert len(r.heard) <= MAX_TRACKED and len(r._buckets) <= MAX_TRACKED + 1

@@ -31,3 +31,18 @@ def test_bound_drops_the_oldest_first():
 def test_bad_settings_are_refused(ttl, size):
     with pytest.raises(ValueError):
         SeenCache(ttl, size)
+
+
+def test_a_million_unique_ids_stay_within_the_bound_and_memory():
+    import tracemalloc
+
+    seen = SeenCache(ttl_s=120, max_entries=100_000)
+    tracemalloc.start()
+    try:
+        for i in range(1_000_000):
+            seen.add("%032x" % i, i * 1e-4)
+        current, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(seen) <= 100_000
+    assert current < 100_000 * 200, f"{current / len(seen):.0f} bytes per entry"

@@ -122,3 +122,10 @@ def test_parse_addr(text, addr):
 def test_parse_addr_rejects(text):
     with pytest.raises(WireError):
         parse_addr(text)
+
+
+@pytest.mark.parametrize("field", [b'"ttl":8', b'"ts":1730563200.123'])
+def test_integers_of_thousands_of_digits_are_rejected(field):
+    name = field.split(b":")[0]
+    with pytest.raises(WireError, match="digits"):
+        decode(raw().replace(field, name + b":" + b"9" * 5000))
