@@ -14,6 +14,7 @@ Rules, so that a mesh of these (and of seed-design nodes) behaves:
    drive it with plain values. The node calls it under its one lock.
 """
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
@@ -44,8 +45,6 @@ COUNTERS = (
     "send_errors",
     "recv_errors",
 )
-
-_MID_PREFIX = b'{"mid":"'
 
 
 class Send(NamedTuple):
@@ -99,20 +98,31 @@ class Counters:
         return {name: getattr(self, name) for name in COUNTERS}
 
 
-def _peek_mid(data: bytes) -> Optional[str]:
-    """The mid of a datagram in the usual compact form, without decoding it all."""
-    if not data.startswith(_MID_PREFIX):
-        return None
-    end = data.find(b'"', 8, 8 + 4 * MAX_MID_CHARS + 1)
-    if end <= 8:
-        return None
-    raw = data[8:end]
-    if b"\\" in raw:
-        return None
+# The head of a datagram as wire.encode (and the seed design) writes it. It lets
+# a duplicate be dropped before decoding, and a copy be made by rewriting the
+# ttl digits in place, leaving every other byte (unknown fields too) as it came.
+_HEAD = re.compile(rb'\{"mid":"([^"\\]{1,%d})","ts":[-+.0-9eE]{1,40},"ttl":(-?[0-9]{1,30}),' % (4 * MAX_MID_CHARS))
+
+
+def _peek(data: bytes) -> "Tuple[Optional[str], Optional[re.Match[bytes]]]":
+    """The mid of a datagram in the usual compact form, and its head, without decoding it all."""
+    head = _HEAD.match(data)
+    if head is None:
+        return None, None
     try:
-        return raw.decode("utf-8")
+        return head.group(1).decode("utf-8"), head
     except UnicodeDecodeError:
-        return None
+        return None, None
+
+
+def _with_ttl(data: bytes, head: "Optional[re.Match[bytes]]", msg: Message, ttl: int) -> bytes:
+    """``data`` with ``ttl``: the digits rewritten in place when that is exact, else encoded anew."""
+    # Exact only if the head's ttl is the one JSON decoded and no other "ttl" key
+    # (a duplicate key, or one in a nested unknown field) could be taken for it.
+    if head is not None and int(head.group(2)) == msg.ttl and data.count(b'"ttl":') == 1:
+        start, end = head.span(2)
+        return b"%s%d%s" % (data[:start], ttl, data[end:])
+    return encode(msg._replace(ttl=ttl))
 
 
 def _escaped_len(ch: str) -> int:
@@ -185,7 +195,7 @@ class Relay:
         if len(data) > cfg.max_datagram:
             c.dropped_oversize += 1
             return []
-        mid = _peek_mid(data)
+        mid, head = _peek(data)
         if mid is not None and mid in self.seen:
             c.dropped_duplicate += 1
             return []
@@ -204,11 +214,10 @@ class Relay:
             c.dropped_stale += 1
             return self._tell_skew(msg, now, wall)
         self.seen.add(msg.mid, now)
-        if msg.ttl > cfg.max_ttl:
-            msg = msg._replace(ttl=cfg.max_ttl)
-        return self._handle(msg, addr, now, wall)
+        return self._handle(msg, addr, now, wall, data, head)
 
-    def _handle(self, msg: Message, addr: Addr, now: float, wall: float) -> list:
+    def _handle(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
+                head: "Optional[re.Match[bytes]]") -> list:
         c = self.counters
         c.handled += 1
         actions: list = []
@@ -227,11 +236,12 @@ class Relay:
             sent = self._pings.get(msg.body)
             if sent is not None:
                 actions.append(Pong(msg.src, (now - sent) * 1000.0, msg.body))
-        if not to_me and msg.ttl > 1:
+        ttl = min(msg.ttl, self.config.max_ttl)
+        if not to_me and ttl > 1:
             origin = self._peer_by_label.get(msg.src)
             targets = tuple(p for p in self.peers if p != addr and p != origin)
             if targets:
-                actions.append(Send(encode(msg._replace(ttl=msg.ttl - 1)), targets))
+                actions.append(Send(_with_ttl(data, head, msg, ttl - 1), targets))
                 c.relayed += 1
                 c.sent += len(targets)
                 return actions

@@ -11,6 +11,7 @@ Rules, so that every node agrees:
 Pure functions, no I/O: called from the socket thread and the main thread.
 """
 
+import functools
 import json
 import math
 import re
@@ -66,6 +67,24 @@ def format_addr(addr: Addr) -> str:
     return f"{addr[0]}:{addr[1]}"
 
 
+def _reject_constant(name: str) -> Any:
+    raise WireError(f"{name} is not a number")
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits) > MAX_INT_DIGITS:
+        raise WireError(f"integer of {len(digits)} digits")
+    return int(digits)
+
+
+# Made once: json.dumps and json.loads with options build a new coder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_parse_int)
+
+# Labels repeat from message to message; remember the valid ones.
+_valid_addr = functools.lru_cache(maxsize=4096)(parse_addr)
+
+
 def encode(msg: Message) -> bytes:
     """The datagram for ``msg``: compact JSON, ASCII-only so any str encodes."""
     obj = {
@@ -79,23 +98,13 @@ def encode(msg: Message) -> bytes:
     }
     if msg.extra:
         obj.update(msg.extra)
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
-
-
-def _reject_constant(name: str) -> Any:
-    raise WireError(f"{name} is not a number")
-
-
-def _parse_int(digits: str) -> int:
-    if len(digits) > MAX_INT_DIGITS:
-        raise WireError(f"integer of {len(digits)} digits")
-    return int(digits)
+    return _ENCODER.encode(obj).encode("ascii")
 
 
 def decode(data: bytes) -> Message:
     """Parse and validate one datagram. Raises only WireError."""
     try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_int=_parse_int)
+        obj = _DECODER.decode(data.decode("utf-8"))
     except WireError:
         raise
     except UnicodeDecodeError:
@@ -132,13 +141,15 @@ def message_from_dict(obj: Dict[str, Any]) -> Message:
         raise WireError("ts must be finite")
     if isinstance(ttl, bool) or not isinstance(ttl, int):
         raise WireError("ttl must be an integer")
-    if not isinstance(kind, str) or not _KIND_RE.match(kind):
+    if kind not in KNOWN_KINDS and (not isinstance(kind, str) or not _KIND_RE.match(kind)):
         raise WireError("kind must be an upper-case word of at most 16 characters")
-    parse_addr(src)
+    if not isinstance(src, str):
+        raise WireError("src must be a string")
+    _valid_addr(src)
     if dst != "":
         if not isinstance(dst, str):
             raise WireError("dst must be a string")
-        parse_addr(dst)
+        _valid_addr(dst)
     if not isinstance(body, str):
         raise WireError("body must be a string")
     extra = {k: v for k, v in obj.items() if k not in FIELDS} if len(obj) > len(FIELDS) else {}

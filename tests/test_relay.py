@@ -270,3 +270,26 @@ def test_tables_fed_by_strangers_stay_bounded():
     for i in range(MAX_TRACKED + 500):
         r.datagram_received(b"x", ("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1), 0.0, WALL)
     assert len(r.heard) <= MAX_TRACKED and len(r._buckets) <= MAX_TRACKED + 1
+
+
+def test_relayed_copy_keeps_every_other_byte_as_it_came():
+    r = relay()
+    data = (b'{"mid":"k1","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi",'
+            b'"x":1.10,"y":"\\u00e9"}' % WALL)
+    out = r.datagram_received(data, addr_of(2), 0.0, WALL)[-1].data
+    assert out == data.replace(b'"ttl":5', b'"ttl":4')
+
+
+@pytest.mark.parametrize("data", [
+    # A second "ttl" key: JSON takes the last one, so the copy must too.
+    b'{"mid":"k2","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","ttl":3}' % WALL,
+    b'{"mid":"k3","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","ttl":5}' % WALL,
+    # A nested "ttl" in an unknown field is not the message's.
+    b'{"mid":"k4","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","x":{"ttl":9}}' % WALL,
+])
+def test_relayed_copy_is_encoded_anew_when_rewriting_in_place_could_be_wrong(data):
+    r = relay()
+    expected = json.loads(data)["ttl"] - 1
+    out = r.datagram_received(data, addr_of(2), 0.0, WALL)[-1].data
+    assert out.count(b'"ttl":%d' % expected) == 1 and json.loads(out)["ttl"] == expected
+    assert decode(out).ttl == expected
