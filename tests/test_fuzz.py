@@ -102,7 +102,7 @@ def test_counters_add_up_at_every_read_under_load():
     rng = random.Random(3)
     stop = threading.Event()
     datagrams = [encode(Message("m%d" % (i % 3000), time.time(), 3, "CHAT", "127.0.0.1:1", "", "x"))
-                 if i % 3 else malformed(rng)[:1500] for i in range(12_000)]
+                 if i % 4 else malformed(rng)[:1500] for i in range(12_000)]
     with Cluster(2, [(1, 2)], rate_limit=50) as c:
         target = c[1].node.addr
 
