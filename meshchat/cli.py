@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS", help="how long a message id is remembered (default 120)")
     p.add_argument("--json", action="store_true", help="one JSON event per line on stdout, for scripts")
     p.add_argument("--headless", action="store_true", help="no input; relay until stopped")
+    p.add_argument("--quiet", action="store_true",
+                   help="show no messages, only the ready line and errors: for relay-only nodes")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"], help="logging on stderr (default warning)")
     limits = p.add_argument_group("limits")
@@ -251,9 +253,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   on_broken=stop_reading, get_typed=readline_buffer())
 
     def on_event(event: object) -> None:
-        console.show(event)
         if isinstance(event, Failure):
+            console.show(event)
             lines.put(_EOF)
+        elif not args.quiet:
+            console.show(event)
 
     config = RelayConfig(label="", ttl=args.ttl, seen_ttl_s=args.seen_ttl, seen_max=args.seen_max,
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,

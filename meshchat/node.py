@@ -200,6 +200,7 @@ class Node:
         recvfrom = self._io.recvfrom
         relay = self.relay
         lock = self._lock
+        clock, wall = self._clock, self._wall
         for _ in range(DRAIN_BATCH):
             try:
                 data, addr = recvfrom(RECV_BUFFER_BYTES)
@@ -212,7 +213,7 @@ class Node:
                     relay.counters.recv_errors += 1
                 continue
             with lock:
-                actions = relay.datagram_received(data, addr, self._clock(), self._wall())
+                actions = relay.datagram_received(data, addr, clock(), wall())
             for action in actions:
                 if type(action) is Send:
                     self._send(action)

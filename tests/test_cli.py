@@ -157,3 +157,16 @@ def test_stdout_closed_early_stops_the_node_cleanly():
             proc.wait()
         proc.stdin.close()
         proc.stderr.close()
+
+
+def test_quiet_relay_shows_nothing_but_still_relays():
+    with Proc("--port", "0", "--json", "--headless") as listener:
+        port = listener.ready().rsplit(":", 1)[1]
+        with Proc("--port", "0", "--json", "--quiet", "--peers", f"127.0.0.1:{port}") as relay:
+            relay_port = relay.ready().rsplit(":", 1)[1]
+            sender = run("--port", "0", "--json", "--peers", f"127.0.0.1:{relay_port}", input="through\n")
+            assert sender.returncode == 0
+            assert listener.event("chat")["body"] == "through"
+            relay.popen.stdin.close()
+            assert relay.wait() == 0
+            assert relay.rest() == [], "the relay printed nothing after ready"
