@@ -795,6 +795,8 @@ class Mesh:
         self.restarts = 0
         self.kill_statuses: List[int] = []
         self._seq = 0
+        self.closed = False
+        self.exits: Dict[int, Optional[int]] = {}
         self._deadline = time.monotonic() + max_life_s
         self.net = (NetnsNet(self.links, loss) if netns
                     else LoopbackNet(self.links, seed, LinkSpec(loss, dup, delay, reorder), max_life_s))
@@ -827,8 +829,13 @@ class Mesh:
         self.intervals[i].append([time.monotonic(), None])
 
     def close(self) -> Dict[int, Optional[int]]:
-        """Stop every process (end of input, SIGKILL if need be) and the network; exit statuses of the live ones."""
-        exits: Dict[int, Optional[int]] = {}
+        """Stop every process (end of input, SIGKILL if need be) and the network; safe to call twice.
+
+        Returns (and keeps in ``exits``) the exit statuses of the processes not killed on purpose."""
+        if self.closed:
+            return self.exits
+        self.closed = True
+        exits = self.exits
         try:
             for p in self.all_procs:
                 if p.popen.poll() is None:
