@@ -1,0 +1,65 @@
+"""scripts/bench.py --quick --json: every section runs and its figures are sane (no timing asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "bench.py")
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def fraction(value) -> bool:
+    return isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+
+def test_quick_benchmark_runs_and_reports_every_section():
+    done = subprocess.run([sys.executable, SCRIPT, "--quick", "--json"], capture_output=True, text=True,
+                          timeout=100)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout)
+    have_proc = os.path.exists("/proc/self/stat")
+
+    relay = r["relay"]
+    assert set(relay["relays"]) == {"bare", "straightforward", "meshchat"}
+    for name, row in relay["relays"].items():
+        assert row["sent"] > 0 and fraction(row["delivered_fraction"]), (name, row)
+        assert row["delivered_fraction"] > 0.5, (name, row)
+        assert positive(row["max_rate_per_s"]), (name, row)
+        if have_proc:
+            assert positive(row["cpu_us_per_msg"]) and positive(row["max_rate_cpu_us_per_msg"]), (name, row)
+    if have_proc:
+        assert positive(relay["ratio_node_bare"]) and positive(relay["ratio_node_straightforward"])
+
+    lat = r["latency"]
+    assert [x["hops"] for x in lat["lines"]] == [1, 4, 8]
+    for row in lat["lines"]:
+        assert row["received"] > 0, row
+        assert positive(row["p50_ms"]) and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+
+    (scale,) = r["scale"]
+    assert scale["nodes"] == 10 and positive(scale["ready_s"])
+    assert fraction(scale["delivery_fraction"]) and scale["delivery_fraction"] > 0.5
+    assert scale["delivered_pairs"] <= scale["expected_pairs"] == scale["broadcasts"] * 9
+    if have_proc:
+        assert positive(scale["rss_mb_mean"]) and scale["rss_mb_mean"] <= scale["rss_mb_max"] < 1000
+        assert scale["idle_cpu_pct_of_core"] >= 0
+
+    mem = r["memory"]
+    assert 40 < mem["seen"]["filled_bytes_per_entry"] <= mem["seen"]["worst_bytes_per_entry"] < 10_000
+    assert mem["node"]["ids_sent"] > 0 and 0 < mem["node"]["ids_relayed"] <= mem["node"]["ids_sent"]
+    if have_proc:
+        assert positive(mem["node"]["peak_rss_mb"])
+
+    (flood,) = r["flood"]
+    assert flood["ideal_per_message"] == 9
+    assert flood["ideal_per_message"] <= flood["naive_sender_excluded_per_message"] <= flood["naive_per_message"]
+    assert positive(flood["per_message"]) and flood["per_message"] <= flood["naive_per_message"]
+
+    names = [t["target"] for t in r["targets"]]
+    assert len(names) >= 10 and all(t["met"] in (True, False, None) for t in r["targets"])
+    assert all(key in r["machine"] for key in ("cpu", "cores", "python", "os"))
