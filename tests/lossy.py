@@ -505,14 +505,18 @@ class LoopbackNet:
         self.hub = LossyHub(seed, spec, max_life_s=max_life_s)
         self.peer_ports: Dict[int, List[int]] = {i: [] for i in range(len(links))}
         self.ports: Dict[int, int] = {}
-        for _ in links:
-            self.hub.add_node()
-        for a, near in enumerate(links):
-            for b in sorted(near):
-                if a < b:
-                    pa, pb = self.hub.link(a, b)
-                    self.peer_ports[a].append(pa)
-                    self.peer_ports[b].append(pb)
+        try:
+            for _ in links:
+                self.hub.add_node()
+            for a, near in enumerate(links):
+                for b in sorted(near):
+                    if a < b:
+                        pa, pb = self.hub.link(a, b)
+                        self.peer_ports[a].append(pa)
+                        self.peer_ports[b].append(pb)
+        except BaseException:
+            self.hub.stop()  # closes the sockets bound so far
+            raise
         self.hub.start()
 
     def argv(self, i: int) -> List[str]:
@@ -1060,7 +1064,8 @@ def run_chaos(nodes: int = 12, degree: int = 4, loss: float = 0.2, duration_s: f
         kill_rate = kills_per_min / 60.0
         next_kill = t0 + kill_rng.expovariate(kill_rate) if kill_rate > 0 else float("inf")
         restarts: List[Tuple[float, int]] = []
-        for _ in range(int(duration_s * (rate + kill_rate * 2 + 1)) + 1000):  # a bound; time ends it first
+        # A bound on the loop (each action takes at most two turns of it); the clock ends it first.
+        for _ in range(4 * int(duration_s * (rate + 2 * kill_rate + 1)) + 1000):
             now = time.monotonic()
             if now >= end:
                 break

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "bench.py")
 
@@ -17,9 +19,10 @@ def fraction(value) -> bool:
     return isinstance(value, (int, float)) and 0.0 <= value <= 1.0
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="bench.py reads child pipes through a selector: POSIX only")
 def test_quick_benchmark_runs_and_reports_every_section():
     done = subprocess.run([sys.executable, SCRIPT, "--quick", "--json"], capture_output=True, text=True,
-                          timeout=100)
+                          timeout=90)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout)
     have_proc = os.path.exists("/proc/self/stat")
