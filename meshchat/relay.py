@@ -7,8 +7,11 @@ Rules, so that a mesh of these (and of seed-design nodes) behaves:
    so copies that come back from the mesh are dropped as duplicates.
 3. A message is displayed when ``dst`` is empty or our label; a copy with
    ``ttl - 1`` goes to every peer except the one it came from and its origin,
-   while ``ttl - 1 > 0``. So ``ttl`` N reaches exactly N hops. A message
-   addressed to us has arrived and goes no further.
+   while ``ttl - 1 > 0``. A message addressed to us has arrived and goes no
+   further. So ``ttl`` N reaches exactly N hops: when the first copy of a
+   message came the long way round and arrived with its hops spent (ttl 1), a
+   later copy that still has hops left is relayed (not shown again), so nodes
+   beyond us within reach of the origin are not cut off by a race.
 4. Nothing here touches a socket, a thread or a clock: ``now`` (monotonic
    seconds) and ``wall`` (unix seconds, for ``ts``) are arguments, so tests
    drive it with plain values. The node calls it under its one lock.
@@ -27,12 +30,14 @@ PONG_INTERVAL_S = 10.0  # answer a broadcast PING from one origin at most this o
 PING_TIMEOUT_S = 30.0  # forget a PING we sent after this long
 HEARD_KEEP_S = 600.0  # /peers forgets a stranger not heard from for this long
 MAX_TRACKED = 4096  # bound on per-address tables, which spoofed sources could grow
+LATE_COPY_S = 10.0  # how long a message that arrived with its hops spent waits for a better copy
 
 COUNTERS = (
     "received",
     "handled",
     "displayed",
     "relayed",
+    "relayed_late",
     "consumed",
     "dropped_malformed",
     "dropped_oversize",
@@ -169,6 +174,7 @@ class Relay:
         self._ponged: Dict[str, float] = {}  # origin of a broadcast PING -> when we answered
         self._buckets: Dict[tuple, List[float]] = {}  # addr, or ("PONG", origin) -> [tokens, last refill]
         self._skew_told: Dict[str, float] = {}
+        self._spent: Dict[str, float] = {}  # mid that arrived with ttl 1 -> when: a later copy may go on
         for addr in peers:
             self.add_peer(addr)
 
@@ -196,7 +202,7 @@ class Relay:
             c.dropped_oversize += 1
             return []
         mid, head = _peek(data)
-        if mid is not None and mid in self.seen:
+        if mid is not None and mid in self.seen and mid not in self._spent:
             c.dropped_duplicate += 1
             return []
         try:
@@ -207,12 +213,14 @@ class Relay:
         if msg.ttl <= 0:
             c.dropped_ttl += 1
             return []
-        if msg.mid in self.seen:
+        if msg.mid in self.seen and (msg.ttl <= 1 or msg.mid not in self._spent):
             c.dropped_duplicate += 1
             return []
         if abs(wall - msg.ts) > cfg.max_skew_s:
             c.dropped_stale += 1
             return self._tell_skew(msg, now, wall)
+        if msg.mid in self.seen:
+            return self._relay_late(msg, addr, data, head)
         self.seen.add(msg.mid, now)
         return self._handle(msg, addr, now, wall, data, head)
 
@@ -236,18 +244,42 @@ class Relay:
             sent = self._pings.get(msg.body)
             if sent is not None:
                 actions.append(Pong(msg.src, (now - sent) * 1000.0, msg.body))
-        ttl = min(msg.ttl, self.config.max_ttl)
-        if not to_me and ttl > 1:
-            origin = self._peer_by_label.get(msg.src)
-            targets = tuple(p for p in self.peers if p != addr and p != origin)
-            if targets:
-                actions.append(Send(_with_ttl(data, head, msg, ttl - 1), targets))
+        if not to_me:
+            send = self._copy(msg, addr, data, head)
+            if send is not None:
+                actions.append(send)
                 c.relayed += 1
-                c.sent += len(targets)
                 return actions
+            if msg.ttl == 1 and len(self._spent) < MAX_TRACKED:
+                self._spent[msg.mid] = now
         if not shown:
             c.consumed += 1
         return actions
+
+    def _relay_late(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]") -> list:
+        """A better copy of a message whose first copy arrived with its hops spent: relay it, once."""
+        del self._spent[msg.mid]
+        c = self.counters
+        c.handled += 1
+        send = self._copy(msg, addr, data, head)
+        if send is None:
+            c.consumed += 1
+            return []
+        c.relayed += 1
+        c.relayed_late += 1
+        return [send]
+
+    def _copy(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]") -> Optional[Send]:
+        """The copy of ``msg`` for every peer but the sender and the origin, if hops are left."""
+        ttl = min(msg.ttl, self.config.max_ttl)
+        if ttl <= 1:
+            return None
+        origin = self._peer_by_label.get(msg.src)
+        targets = tuple(p for p in self.peers if p != addr and p != origin)
+        if not targets:
+            return None
+        self.counters.sent += len(targets)
+        return Send(_with_ttl(data, head, msg, ttl - 1), targets)
 
     def _take_token(self, key: tuple, now: float) -> bool:
         """A token bucket per key: ``rate_limit`` a second, bursts of twice that."""
@@ -321,6 +353,7 @@ class Relay:
         _drop_older(self._pings, now - PING_TIMEOUT_S)
         _drop_older(self._ponged, now - PONG_INTERVAL_S)
         _drop_older(self._skew_told, now - self.config.seen_ttl_s)
+        _drop_older(self._spent, now - LATE_COPY_S)
         _drop_older(self.heard, now - HEARD_KEEP_S, keep=self._peer_set)
         # A bucket refills completely in 2 s, and a full bucket is the same as none.
         stale = [a for a, (_, last) in self._buckets.items() if now - last > 2.0]

@@ -105,6 +105,38 @@ def test_ttl_n_reaches_exactly_n_hops(ttl):
     assert reached == list(range(2, 2 + ttl))
 
 
+def test_a_later_copy_with_hops_left_goes_on_when_the_first_came_with_none():
+    # The first copy raced round a long path and arrived with ttl 1; the copy by the
+    # short path still has hops left and must carry the message on (shown once only).
+    r = relay()
+    first = r.datagram_received(datagram(ttl=1), addr_of(2), 0.0, WALL)
+    assert [type(a) for a in first] == [Display]
+    late = r.datagram_received(datagram(ttl=4), addr_of(3), 0.001, WALL)
+    assert [type(a) for a in late] == [Send], "relayed, not shown again"
+    assert late[0].addrs == (addr_of(2), addr_of(4)) and json.loads(late[0].data)["ttl"] == 3
+    assert r.datagram_received(datagram(ttl=6), addr_of(4), 0.002, WALL) == [], "only once"
+    s = r.stats()
+    assert (s["relayed"], s["relayed_late"], s["dropped_duplicate"], s["displayed"]) == (1, 1, 1, 1)
+    check_accounting(r)
+
+
+def test_a_later_copy_with_no_hops_left_is_a_duplicate():
+    r = relay()
+    r.datagram_received(datagram(ttl=1), addr_of(2), 0.0, WALL)
+    assert r.datagram_received(datagram(ttl=1), addr_of(3), 0.0, WALL) == []
+    assert r.stats()["dropped_duplicate"] == 1
+    r.expire(100.0)  # long after: the better copy is no longer waited for
+    assert r.datagram_received(datagram(ttl=5), addr_of(3), 100.0, WALL) == []
+    assert r.stats()["dropped_duplicate"] == 2 and r.stats()["relayed_late"] == 0
+
+
+def test_a_copy_that_was_relayed_is_not_relayed_again_with_more_hops():
+    r = relay()
+    r.datagram_received(datagram(ttl=2), addr_of(2), 0.0, WALL)
+    assert r.datagram_received(datagram(ttl=8), addr_of(3), 0.0, WALL) == []
+    assert r.stats()["relayed"] == 1 and r.stats()["dropped_duplicate"] == 1
+
+
 def test_full_mesh_shows_each_message_exactly_once_everywhere():
     mesh = SimMesh(5, full(5))
     for i in range(1, 6):
