@@ -1,10 +1,12 @@
 """The command line: arguments to a running node, and the main thread's loop.
 
-The main thread owns the console commands: it takes lines from a queue that
-the ``meshchat-stdin`` thread fills with a blocking ``readline`` (stdin cannot
-go in a selector on Windows), and runs them in order. ``main`` returns the
-exit status: 0 after a clean stop, 1 if the node could not start or a worker
-thread died, 2 for bad arguments.
+The main thread owns the console: it takes items from one queue and handles
+them in order. The ``meshchat-stdin`` thread puts the lines it reads with a
+blocking ``readline`` (stdin cannot go in a selector on Windows); the node's
+socket thread puts what there is to show, so that a terminal that does not
+take output (paused with Ctrl-S, or a pipe nobody reads) never holds up the
+relaying. ``main`` returns the exit status: 0 after a clean stop, 1 if the
+node could not start or a worker thread died, 2 for bad arguments.
 """
 
 import argparse
@@ -15,7 +17,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, NamedTuple, Optional
 
 from . import __version__
 from .console import (
@@ -23,12 +25,20 @@ from .console import (
     parse_line, readline_buffer,
 )
 from .node import Failure, Node
-from .relay import RelayConfig
+from .relay import Notice, RelayConfig
 from .wire import Addr, WireError, parse_addr
 
 log = logging.getLogger("meshchat")
 
-_EOF = object()  # end of input, or a reason to stop, in the line queue
+_EOF = object()  # end of input, or a reason to stop, in the main queue
+MAX_PENDING_EVENTS = 10_000  # events waiting for the console beyond this are counted, not kept
+
+
+class _Line(NamedTuple):
+    """A line of input; ``done`` is set once it has been run (the prompt waits for it)."""
+
+    text: str
+    done: Optional[threading.Event]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -175,12 +185,12 @@ def _read_stdin(lines: "queue.Queue[object]", interactive: bool, console) -> Non
                 finally:
                     console.reading = False
                 done = threading.Event()
-                lines.put((line, done))
+                lines.put(_Line(line, done))
                 done.wait()  # the prompt comes back after our own line is shown
         else:
             fd = sys.stdin.fileno()
             for raw in stdin_lines(lambda n: os.read(fd, n)):
-                lines.put((raw.decode("utf-8", "replace"), None))
+                lines.put(_Line(raw.decode("utf-8", "replace"), None))
     except (OSError, ValueError) as e:
         log.debug("stdin is gone: %s", e)
     finally:
@@ -252,12 +262,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         console = TerminalConsole(sys.stdout, color=color, interactive=interactive,
                                   on_broken=stop_reading, get_typed=readline_buffer())
 
-    def on_event(event: object) -> None:
+    unshown = [0]  # events dropped while the console was not keeping up
+
+    def on_event(event: object) -> None:  # on the socket thread: never blocks on the console
         if isinstance(event, Failure):
-            console.show(event)
-            lines.put(_EOF)
-        elif not args.quiet:
-            console.show(event)
+            lines.put(event)
+        elif args.quiet:
+            pass
+        elif lines.qsize() < MAX_PENDING_EVENTS:
+            lines.put(event)
+        else:
+            unshown[0] += 1
 
     config = RelayConfig(label="", ttl=args.ttl, seen_ttl_s=args.seen_ttl, seen_max=args.seen_max,
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
@@ -278,21 +293,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         node.start()
         console.ready(node.label)
-        if args.headless:
-            _wait(lines.get)
-        else:
+        if not args.headless:
             reader = threading.Thread(target=_read_stdin, args=(lines, interactive, console),
                                       name="meshchat-stdin", daemon=True)
             reader.start()
-            while True:
-                item = _wait(lines.get)
-                if item is _EOF:
-                    break
-                line, done = item
-                if not run_command(parse_line(line), node, console, typed=done is not None):
+        while True:
+            item = _wait(lines.get)
+            if item is _EOF:
+                break
+            if isinstance(item, _Line):
+                if not run_command(parse_line(item.text), node, console, typed=item.done is not None):
                     break  # leave the input thread waiting, not inside readline
-                if done is not None:
-                    done.set()
+                if item.done is not None:
+                    item.done.set()
+                continue
+            console.show(item)
+            if isinstance(item, Failure):
+                break
+            if unshown[0]:
+                missed, unshown[0] = unshown[0], 0
+                console.show(Notice(f"{missed} events were not shown: the output was not being read"))
     except (KeyboardInterrupt, _Stop):
         pass
     finally:

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -170,3 +171,35 @@ def test_quiet_relay_shows_nothing_but_still_relays():
             relay.popen.stdin.close()
             assert relay.wait() == 0
             assert relay.rest() == [], "the relay printed nothing after ready"
+
+
+def test_output_nobody_reads_does_not_stop_the_relaying():
+    # A paused terminal (Ctrl-S) or an unread pipe must not silence a branch of the mesh.
+    src, sink = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    proc = None
+    try:
+        for s in (src, sink):
+            s.bind(("127.0.0.1", 0))
+        sink.settimeout(10.0)
+        peers = [f"127.0.0.1:{s.getsockname()[1]}" for s in (src, sink)]
+        proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--port", "0", "--json", "--headless",
+                                 "--rate-limit", "0", "--peers", *peers],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        port = int(json.loads(proc.stdout.readline())["node"].rsplit(":", 1)[1])
+        label = "127.0.0.1:%d" % src.getsockname()[1]
+        body = "x" * 400  # 2,000 chat events: far more than a pipe holds
+        for batch in range(20):
+            for i in range(100):
+                mid = "b%d-%d" % (batch, i)
+                src.sendto(json.dumps({"mid": mid, "ts": time.time(), "ttl": 8, "kind": "CHAT", "src": label,
+                                       "dst": "", "body": body}, separators=(",", ":")).encode(),
+                           ("127.0.0.1", port))
+            for _ in range(100):
+                sink.recvfrom(65535)  # socket.timeout fails the test: the relay stalled
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        src.close()
+        sink.close()
