@@ -687,26 +687,10 @@ def bench_latency(cfg: dict, fleet: Fleet) -> dict:
 # -- 3. scale and 5. flood efficiency ---------------------------------------------------------------------
 
 def topology(n: int, degree: int, seed: int) -> List[Set[int]]:
-    """A ring, then random links between nodes still short of ``degree`` (as spawn_local_mesh.py)."""
-    links: List[Set[int]] = [set() for _ in range(n)]
+    """The random topology of spawn_local_mesh.py: a ring, then random links up to ``degree``."""
+    from spawn_local_mesh import neighbours  # beside this script
 
-    def link(a: int, b: int) -> None:
-        if a != b:
-            links[a].add(b)
-            links[b].add(a)
-
-    for a in range(n - 1):
-        link(a, a + 1)
-    if n > 2:
-        link(n - 1, 0)
-    rng = random.Random(seed)
-    for _ in range(n * degree * 4):
-        short = [a for a in range(n) if len(links[a]) < degree]
-        if len(short) < 2:
-            break
-        a, b = rng.sample(short, 2)
-        link(a, b)
-    return links
+    return neighbours(n, "random", degree, seed)
 
 
 def distances(links: List[Set[int]], start: int) -> Dict[int, int]:
