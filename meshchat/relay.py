@@ -169,6 +169,7 @@ class Relay:
         self.peers: List[Addr] = []
         self._peer_set: Set[Addr] = set()
         self._peer_by_label: Dict[str, Addr] = {}
+        self._targets: Dict[Tuple[Addr, Optional[Addr]], Tuple[Addr, ...]] = {}  # (sender, origin) ->
         self.heard: Dict[Addr, float] = {}
         self._pings: Dict[str, float] = {}  # mid of a PING we sent -> when
         self._ponged: Dict[str, float] = {}  # origin of a broadcast PING -> when we answered
@@ -183,6 +184,7 @@ class Relay:
             self.peers.append(addr)
             self._peer_set.add(addr)
             self._peer_by_label[format_addr(addr)] = addr
+            self._targets.clear()
 
     # -- receiving -----------------------------------------------------------
 
@@ -275,7 +277,12 @@ class Relay:
         if ttl <= 1:
             return None
         origin = self._peer_by_label.get(msg.src)
-        targets = tuple(p for p in self.peers if p != addr and p != origin)
+        key = (addr, origin)
+        targets = self._targets.get(key)
+        if targets is None:
+            targets = tuple(p for p in self.peers if p != addr and p != origin)
+            if len(self._targets) < MAX_TRACKED:  # senders that are not peers could grow it
+                self._targets[key] = targets
         if not targets:
             return None
         self.counters.sent += len(targets)

@@ -80,6 +80,7 @@ def _parse_int(digits: str) -> int:
 # Made once: json.dumps and json.loads with options build a new coder per call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_parse_int)
+_scan = _DECODER.scan_once  # the decoder's own scanner, without its whitespace handling
 
 # Labels repeat from message to message; remember the valid ones.
 _valid_addr = functools.lru_cache(maxsize=4096)(parse_addr)
@@ -104,7 +105,15 @@ def encode(msg: Message) -> bytes:
 def decode(data: bytes) -> Message:
     """Parse and validate one datagram. Raises only WireError."""
     try:
-        obj = _DECODER.decode(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        try:
+            # A datagram is usually one object and nothing around it: scan it
+            # directly; anything else (whitespace, extra data) takes the long way.
+            obj, end = _scan(text, 0)
+            if end != len(text):
+                raise StopIteration
+        except StopIteration:
+            obj = _DECODER.decode(text)
     except WireError:
         raise
     except UnicodeDecodeError:

@@ -42,6 +42,14 @@ def test_does_not_send_back_to_the_origin():
     assert actions[-1].addrs == (addr_of(4),)
 
 
+def test_a_peer_added_later_gets_the_next_copies():
+    r = relay()
+    r.datagram_received(datagram(mid="a"), addr_of(2), 0.0, WALL)
+    r.add_peer(addr_of(5))
+    actions = r.datagram_received(datagram(mid="b"), addr_of(2), 0.0, WALL)
+    assert actions[-1].addrs == (addr_of(3), addr_of(4), addr_of(5))
+
+
 def test_duplicate_is_dropped_and_counted():
     r = relay()
     r.datagram_received(datagram(), addr_of(2), 0.0, WALL)

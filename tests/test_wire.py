@@ -41,6 +41,11 @@ def test_integer_ts_is_accepted():
     assert decode(raw(ts=1730563200)).ts == 1730563200.0
 
 
+def test_whitespace_around_and_inside_the_object_is_accepted():
+    spaced = json.dumps(json.loads(raw()), indent=1).encode()
+    assert decode(b" \n" + spaced + b"\r\n\t ") == decode(raw())
+
+
 def test_unknown_upper_case_kind_is_valid():
     assert decode(raw(kind="FILE_CHUNK")).kind == "FILE_CHUNK"
 
@@ -51,6 +56,9 @@ def test_unknown_upper_case_kind_is_valid():
     (b"[1, 2]", "not a JSON object"),
     (b'"text"', "not a JSON object"),
     (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+    (raw() + b"{}", "not JSON"),  # extra data after the object
+    (raw() + b" x", "not JSON"),
+    (b"", "not JSON"),
 ])
 def test_undecodable_datagrams_say_why(data, why):
     with pytest.raises(WireError, match=why):
