@@ -725,7 +725,9 @@ def collect_stats(fleet: Fleet, nodes: Sequence[Child], timeout: float = 20.0) -
 def bench_scale(n: int, cfg: dict, fleet: Fleet, seed: int) -> Tuple[dict, dict]:
     links = topology(n, DEGREE, seed)
     diameter = max(eccentricity(links, a) for a in range(n))
-    ttl = min(16, max(8, diameter))
+    # The default ttl, or the diameter and two hops of slack if that is more, as a user
+    # should set it: on a busy machine half the first copies come by a longer path.
+    ttl = min(16, max(8, diameter + 2))
     edges = sum(len(x) for x in links) // 2
     ports = reserve_ports(n)
     nodes: List[Child] = []

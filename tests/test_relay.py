@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from meshchat.relay import (COUNTERS, MAX_SEND_BYTES, PONG_INTERVAL_S, Display, Notice, Relay,
+from meshchat.relay import (COUNTERS, LATE_TTL, MAX_SEND_BYTES, PONG_INTERVAL_S, Display, Notice, Relay,
                             RelayConfig, Send, split_body)
 from meshchat.wire import Message, decode, encode
 
@@ -138,9 +138,21 @@ def test_a_later_copy_with_no_hops_left_is_a_duplicate():
     assert r.stats()["dropped_duplicate"] == 2 and r.stats()["relayed_late"] == 0
 
 
-def test_a_copy_that_was_relayed_is_not_relayed_again_with_more_hops():
+def test_only_the_first_better_copy_is_relayed_late():
     r = relay()
-    r.datagram_received(datagram(ttl=2), addr_of(2), 0.0, WALL)
+    r.datagram_received(datagram(ttl=LATE_TTL), addr_of(2), 0.0, WALL)
+    assert r.datagram_received(datagram(ttl=LATE_TTL), addr_of(4), 0.0, WALL) == [], "no more hops than before"
+    late = r.datagram_received(datagram(ttl=LATE_TTL + 3), addr_of(3), 0.0, WALL)
+    assert [json.loads(a.data)["ttl"] for a in late] == [LATE_TTL + 2]
+    assert r.datagram_received(datagram(ttl=8), addr_of(4), 0.0, WALL) == [], "3 more hops were enough"
+    s = r.stats()
+    assert (s["relayed_late"], s["dropped_duplicate"]) == (1, 2)
+    check_accounting(r)
+
+
+def test_a_copy_that_was_relayed_with_hops_to_spare_is_not_relayed_again():
+    r = relay()
+    r.datagram_received(datagram(ttl=LATE_TTL + 1), addr_of(2), 0.0, WALL)
     assert r.datagram_received(datagram(ttl=8), addr_of(3), 0.0, WALL) == []
     assert r.stats()["relayed"] == 1 and r.stats()["dropped_duplicate"] == 1
 
