@@ -24,7 +24,7 @@ from .console import (
     MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nothing, Peers, Ping, Quit, Say, Stats, TerminalConsole,
     parse_line, readline_buffer,
 )
-from .node import Failure, Node
+from .node import Failure, Node, start_without_signals
 from .relay import Notice, RelayConfig
 from .wire import Addr, WireError, parse_addr
 
@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lower a received ttl above this to it (default 16)")
     limits.add_argument("--max-datagram", type=_number(int, 64, 65535, "an integer"), default=8192,
                         metavar="BYTES", help="drop datagrams larger than this (default 8192)")
-    limits.add_argument("--max-skew", type=_number(float, 1.0, what="a number"), default=60.0,
+    limits.add_argument("--max-skew", type=_number(float, 1.0, what="a number"), default=None,
                         metavar="SECONDS", help="drop messages whose ts is this far from our clock "
-                        "(default 60; at most half of --seen-ttl)")
+                        "(default 60, or half of --seen-ttl if that is less; at most half of --seen-ttl)")
     limits.add_argument("--seen-max", type=_number(int, 1, what="an integer"), default=100_000,
                         metavar="IDS", help="most message ids remembered; the oldest go first (default 100000)")
     limits.add_argument("--rate-limit", type=_number(float, 0.0, what="a number"), default=200.0,
@@ -127,7 +127,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.peers = peers
     if args.ttl > args.max_ttl:
         parser.error(f"argument --ttl: {args.ttl} is above --max-ttl {args.max_ttl}")
-    if args.max_skew > args.seen_ttl / 2:
+    if args.max_skew is None:
+        args.max_skew = min(60.0, args.seen_ttl / 2)
+    elif args.max_skew > args.seen_ttl / 2:
         parser.error(f"argument --max-skew: must be at most half of --seen-ttl ({args.seen_ttl / 2:g}), "
                      "so that a replayed message is always too old")
     if args.host in ("0.0.0.0", "") and not args.advertise:
@@ -198,11 +200,20 @@ def _read_stdin(lines: "queue.Queue[object]", interactive: bool, console) -> Non
 
 
 class _Stop(Exception):
-    """Raised in the main thread by SIGTERM."""
+    """Raised in the main thread by the first SIGINT or SIGTERM."""
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise _Stop()
+class _StopOnce:
+    """A signal handler that stops the main loop once: signals that follow (timeout(1)
+    and process groups deliver SIGINT twice) must not interrupt the clean stop."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.fired:
+            self.fired = True
+            raise _Stop()
 
 
 def _wait(get):
@@ -288,15 +299,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"meshchat: cannot bind {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 1
 
+    stop_once = _StopOnce()
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = {sig: signal.signal(sig, stop_once) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         node.start()
         console.ready(node.label)
         if not args.headless:
             reader = threading.Thread(target=_read_stdin, args=(lines, interactive, console),
                                       name="meshchat-stdin", daemon=True)
-            reader.start()
+            start_without_signals(reader)
         while True:
             item = _wait(lines.get)
             if item is _EOF:
@@ -316,9 +329,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (KeyboardInterrupt, _Stop):
         pass
     finally:
+        stop_once.fired = True  # from here on a Ctrl-C or SIGTERM must not cut the clean stop short
         node.stop()
         restore_terminal()
         _quiet_exit(console)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 1 if node.failure else 0
 
 

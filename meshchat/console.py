@@ -259,7 +259,10 @@ class TerminalConsole(Console):
 
     def ready(self, label: str) -> None:
         self.label = label
-        self.notice(f"meshchat node {label} is up. Type a line to send it; /help for commands.")
+        if self.interactive:
+            self.notice(f"meshchat node {label} is up. Type a line to send it; /help for commands.")
+        else:
+            self.notice(f"meshchat node {label} is up.")
 
     def chat(self, m: Message) -> None:
         body = sanitize(m.body)

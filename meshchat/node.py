@@ -15,6 +15,7 @@ guarded by ``self._lock``. Events for the user (``Display``, ``Pong``,
 
 import logging
 import selectors
+import signal
 import socket
 import sys
 import threading
@@ -62,6 +63,20 @@ def _quiet_windows_resets(sock: socket.socket) -> None:
                          None, 0, ctypes.byref(returned), None, None)
     except (OSError, AttributeError, ValueError) as e:
         log.debug("could not switch off UDP reset reports: %s", e)
+
+
+def start_without_signals(thread: threading.Thread) -> None:
+    """Start ``thread`` with SIGINT and SIGTERM blocked in it (POSIX), so the kernel hands
+    them to the main thread: Python runs handlers only there, and a signal that lands
+    on a worker thread would leave a main thread blocked on a lock waiting forever."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: signals are the main thread's anyway
+        thread.start()
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        thread.start()  # a new thread inherits the mask it was started with
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class Node:
@@ -127,7 +142,7 @@ class Node:
         for name, body in (("meshchat-net", self._net_loop), ("meshchat-reaper", self._reap_loop)):
             t = threading.Thread(target=self._guarded, args=(name, body), name=name, daemon=True)
             self._threads.append(t)
-            t.start()
+            start_without_signals(t)
         return self
 
     def stop(self) -> bool:

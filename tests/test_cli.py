@@ -47,6 +47,23 @@ def test_defaults_follow_the_seed():
     assert (args.host, args.port, args.ttl, args.seen_ttl) == ("127.0.0.1", 9001, 8, 120.0)
 
 
+def test_a_shorter_seen_ttl_alone_lowers_the_default_max_skew():
+    assert parse_args([]).max_skew == 60.0
+    assert parse_args(["--seen-ttl", "60"]).max_skew == 30.0
+    assert parse_args(["--seen-ttl", "60", "--max-skew", "10"]).max_skew == 10.0
+
+
+def test_a_second_signal_during_the_stop_changes_nothing():
+    # timeout(1) and process groups deliver SIGINT twice; the stop must stay clean.
+    with Proc("--port", "0", "--json", "--headless") as node:
+        node.ready()
+        node.popen.send_signal(signal.SIGINT)
+        node.popen.send_signal(signal.SIGINT)
+        node.popen.send_signal(signal.SIGTERM)
+        assert node.wait() == 0
+        assert "Traceback" not in node.stderr()
+
+
 def test_wildcard_host_gets_a_reachable_label():
     args = parse_args(["--host", "0.0.0.0"])
     assert args.advertise and args.advertise != "0.0.0.0"
