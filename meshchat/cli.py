@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Callable, Iterator, List, NamedTuple, Optional
 
 from . import __version__
@@ -25,7 +26,7 @@ from .console import (
     parse_line, readline_buffer,
 )
 from .node import Failure, Node, start_without_signals
-from .relay import Notice, RelayConfig
+from .relay import PONG_INTERVAL_S, Notice, RelayConfig
 from .wire import Addr, WireError, parse_addr
 
 log = logging.getLogger("meshchat")
@@ -134,6 +135,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                      "so that a replayed message is always too old")
     if args.host in ("0.0.0.0", "") and not args.advertise:
         args.advertise = _guess_address()
+        if args.advertise.startswith("127."):
+            print(f"meshchat: warning: --host {args.host} without --advertise: this node's label will be "
+                  f"{args.advertise}:{args.port}, which other machines cannot reach; pass --advertise ADDRESS",
+                  file=sys.stderr)
     if args.advertise:
         try:
             parse_addr(f"{args.advertise}:1")
@@ -143,6 +148,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def _guess_address() -> str:
+    """This machine's address on its default route, else what its name resolves to."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: connecting a UDP socket sends nothing
+            return probe.getsockname()[0]
+    except OSError:
+        pass
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
@@ -236,7 +248,11 @@ def run_command(cmd: object, node: Node, console, typed: bool) -> bool:
         else:
             console.sent(messages)
     elif isinstance(cmd, Ping):
+        last = node.last_roll_call
         console.pinged(node.ping(cmd.dst))
+        if not cmd.dst and last is not None and time.monotonic() - last < PONG_INTERVAL_S:
+            console.notice(f"a node answers one roll call from us every {PONG_INTERVAL_S:g} s: "
+                           "those that answered the last one may stay silent")
     elif isinstance(cmd, Bad):
         console.error(cmd.error)
     elif isinstance(cmd, Help):

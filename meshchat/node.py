@@ -106,6 +106,7 @@ class Node:
         self._stopping = threading.Event()
         self._threads: List[threading.Thread] = []
         self.failure: Optional[Failure] = None
+        self.last_roll_call: Optional[float] = None  # when we last sent a broadcast PING
 
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -258,6 +259,8 @@ class Node:
         return self._originate("CHAT", body, dst)
 
     def ping(self, dst: str = "") -> List[Message]:
+        if not dst:
+            self.last_roll_call = self._clock()
         return self._originate("PING", "", dst)
 
     def _originate(self, kind: str, body: str, dst: str) -> List[Message]:

@@ -106,6 +106,13 @@ def test_json_mode_reports_every_command_as_events():
     assert events[1]["received"] == 0 and events[-1]["body"] == "hello"
 
 
+def test_a_second_roll_call_soon_after_says_why_some_may_not_answer():
+    result = run("--port", "0", "--json", input="/ping\n/ping 127.0.0.1:9\n/ping\n")
+    kinds = [json.loads(line)["event"] for line in result.stdout.splitlines()]
+    assert kinds == ["ready", "ping", "ping", "ping", "notice"]
+    assert "roll call" in json.loads(result.stdout.splitlines()[-1])["text"]
+
+
 def test_plain_output_to_a_pipe_has_no_colour():
     result = run("--port", "0", input="hello\n/stats\n")
     assert result.returncode == 0 and "\x1b" not in result.stdout and "<you> hello" in result.stdout
