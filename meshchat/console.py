@@ -301,23 +301,36 @@ class TerminalConsole(Console):
             self._line(line)
 
     def stats(self, c: dict) -> None:
-        drops = {k[len("dropped_"):]: v for k, v in c.items() if k.startswith("dropped_")}
-        why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in drops.items() if v)
-        self.notice(
-            f"received {c['received']}: handled {c['handled']} (displayed {c['displayed']}, "
-            f"relayed {c['relayed']}, consumed {c['consumed']}), dropped {sum(drops.values())}"
-            f"{' (' + why + ')' if why else ''}; sent {c['sent']}, send errors {c['send_errors']}, "
-            f"receive errors {c['recv_errors']}; seen ids {c['seen_size']}; "
-            f"receive buffer {c['rcvbuf_bytes'] // 1024} KiB"
-        )
+        self.notice(stats_text(c))
 
     def peers(self, rows: list) -> None:
-        if not rows:
-            self.notice("no peers configured and nobody heard from yet")
-        for addr, configured, ago in rows:
-            heard = "never heard from" if ago is None else f"last heard {ago:.1f} s ago"
-            kind = "peer" if configured else "heard"
-            self.notice(f"{kind:5} {sanitize(addr)}  {heard}")
+        for line in peer_lines(rows):
+            self.notice(line)
+
+
+def stats_text(c: dict) -> str:
+    """The counters of ``/stats`` as one line for people."""
+    drops = {k[len("dropped_"):]: v for k, v in c.items() if k.startswith("dropped_")}
+    why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in drops.items() if v)
+    return (
+        f"received {c['received']}: handled {c['handled']} (displayed {c['displayed']}, "
+        f"relayed {c['relayed']}, consumed {c['consumed']}), dropped {sum(drops.values())}"
+        f"{' (' + why + ')' if why else ''}; sent {c['sent']}, send errors {c['send_errors']}, "
+        f"receive errors {c['recv_errors']}; seen ids {c['seen_size']}; "
+        f"receive buffer {c['rcvbuf_bytes'] // 1024} KiB"
+    )
+
+
+def peer_lines(rows: list) -> List[str]:
+    """``/peers`` for people: (address, configured, seconds since heard or None) a line each."""
+    if not rows:
+        return ["no peers configured and nobody heard from yet"]
+    lines = []
+    for addr, configured, ago in rows:
+        heard = "never heard from" if ago is None else f"last heard {ago:.1f} s ago"
+        kind = "peer" if configured else "heard"
+        lines.append(f"{kind:5} {sanitize(addr)}  {heard}")
+    return lines
 
 
 def readline_buffer() -> Callable[[], str]:

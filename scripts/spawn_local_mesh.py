@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Set
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from meshchat.console import sanitize  # noqa: E402
+from meshchat.console import peer_lines, sanitize, stats_text  # noqa: E402
 
 TOPOLOGIES = ("full", "ring", "line", "star", "random")
 READY_TIMEOUT_S = 15.0
@@ -172,6 +172,11 @@ class Mesh:
         elif kind in ("notice", "error"):
             mark = "*" if kind == "notice" else "!"
             text = "\n".join(f"{mark} {line}" for line in str(e.get("text") or e.get("error")).splitlines())
+        elif kind == "stats":
+            text = "* " + stats_text(e)
+        elif kind == "peers":
+            rows = [(p["addr"], p["configured"], p["last_heard_s"]) for p in e["peers"]]
+            text = "\n".join("* " + line for line in peer_lines(rows))
         else:
             text = "* " + ", ".join(f"{k} {v}" for k, v in e.items() if k != "event")
         self.print("\n".join(f"{self.paint(i, '[' + self.names[i] + ']')} {line}"
