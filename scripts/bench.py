@@ -1011,7 +1011,8 @@ def report(r: dict) -> str:
                      ""])
         parts.append(f"1. Relay cost: a relay with 3 peers (the source and 2 sinks); per relay "
                      f"{relay['messages_per_relay']:,} messages at {relay['paced_rate_per_s']:,.0f}/s, half one at "
-                     f"a time, half in bursts of {relay['burst']}, in {relay['rounds']} rounds taking turns "
+                     f"a time, half in bursts of {relay['burst']}, in {relay['rounds']} "
+                     f"round{'s' if relay['rounds'] != 1 else ''} taking turns "
                      f"(median); kernel receive-buffer drops meanwhile: {fmt(relay['kernel_rcvbuf_drops_paced'])}. "
                      f"Max rate: at most {relay['max_rate_window']} messages on the way.\n" + table(
                          ["relay", "CPU µs/msg, one at a time", f"CPU µs/msg, bursts of {relay['burst']}", "delivered",
