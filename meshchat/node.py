@@ -239,7 +239,9 @@ class Node:
     def _reap_loop(self) -> None:
         while not self._stopping.wait(REAP_INTERVAL_S):
             with self._lock:
-                self.relay.expire(self._clock())
+                notices = self.relay.expire(self._clock())
+            for notice in notices:
+                self._on_event(notice)
 
     def _send(self, send: Send) -> None:
         sendto = self._io.sendto

@@ -31,6 +31,7 @@ from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, forma
 MAX_SEND_BYTES = 1400  # one Ethernet frame; also under macOS's 9216-byte default
 PONG_INTERVAL_S = 10.0  # answer a broadcast PING from one origin at most this often
 PING_TIMEOUT_S = 30.0  # forget a PING we sent after this long
+PING_ANSWER_S = 10.0  # a /ping to one node not answered in this long is reported (at the next reaping)
 HEARD_KEEP_S = 600.0  # /peers forgets a stranger not heard from for this long
 MAX_TRACKED = 4096  # bound on per-address tables, which spoofed sources could grow
 LATE_TTL = 1  # a first copy with this many hops left or fewer waits for a better one...
@@ -176,6 +177,7 @@ class Relay:
         self._targets: Dict[Tuple[Addr, Optional[Addr]], Tuple[Addr, ...]] = {}  # (sender, origin) ->
         self.heard: Dict[Addr, float] = {}
         self._pings: Dict[str, float] = {}  # mid of a PING we sent -> when
+        self._unanswered: Dict[str, Tuple[float, str]] = {}  # mid of a PING to one node -> (when, dst)
         self._ponged: Dict[str, float] = {}  # origin of a broadcast PING -> when we answered
         self._buckets: Dict[tuple, List[float]] = {}  # addr, or ("PONG", origin) -> [tokens, last refill]
         self._skew_told: Dict[str, float] = {}
@@ -248,6 +250,7 @@ class Relay:
                     actions.extend(self.originate("PONG", msg.mid, msg.src, now, wall)[1])
         elif kind == "PONG" and to_me:
             sent = self._pings.get(msg.body)
+            self._unanswered.pop(msg.body, None)
             if sent is not None:
                 actions.append(Pong(msg.src, (now - sent) * 1000.0, msg.body))
         if not to_me:
@@ -357,6 +360,8 @@ class Relay:
             self.seen.add(m.mid, now)
             if kind == "PING":
                 self._pings[m.mid] = now
+                if dst:
+                    self._unanswered[m.mid] = (now, dst)
             if self.peers:
                 sends.append(Send(data if m is msg else encode(m), tuple(self.peers)))
                 self.counters.sent += len(self.peers)
@@ -364,8 +369,13 @@ class Relay:
 
     # -- housekeeping ----------------------------------------------------------
 
-    def expire(self, now: float) -> None:
-        """Forget what is too old to matter; the reaper calls this every few seconds."""
+    def expire(self, now: float) -> List[Notice]:
+        """Forget what is too old to matter; the reaper calls this every few seconds.
+
+        Returns a notice for each PING to one node that got no answer in time."""
+        late = [(mid, dst) for mid, (when, dst) in self._unanswered.items() if now - when >= PING_ANSWER_S]
+        for mid, _ in late:
+            del self._unanswered[mid]
         self.seen.expire(now)
         _drop_older(self._pings, now - PING_TIMEOUT_S)
         _drop_older(self._ponged, now - PONG_INTERVAL_S)
@@ -377,6 +387,7 @@ class Relay:
         stale = [a for a, (_, last) in self._buckets.items() if now - last > 2.0]
         for a in stale:
             del self._buckets[a]
+        return [Notice(f"no answer from {dst} to our ping within {PING_ANSWER_S:g} s") for _, dst in late]
 
     def stats(self) -> Dict[str, int]:
         out = self.counters.as_dict()

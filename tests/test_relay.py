@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from meshchat.relay import (COUNTERS, LATE_TTL, MAX_SEND_BYTES, PONG_INTERVAL_S, Display, Notice, Relay,
+from meshchat.relay import (COUNTERS, LATE_TTL, MAX_SEND_BYTES, PONG_INTERVAL_S, Display, Notice, Pong, Relay,
                             RelayConfig, Send, split_body)
 from meshchat.wire import Message, decode, encode
 
@@ -48,6 +48,18 @@ def test_a_peer_added_later_gets_the_next_copies():
     r.add_peer(addr_of(5))
     actions = r.datagram_received(datagram(mid="b"), addr_of(2), 0.0, WALL)
     assert actions[-1].addrs == (addr_of(3), addr_of(4), addr_of(5))
+
+
+def test_a_ping_to_one_node_with_no_answer_is_reported_once():
+    r = relay()
+    r.originate("PING", "", "10.0.0.7:9000", 0.0, WALL)
+    _, [answered] = r.originate("PING", "", label_of(2), 0.0, WALL)
+    r.originate("PING", "", "", 0.0, WALL)  # a roll call: no one in particular is late
+    pong = datagram(mid="p1", kind="PONG", src=label_of(2), dst=r.label, body=json.loads(answered.data)["mid"])
+    assert [type(a) for a in r.datagram_received(pong, addr_of(2), 0.1, WALL)] == [Pong]
+    assert r.expire(5.0) == []
+    assert r.expire(10.0) == [Notice("no answer from 10.0.0.7:9000 to our ping within 10 s")]
+    assert r.expire(20.0) == []
 
 
 def test_duplicate_is_dropped_and_counted():
