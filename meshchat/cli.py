@@ -26,13 +26,13 @@ from .console import (
     parse_line, readline_buffer,
 )
 from .node import Failure, Node, start_without_signals
-from .relay import PONG_INTERVAL_S, Notice, RelayConfig
+from .relay import PONG_INTERVAL_S, Display, Notice, RelayConfig
 from .wire import Addr, WireError, parse_addr
 
 log = logging.getLogger("meshchat")
 
 _EOF = object()  # end of input, or a reason to stop, in the main queue
-MAX_PENDING_EVENTS = 10_000  # events waiting for the console beyond this are counted, not kept
+MAX_PENDING_EVENTS = 2_000  # events waiting for the console beyond this are counted, not kept
 
 
 class _Line(NamedTuple):
@@ -297,6 +297,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.quiet:
             pass
         elif lines.qsize() < MAX_PENDING_EVENTS:
+            if isinstance(event, Display) and event.message.extra:
+                # Unknown fields are relayed, never shown: do not keep them waiting.
+                event = Display(event.message._replace(extra={}))
             lines.put(event)
         else:
             unshown[0] += 1
@@ -316,10 +319,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
     stop_once = _StopOnce()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, stop_once) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        _take_signals(stop_once)
         node.start()
         console.ready(node.label)
         if not args.headless:
@@ -345,13 +346,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (KeyboardInterrupt, _Stop):
         pass
     finally:
-        stop_once.fired = True  # from here on a Ctrl-C or SIGTERM must not cut the clean stop short
+        # From here on a Ctrl-C or SIGTERM must not cut the clean stop short; on POSIX
+        # it stays pending, blocked, until the process has exited.
+        stop_once.fired = True
+        _hold_signals()
         node.stop()
         restore_terminal()
         _quiet_exit(console)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 1 if node.failure else 0
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _take_signals(handler: Callable[[int, object], None]) -> None:
+    """SIGINT and SIGTERM stop the node, unless whoever started us chose to ignore them.
+
+    Only in the main thread, where Python runs handlers: ``main`` owns the
+    process's signals from here to its exit, and does not hand them back."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in _SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, handler)
+
+
+def _hold_signals() -> None:
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(_SIGNALS))
 
 
 def _terminal_restorer() -> Callable[[], None]:

@@ -5,8 +5,9 @@
   text from the network made harmless, the prompt redrawn under each line.
 - ``JsonConsole`` prints one JSON object per line for scripts and tests.
 
-Both are called from the main thread and from ``meshchat-net``; each write
-happens whole under the console's own lock.
+Both are called from the main thread, which also shows the node's events
+(the socket thread queues them); each write happens whole under the
+console's own lock.
 """
 
 import json
@@ -312,9 +313,10 @@ def stats_text(c: dict) -> str:
     """The counters of ``/stats`` as one line for people."""
     drops = {k[len("dropped_"):]: v for k, v in c.items() if k.startswith("dropped_")}
     why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in drops.items() if v)
+    late = f" ({c['relayed_late']} late)" if c.get("relayed_late") else ""
     return (
         f"received {c['received']}: handled {c['handled']} (displayed {c['displayed']}, "
-        f"relayed {c['relayed']}, consumed {c['consumed']}), dropped {sum(drops.values())}"
+        f"relayed {c['relayed']}{late}, consumed {c['consumed']}), dropped {sum(drops.values())}"
         f"{' (' + why + ')' if why else ''}; sent {c['sent']}, send errors {c['send_errors']}, "
         f"receive errors {c['recv_errors']}; seen ids {c['seen_size']}; "
         f"receive buffer {c['rcvbuf_bytes'] // 1024} KiB"

@@ -228,6 +228,9 @@ class Relay:
             c.dropped_stale += 1
             return self._tell_skew(msg, now, wall)
         if msg.mid in self.seen:
+            if msg.dst == self.label:  # addressed to us: it has arrived, and goes no further
+                c.dropped_duplicate += 1
+                return []
             return self._relay_late(msg, addr, now, data, head)
         self.seen.add(msg.mid, now)
         return self._handle(msg, addr, now, wall, data, head)
@@ -294,7 +297,7 @@ class Relay:
         targets = self._targets.get(key)
         if targets is None:
             targets = tuple(p for p in self.peers if p != addr and p != origin)
-            if len(self._targets) < MAX_TRACKED:  # senders that are not peers could grow it
+            if addr in self._peer_set:  # strangers could grow it: at most peers² entries
                 self._targets[key] = targets
         if not targets:
             return None

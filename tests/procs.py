@@ -12,10 +12,10 @@ TIMEOUT_S = 10.0
 
 
 class Proc:
-    def __init__(self, *args: str, stdin=subprocess.PIPE):
+    def __init__(self, *args: str, stdin=subprocess.PIPE, preexec_fn=None):
         self.args = [sys.executable, "-m", "meshchat", *args]
         self.popen = subprocess.Popen(self.args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, encoding="utf-8", errors="replace")
+                                      text=True, encoding="utf-8", errors="replace", preexec_fn=preexec_fn)
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         self._reader = threading.Thread(target=self._read, name="test-reader", daemon=True)
         self._reader.start()

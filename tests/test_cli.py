@@ -47,12 +47,25 @@ def test_defaults_follow_the_seed():
     assert (args.host, args.port, args.ttl, args.seen_ttl) == ("127.0.0.1", 9001, 8, 120.0)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_node_started_with_sigint_ignored_keeps_ignoring_it():
+    # As "meshchat --headless &" from a script: the shell sets SIGINT to be ignored.
+    with Proc("--port", "0", "--json", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) as node:
+        node.ready()
+        node.popen.send_signal(signal.SIGINT)
+        node.send("/stats")
+        assert node.event("stats")["received"] == 0, "still running"
+        node.popen.send_signal(signal.SIGTERM)
+        assert node.wait() == 0
+
+
 def test_a_shorter_seen_ttl_alone_lowers_the_default_max_skew():
     assert parse_args([]).max_skew == 60.0
     assert parse_args(["--seen-ttl", "60"]).max_skew == 30.0
     assert parse_args(["--seen-ttl", "60", "--max-skew", "10"]).max_skew == 10.0
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_second_signal_during_the_stop_changes_nothing():
     # timeout(1) and process groups deliver SIGINT twice; the stop must stay clean.
     with Proc("--port", "0", "--json", "--headless") as node:
@@ -204,6 +217,7 @@ def test_output_nobody_reads_does_not_stop_the_relaying():
     try:
         for s in (src, sink):
             s.bind(("127.0.0.1", 0))
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # a batch fits (Windows: 64 KiB)
         sink.settimeout(10.0)
         peers = [f"127.0.0.1:{s.getsockname()[1]}" for s in (src, sink)]
         proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--port", "0", "--json", "--headless",

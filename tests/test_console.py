@@ -136,3 +136,6 @@ def test_terminal_stats_name_each_drop_reason():
     line = out.getvalue()
     assert "received 9: handled 5 (displayed 4, relayed 3, consumed 1), dropped 4 (duplicate 3, rate 1)" in line
     assert "seen ids 5" in line and "2048 KiB" in line
+    counters.update(relayed_late=2)
+    TerminalConsole(out, color=False, interactive=False).stats(counters)
+    assert "relayed 3 (2 late)" in out.getvalue()

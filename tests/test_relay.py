@@ -140,6 +140,14 @@ def test_a_later_copy_with_hops_left_goes_on_when_the_first_came_with_none():
     check_accounting(r)
 
 
+def test_a_later_copy_addressed_to_us_is_not_relayed_late():
+    r = relay()
+    r.datagram_received(datagram(ttl=1, dst="10.0.0.5:9000"), addr_of(2), 0.0, WALL)
+    assert r.datagram_received(datagram(ttl=6, dst=r.label), addr_of(3), 0.0, WALL) == []
+    assert r.stats()["dropped_duplicate"] == 1 and r.stats()["relayed_late"] == 0
+    check_accounting(r)
+
+
 def test_a_later_copy_with_no_hops_left_is_a_duplicate():
     r = relay()
     r.datagram_received(datagram(ttl=1), addr_of(2), 0.0, WALL)
