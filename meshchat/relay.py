@@ -34,8 +34,7 @@ PING_TIMEOUT_S = 30.0  # forget a PING we sent after this long
 PING_ANSWER_S = 10.0  # a /ping to one node not answered in this long is reported (at the next reaping)
 HEARD_KEEP_S = 600.0  # /peers forgets a stranger not heard from for this long
 MAX_TRACKED = 4096  # bound on per-address tables, which spoofed sources could grow
-LATE_TTL = 1  # a first copy with this many hops left or fewer waits for a better one...
-LATE_COPY_S = 10.0  # ...for this long
+LATE_COPY_S = 10.0  # how long a message that arrived with its hops spent waits for a better copy
 
 COUNTERS = (
     "received",
@@ -181,7 +180,7 @@ class Relay:
         self._ponged: Dict[str, float] = {}  # origin of a broadcast PING -> when we answered
         self._buckets: Dict[tuple, List[float]] = {}  # addr, or ("PONG", origin) -> [tokens, last refill]
         self._skew_told: Dict[str, float] = {}
-        self._short: Dict[str, Tuple[float, int]] = {}  # mid that came with few hops left -> (when, ttl)
+        self._spent: Dict[str, float] = {}  # mid whose first copy came with ttl 1 -> when
         for addr in peers:
             self.add_peer(addr)
 
@@ -210,7 +209,7 @@ class Relay:
             c.dropped_oversize += 1
             return []
         mid, head = _peek(data)
-        if mid is not None and mid in self.seen and mid not in self._short:
+        if mid is not None and mid in self.seen and mid not in self._spent:
             c.dropped_duplicate += 1
             return []
         try:
@@ -221,7 +220,7 @@ class Relay:
         if msg.ttl <= 0:
             c.dropped_ttl += 1
             return []
-        if msg.mid in self.seen and min(msg.ttl, cfg.max_ttl) <= self._short.get(msg.mid, (0.0, cfg.max_ttl))[1]:
+        if msg.mid in self.seen and (msg.ttl == 1 or msg.mid not in self._spent):
             c.dropped_duplicate += 1
             return []
         if abs(wall - msg.ts) > cfg.max_skew_s:
@@ -231,7 +230,7 @@ class Relay:
             if msg.dst == self.label:  # addressed to us: it has arrived, and goes no further
                 c.dropped_duplicate += 1
                 return []
-            return self._relay_late(msg, addr, now, data, head)
+            return self._relay_late(msg, addr, data, head)
         self.seen.add(msg.mid, now)
         return self._handle(msg, addr, now, wall, data, head)
 
@@ -257,9 +256,8 @@ class Relay:
             if sent is not None:
                 actions.append(Pong(msg.src, (now - sent) * 1000.0, msg.body))
         if not to_me:
-            ttl = min(msg.ttl, self.config.max_ttl)
-            if ttl <= LATE_TTL and len(self._short) < MAX_TRACKED:
-                self._short[msg.mid] = (now, ttl)
+            if msg.ttl == 1 and len(self._spent) < MAX_TRACKED:
+                self._spent[msg.mid] = now
             send = self._copy(msg, addr, data, head)
             if send is not None:
                 actions.append(send)
@@ -269,14 +267,9 @@ class Relay:
             c.consumed += 1
         return actions
 
-    def _relay_late(self, msg: Message, addr: Addr, now: float, data: bytes,
-                    head: "Optional[re.Match[bytes]]") -> list:
-        """A copy with more hops left than the one we had, which had few: it goes further."""
-        ttl = min(msg.ttl, self.config.max_ttl)
-        if ttl <= LATE_TTL:
-            self._short[msg.mid] = (now, ttl)
-        else:
-            del self._short[msg.mid]
+    def _relay_late(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]") -> list:
+        """A copy with hops left of a message whose first copy had none: it goes on, once."""
+        del self._spent[msg.mid]
         c = self.counters
         c.handled += 1
         send = self._copy(msg, addr, data, head)
@@ -383,8 +376,7 @@ class Relay:
         _drop_older(self._pings, now - PING_TIMEOUT_S)
         _drop_older(self._ponged, now - PONG_INTERVAL_S)
         _drop_older(self._skew_told, now - self.config.seen_ttl_s)
-        for mid in [m for m, (when, _) in self._short.items() if when < now - LATE_COPY_S]:
-            del self._short[mid]
+        _drop_older(self._spent, now - LATE_COPY_S)
         _drop_older(self.heard, now - HEARD_KEEP_S, keep=self._peer_set)
         # A bucket refills completely in 2 s, and a full bucket is the same as none.
         stale = [a for a, (_, last) in self._buckets.items() if now - last > 2.0]

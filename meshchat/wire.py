@@ -106,13 +106,13 @@ def decode(data: bytes) -> Message:
     """Parse and validate one datagram. Raises only WireError."""
     try:
         text = data.decode("utf-8")
+        # A datagram is usually one object and nothing around it: scan it directly;
+        # anything else (whitespace, extra data, no value at all) takes the long way.
         try:
-            # A datagram is usually one object and nothing around it: scan it
-            # directly; anything else (whitespace, extra data) takes the long way.
             obj, end = _scan(text, 0)
-            if end != len(text):
-                raise StopIteration
         except StopIteration:
+            end = -1
+        if end != len(text):
             obj = _DECODER.decode(text)
     except WireError:
         raise

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from meshchat.relay import (COUNTERS, LATE_TTL, MAX_SEND_BYTES, PONG_INTERVAL_S, Display, Notice, Pong, Relay,
+from meshchat.relay import (COUNTERS, MAX_SEND_BYTES, PONG_INTERVAL_S, Display, Notice, Pong, Relay,
                             RelayConfig, Send, split_body)
 from meshchat.wire import Message, decode, encode
 
@@ -160,10 +160,10 @@ def test_a_later_copy_with_no_hops_left_is_a_duplicate():
 
 def test_only_the_first_better_copy_is_relayed_late():
     r = relay()
-    r.datagram_received(datagram(ttl=LATE_TTL), addr_of(2), 0.0, WALL)
-    assert r.datagram_received(datagram(ttl=LATE_TTL), addr_of(4), 0.0, WALL) == [], "no more hops than before"
-    late = r.datagram_received(datagram(ttl=LATE_TTL + 3), addr_of(3), 0.0, WALL)
-    assert [json.loads(a.data)["ttl"] for a in late] == [LATE_TTL + 2]
+    r.datagram_received(datagram(ttl=1), addr_of(2), 0.0, WALL)
+    assert r.datagram_received(datagram(ttl=1), addr_of(4), 0.0, WALL) == [], "no more hops than before"
+    late = r.datagram_received(datagram(ttl=4), addr_of(3), 0.0, WALL)
+    assert [json.loads(a.data)["ttl"] for a in late] == [3]
     assert r.datagram_received(datagram(ttl=8), addr_of(4), 0.0, WALL) == [], "3 more hops were enough"
     s = r.stats()
     assert (s["relayed_late"], s["dropped_duplicate"]) == (1, 2)
@@ -172,7 +172,7 @@ def test_only_the_first_better_copy_is_relayed_late():
 
 def test_a_copy_that_was_relayed_with_hops_to_spare_is_not_relayed_again():
     r = relay()
-    r.datagram_received(datagram(ttl=LATE_TTL + 1), addr_of(2), 0.0, WALL)
+    r.datagram_received(datagram(ttl=2), addr_of(2), 0.0, WALL)
     assert r.datagram_received(datagram(ttl=8), addr_of(3), 0.0, WALL) == []
     assert r.stats()["relayed"] == 1 and r.stats()["dropped_duplicate"] == 1
 
