@@ -71,3 +71,14 @@ def line(n: int):
 
 def full(n: int):
     return [(a, b) for a in range(1, n + 1) for b in range(a + 1, n + 1)]
+
+
+def connected(links) -> bool:
+    """Whether neighbour sets ``links`` (node i's neighbours at index i) join every node."""
+    seen, todo = {0}, [0]
+    while todo:
+        for b in links[todo.pop()]:
+            if b not in seen:
+                seen.add(b)
+                todo.append(b)
+    return len(seen) == len(links)

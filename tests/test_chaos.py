@@ -16,6 +16,7 @@ import time
 import pytest
 
 from lossy import REPO, LinkSpec, LossyHub, Mesh, netns_unavailable_reason, regular_links, run_chaos
+from meshsim import connected
 
 SCRIPT = os.path.join(REPO, "scripts", "chaos.py")
 SLOW = pytest.mark.skipif(os.environ.get("MESHCHAT_SLOW") != "1", reason="long chaos run; set MESHCHAT_SLOW=1")
@@ -149,13 +150,7 @@ def test_proxy_drops_what_goes_to_a_node_that_is_down():
 def test_topologies_are_connected_and_regular(n, degree):
     links = regular_links(n, degree, seed=5)
     assert all(i not in near and all(i in links[j] for j in near) for i, near in enumerate(links))
-    seen, todo = {0}, [0]
-    while todo:
-        for j in links[todo.pop()]:
-            if j not in seen:
-                seen.add(j)
-                todo.append(j)
-    assert seen == set(range(n))
+    assert connected(links)
     want = min(degree, n - 1)
     assert sum(want - len(near) for near in links) <= (n * want) % 2
     assert regular_links(n, degree, seed=5) == links

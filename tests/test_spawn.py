@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from meshsim import connected
 from ports import free_port_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,16 +14,6 @@ SCRIPT = os.path.join(ROOT, "scripts", "spawn_local_mesh.py")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from spawn_local_mesh import neighbours  # noqa: E402
-
-
-def connected(links):
-    seen, todo = {0}, [0]
-    while todo:
-        for b in links[todo.pop()]:
-            if b not in seen:
-                seen.add(b)
-                todo.append(b)
-    return len(seen) == len(links)
 
 
 @pytest.mark.parametrize("topology, n, degrees", [
