@@ -61,3 +61,9 @@ class SeedNode:
         self.sock.sendto(b"stop", self.addr)
         self._thread.join(5)
         self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -9,58 +9,42 @@ from seednode import SeedNode
 
 def test_meshchat_and_a_seed_node_chat_both_ways_through_each_other():
     # seed A -- meshchat 1 -- meshchat 2 -- seed B
-    with Cluster(2, [(1, 2)]) as c:
-        a = SeedNode([c[1].node.addr])
-        b = SeedNode([c[2].node.addr])
-        try:
-            c[1].node.add_peer(a.addr)
-            c[2].node.add_peer(b.addr)
-            a.send("hello from the seed design")
-            assert c[1].shown(1) == ["hello from the seed design"]
-            assert c[2].shown(1) == ["hello from the seed design"]
-            got = b.shown.get(timeout=5)
-            assert got["body"] == "hello from the seed design" and got["ttl"] == 6 and got["src"] == a.label
-            c[2].node.say("and back", dst=a.label)
-            assert a.shown.get(timeout=5)["body"] == "and back"
-            assert b.shown.empty(), "addressed to A, so B relays nothing and shows nothing"
-        finally:
-            a.close()
-            b.close()
+    with Cluster(2, [(1, 2)]) as c, SeedNode([c[1].node.addr]) as a, SeedNode([c[2].node.addr]) as b:
+        c[1].node.add_peer(a.addr)
+        c[2].node.add_peer(b.addr)
+        a.send("hello from the seed design")
+        assert c[1].shown(1) == ["hello from the seed design"]
+        assert c[2].shown(1) == ["hello from the seed design"]
+        got = b.shown.get(timeout=5)
+        assert got["body"] == "hello from the seed design" and got["ttl"] == 6 and got["src"] == a.label
+        c[2].node.say("and back", dst=a.label)
+        assert a.shown.get(timeout=5)["body"] == "and back"
+        assert b.shown.empty(), "addressed to A, so B relays nothing and shows nothing"
 
 
 def test_unknown_fields_from_a_newer_node_cross_meshchat():
-    with Cluster(1) as c:
-        a = SeedNode([c[1].node.addr])
-        b = SeedNode([c[1].node.addr])
-        try:
-            c[1].node.add_peer(b.addr)
-            msg = {"mid": "new-1", "ts": time.time(), "ttl": 4, "kind": "CHAT", "src": a.label,
-                   "dst": "", "body": "v2", "sig": "abc", "hops": [1, 2]}
-            a.sock.sendto(json.dumps(msg).encode(), c[1].node.addr)
-            got = b.shown.get(timeout=5)
-            assert got["sig"] == "abc" and got["hops"] == [1, 2] and got["ttl"] == 3
-        finally:
-            a.close()
-            b.close()
+    with Cluster(1) as c, SeedNode([c[1].node.addr]) as a, SeedNode([c[1].node.addr]) as b:
+        c[1].node.add_peer(b.addr)
+        msg = {"mid": "new-1", "ts": time.time(), "ttl": 4, "kind": "CHAT", "src": a.label,
+               "dst": "", "body": "v2", "sig": "abc", "hops": [1, 2]}
+        a.sock.sendto(json.dumps(msg).encode(), c[1].node.addr)
+        got = b.shown.get(timeout=5)
+        assert got["sig"] == "abc" and got["hops"] == [1, 2] and got["ttl"] == 3
 
 
 def test_seed_heartbeat_pings_get_one_pong_per_interval_and_our_ping_gets_through():
-    with Cluster(1) as c:
-        a = SeedNode([c[1].node.addr])
-        try:
-            c[1].node.add_peer(a.addr)
-            for _ in range(5):
-                a.send("", kind="PING")  # the seed's heartbeat: broadcast, empty body
-            pong = a.received.get(timeout=5)
-            assert pong["kind"] == "PONG" and pong["dst"] == a.label
-            c.wait_until(lambda: c[1].node.stats()["received"] == 5)
-            c[1].node.say("marker")  # after every answer the node decided to send
-            seen = []
-            while True:
-                msg = a.received.get(timeout=5)
-                if msg["body"] == "marker":
-                    break
-                seen.append(msg["kind"])
-            assert seen.count("PONG") == 0, "five heartbeats, one answer"
-        finally:
-            a.close()
+    with Cluster(1) as c, SeedNode([c[1].node.addr]) as a:
+        c[1].node.add_peer(a.addr)
+        for _ in range(5):
+            a.send("", kind="PING")  # the seed's heartbeat: broadcast, empty body
+        pong = a.received.get(timeout=5)
+        assert pong["kind"] == "PONG" and pong["dst"] == a.label
+        c.wait_until(lambda: c[1].node.stats()["received"] == 5)
+        c[1].node.say("marker")  # after every answer the node decided to send
+        seen = []
+        while True:
+            msg = a.received.get(timeout=5)
+            if msg["body"] == "marker":
+                break
+            seen.append(msg["kind"])
+        assert seen.count("PONG") == 0, "five heartbeats, one answer"
