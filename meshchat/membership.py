@@ -1,0 +1,691 @@
+"""Membership: who our neighbours are, whether they are alive, who is in the mesh, how far, by which way.
+
+Rules, so that a mesh of these (and of seed-design nodes) behaves:
+1. A neighbour is an address that proved it is there: it echoed a token we
+   sent to that address (a HELLO handshake). Tokens are an HMAC of the
+   address and a 30-second epoch under a per-run secret, so nothing is kept
+   for an address that has not proved itself, whatever a flood of forged
+   sources says.
+2. To an address that has not proved itself we send at most one HELLO per
+   ``CHALLENGE_EVERY_S``, never larger than the datagram that asked for it,
+   and at most ``CHALLENGE_BUDGET_PER_S`` of them in all: a forged source
+   gets back no more than it sent, and a flood of them a bounded trickle.
+3. Configured peers are always neighbours and never evicted. One that has
+   never sent us a HELLO (a node built from the seed README, or a
+   listen-only client) keeps getting CHAT and PING and one probe a minute;
+   nothing else. A neighbour that speaks HELLO is up while we hear from it,
+   down after ``DOWN_AFTER_INTERVALS`` of its announced HELLO intervals of
+   silence (at most 3 x 7 s), and up again as soon as anything arrives from
+   it. A learned (not configured) neighbour that goes down is forgotten.
+4. HELLOs back off from 1 s to 7 s while a link is stable, like SWIM's fixed
+   probe period but cheaper when nothing changes, and each carries the
+   longest gap until the next one, so the other side's timeout follows ours.
+5. Every origin's distance in hops is learned from the first copy of its
+   messages (``ttl0 - ttl + 1``), and the neighbour that copy came from is
+   the next hop back to it. Those give the adaptive TTL and the routes of
+   direct messages.
+6. Nothing here touches a socket, a thread or a clock: ``now`` (monotonic)
+   and ``wall`` are arguments; the node calls it under its one lock and
+   drives ``tick`` from its select() timeout at ``next_deadline()``.
+"""
+
+import base64
+import hashlib
+import hmac
+import random
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+
+from .wire import Addr, Message, encode, format_addr, parse_addr, WireError
+
+HELLO_MIN_S = 1.0
+HELLO_MAX_S = 7.0  # 3 x 7 s of silence: a dead neighbour is down within about 21 s (30 s at most)
+DOWN_AFTER_INTERVALS = 3
+DOWN_MARGIN_S = 0.5
+PROBE_LEGACY_S = 60.0  # a configured peer that never said HELLO: one probe a minute, no more
+PROBE_DOWN_S = 5.0
+ANSWER_EVERY_S = 0.5  # at most one immediate answer per neighbour per this long  # a configured HELLO speaker that is down: probed this often until it answers
+CHALLENGE_EVERY_S = 60.0  # one HELLO per unproven address per this long
+CHALLENGE_SLACK_BYTES = 16  # a challenge may outgrow what asked for it by this much (digits of ts)
+CHALLENGE_BUDGET_PER_S = 20.0  # HELLOs to unproven addresses, all together (burst twice that)
+TOKEN_EPOCH_S = 30.0  # a token is good for this epoch and the next
+MAX_PROVEN = 4096  # unproven addresses remembered for the per-address challenge limit
+MAX_MEMBERS = 4096  # nodes known in the mesh; the least recently heard go first
+MEMBER_FORGET_S = 1800.0
+PRESENCE_MIN_S = 30.0
+PRESENCE_MAX_S = 600.0
+PRESENCE_PER_MEMBER_S = 2.0  # a bigger mesh announces less often, so the total stays flat
+PRESENCE_SETTLE_S = 1.5  # after a link comes up, announce once the others have come up too
+PRESENCE_REPEAT_S = 10.0  # link changes announce at most this often
+ROUTE_FRESH_S = 120.0
+SILENT_AFTER_S = 3 * PRESENCE_MAX_S
+TTL_SLACK = 2
+DEFAULT_TTL = 8  # the seed's, until the mesh is known
+MIN_AUTO_TTL = 2
+MAX_NICK_CHARS = 32
+MAX_MESH_CHARS = 32
+MAX_TOKEN_CHARS = 32
+MAX_CAPS = 32
+RTT_SAMPLES = 8  # HELLO sequence numbers remembered per neighbour for round-trip times
+LOSS_WINDOW = 64  # HELLOs over which loss is estimated
+
+# Kinds every seed-design node accepts; anything else goes only to neighbours that said HELLO.
+BASE_KINDS = frozenset(("CHAT", "PING"))
+LINK_KINDS = frozenset(("HELLO",))  # one hop only: never flooded, never in the seen cache
+CAPS = ("HELLO", "PONG", "PRESENCE", "ROUTE")
+
+
+class PeerUp(NamedTuple):
+    label: str
+    addr: Addr
+    nick: str
+
+
+class PeerDown(NamedTuple):
+    label: str
+    addr: Addr
+    nick: str
+
+
+class Originate(NamedTuple):
+    """Ask the relay to flood a message of ours (a presence announcement)."""
+
+    kind: str
+    body: str
+    extra: Dict[str, Any]
+    ttl: int
+
+
+class Unicast(NamedTuple):
+    """A link-local datagram for one address."""
+
+    data: bytes
+    addr: Addr
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    label: str
+    mesh: str = "meshchat"
+    nick: str = ""
+    max_peers: int = 32
+    peers_only: bool = False
+    max_ttl: int = 16
+
+
+def valid_nick(text: object) -> bool:
+    return (isinstance(text, str) and 0 < len(text) <= MAX_NICK_CHARS and text.isprintable()
+            and not any(c in text for c in " @#:/\\") and text.strip() == text)
+
+
+def tag_of(label: str) -> str:
+    """A short tag, stable per label, that tells two nodes with one nick apart."""
+    digest = zlib.crc32(label.encode("utf-8", "surrogatepass")).to_bytes(4, "big")
+    return base64.b32encode(digest).decode("ascii")[:4].lower()
+
+
+def display_name(label: str, nick: str) -> str:
+    return f"{nick}#{tag_of(label)}" if nick else label
+
+
+class Neighbour:
+    __slots__ = ("addr", "configured", "speaks", "up", "label", "nick", "caps", "last_heard", "since",
+                 "interval", "next_hello", "peer_ivl", "seq_out", "sent", "their_tok", "rx_seq",
+                 "rx_expected", "rx_got", "srtt_ms", "rx_at", "answered_at")
+
+    def __init__(self, addr: Addr, configured: bool, now: float) -> None:
+        self.addr = addr
+        self.configured = configured
+        self.speaks = False  # has sent us a HELLO at least once
+        self.up = False
+        self.label = format_addr(addr)
+        self.nick = ""
+        self.caps: frozenset = frozenset()
+        self.last_heard: Optional[float] = None
+        self.since = now
+        self.interval = HELLO_MIN_S
+        self.next_hello = now
+        self.peer_ivl = HELLO_MAX_S
+        self.seq_out = 0
+        self.sent: Dict[int, float] = {}
+        self.their_tok = ""
+        self.rx_seq: Optional[int] = None
+        self.rx_expected = 0
+        self.rx_got = 0
+        self.srtt_ms: Optional[float] = None
+        self.rx_at = 0.0  # when their latest HELLO arrived, for the "held" of our answer
+        self.answered_at = float("-inf")
+
+    @property
+    def state(self) -> str:
+        if self.up:
+            return "up"
+        if not self.speaks:
+            return "legacy" if self.last_heard is not None else "unknown"
+        return "down"
+
+    @property
+    def loss(self) -> Optional[float]:
+        if self.rx_expected < 2:
+            return None
+        return max(0.0, 1.0 - self.rx_got / self.rx_expected)
+
+
+class Member:
+    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.nick = ""
+        self.hops: Optional[int] = None
+        self.last_seen = 0.0
+        self.via: Optional[Addr] = None
+        self.via_at = 0.0
+
+
+def _int(value: object, low: int, high: int) -> Optional[int]:
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    return None
+
+
+def _num(value: object, low: float, high: float) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+        return float(value)
+    return None
+
+
+def _token_text(value: object) -> Optional[str]:
+    if isinstance(value, str) and 0 < len(value) <= MAX_TOKEN_CHARS and value.isalnum() and value.isascii():
+        return value
+    return None
+
+
+class Hello(NamedTuple):
+    """The fields of a HELLO, validated; anything malformed is None."""
+
+    mesh: Optional[str]
+    tok: Optional[str]
+    echo: Optional[str]
+    ask: bool
+    seq: Optional[int]
+    ack: Optional[int]
+    held_ms: float
+    ivl: Optional[float]
+    nick: str
+    caps: frozenset
+
+
+def parse_hello(msg: Message) -> Hello:
+    x = msg.extra
+    mesh = x.get("mesh")
+    if not (isinstance(mesh, str) and len(mesh) <= MAX_MESH_CHARS):
+        mesh = None
+    caps = x.get("caps")
+    if isinstance(caps, list) and len(caps) <= MAX_CAPS and all(isinstance(c, str) and len(c) <= 16 for c in caps):
+        capset = frozenset(caps)
+    else:
+        capset = frozenset()
+    nick = x.get("nick")
+    return Hello(
+        mesh=mesh,
+        tok=_token_text(x.get("tok")),
+        echo=_token_text(x.get("echo")),
+        ask=x.get("ask") == 1,
+        seq=_int(x.get("seq"), 0, 2**53),
+        ack=_int(x.get("ack"), 0, 2**53),
+        held_ms=_num(x.get("held"), 0.0, 1e7) or 0.0,
+        ivl=_num(x.get("ivl"), 0.1, 60.0),
+        nick=nick if valid_nick(nick) else "",
+        caps=capset,
+    )
+
+
+class Membership:
+    def __init__(
+        self,
+        config: MembershipConfig,
+        configured: Iterable[Addr] = (),
+        secret: Optional[bytes] = None,
+        new_mid: Callable[[], str] = lambda: uuid.uuid4().hex,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        self.config = config
+        self.label = config.label
+        self.nick = config.nick
+        self._secret = secret if secret is not None else uuid.uuid4().bytes + uuid.uuid4().bytes
+        self._new_mid = new_mid
+        self._rng = rng or random.Random()
+        self.neighbours: Dict[Addr, Neighbour] = {}
+        self.members: Dict[str, Member] = {}
+        self._challenged: Dict[Addr, float] = {}  # unproven address -> when we last sent it a HELLO
+        self._budget = [2.0 * CHALLENGE_BUDGET_PER_S, None]  # tokens, last refill
+        self.version = 0  # bumped whenever the flood targets change
+        self._flood: Tuple[Addr, ...] = ()
+        self._flood_ext: Tuple[Addr, ...] = ()
+        self._presence_due: Optional[float] = None
+        self._last_presence: Optional[float] = None
+        self._known_since: Optional[float] = None  # when we first learned a distance
+        self.counters = {"hello_sent": 0, "hello_received": 0, "challenges": 0, "peer_up": 0, "peer_down": 0}
+        for addr in configured:
+            self.add_configured(addr, 0.0)
+
+    # -- the neighbour table -------------------------------------------------------
+
+    def add_configured(self, addr: Addr, now: float) -> None:
+        n = self.neighbours.get(addr)
+        if n is None:
+            n = self.neighbours[addr] = Neighbour(addr, True, now)
+            n.next_hello = now
+        n.configured = True
+        self._changed()
+
+    def _changed(self) -> None:
+        ns = self.neighbours.values()
+        self._flood = tuple(n.addr for n in ns if n.up or (n.configured and not n.speaks))
+        self._flood_ext = tuple(n.addr for n in ns if n.up)
+        self.version += 1
+
+    def flood_targets(self, kind: str) -> Tuple[Addr, ...]:
+        """Neighbours a message of ``kind`` may go to: seed-design peers get only CHAT and PING."""
+        return self._flood if kind in BASE_KINDS else self._flood_ext
+
+    def may_send(self, addr: Addr, kind: str) -> bool:
+        if kind in BASE_KINDS:
+            return True
+        n = self.neighbours.get(addr)
+        return n is None or n.speaks  # a stranger is no seed peer of ours; a silent peer may be one
+
+    def _room(self) -> bool:
+        return len(self.neighbours) < self.config.max_peers
+
+    # -- tokens ------------------------------------------------------------------------
+
+    def _token(self, addr: Addr, epoch: int) -> str:
+        mac = hmac.new(self._secret, f"{addr[0]}:{addr[1]}/{epoch}".encode(), hashlib.sha256)
+        return mac.hexdigest()[:16]
+
+    def _token_now(self, addr: Addr, now: float) -> str:
+        return self._token(addr, int(now // TOKEN_EPOCH_S))
+
+    def _proves(self, echo: Optional[str], addr: Addr, now: float) -> bool:
+        if not echo:
+            return False
+        epoch = int(now // TOKEN_EPOCH_S)
+        return any(hmac.compare_digest(echo, self._token(addr, e)) for e in (epoch, epoch - 1))
+
+    # -- HELLOs out ----------------------------------------------------------------------
+
+    def _hello(self, addr: Addr, now: float, wall: float, ask: bool, n: Optional[Neighbour],
+               echo: str = "", full: bool = True, gap: Optional[float] = None) -> Unicast:
+        """A HELLO for ``addr``; ``gap`` is the longest wait until our next one (the other side's timeout)."""
+        extra: Dict[str, Any] = {"mesh": self.config.mesh, "tok": self._token_now(addr, now)}
+        if n is not None:
+            echo = echo or n.their_tok
+        if echo:
+            extra["echo"] = echo
+        if ask:
+            extra["ask"] = 1
+        if full:
+            extra["caps"] = list(CAPS)
+            if self.nick:
+                extra["nick"] = self.nick
+            if n is not None:
+                n.seq_out += 1
+                extra["seq"] = n.seq_out
+                n.sent[n.seq_out] = now
+                if len(n.sent) > RTT_SAMPLES:
+                    del n.sent[next(iter(n.sent))]
+                if n.rx_seq is not None:
+                    extra["ack"] = n.rx_seq
+                    extra["held"] = round((now - n.rx_at) * 1000.0, 1)
+                if gap is None:
+                    gap = min(max(n.next_hello - now, 0.0), HELLO_MAX_S)
+                extra["ivl"] = round(gap + DOWN_MARGIN_S, 2)
+        # Short mids and rounded times: a HELLO to a stranger must not outgrow the one that asked (rule 2).
+        msg = Message(self._new_mid()[:12], round(wall, 2), 1, "HELLO", self.label, format_addr(addr), "", extra)
+        self.counters["hello_sent"] += 1
+        return Unicast(encode(msg), addr)
+
+    def beacon(self, now: float, wall: float) -> bytes:
+        """A beacon for the discovery group: a HELLO to nobody in particular, asking to be answered."""
+        extra = {"mesh": self.config.mesh, "tok": "b" + self._token_now(("0.0.0.0", 0), now)[:15], "ask": 1,
+                 "caps": list(CAPS)}
+        if self.nick:
+            extra["nick"] = self.nick
+        return encode(Message(self._new_mid()[:12], round(wall, 2), 1, "HELLO", self.label, "", "", extra))
+
+    def _take_budget(self, now: float) -> bool:
+        tokens, last = self._budget
+        if last is not None:
+            tokens = min(2.0 * CHALLENGE_BUDGET_PER_S, tokens + (now - last) * CHALLENGE_BUDGET_PER_S)
+        self._budget[1] = now
+        if tokens < 1.0:
+            self._budget[0] = tokens
+            return False
+        self._budget[0] = tokens - 1.0
+        return True
+
+    def _may_challenge(self, addr: Addr, size: int, now: float, reply_len: int) -> bool:
+        """Rule 2: one small answer per unproven address per interval, under a total budget."""
+        if reply_len > size + CHALLENGE_SLACK_BYTES:
+            return False
+        last = self._challenged.get(addr)
+        if last is not None and now - last < CHALLENGE_EVERY_S:
+            return False
+        if last is None and len(self._challenged) >= MAX_PROVEN:
+            return False
+        if not self._take_budget(now):
+            return False
+        self._challenged[addr] = now
+        self.counters["challenges"] += 1
+        return True
+
+    def stranger(self, addr: Addr, size: int, now: float, wall: float) -> list:
+        """A datagram (not a HELLO) from an address that is not a neighbour: invite it, within rule 2."""
+        if self.config.peers_only or addr in self.neighbours or not self._room():
+            return []
+        hello = self._hello(addr, now, wall, ask=True, n=None, full=False)
+        if not self._may_challenge(addr, size, now, len(hello.data)):
+            self.counters["hello_sent"] -= 1
+            return []
+        return [hello]
+
+    # -- HELLOs in ------------------------------------------------------------------------
+
+    def hello_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
+        """A HELLO from ``addr``: actions, and the reason it was dropped ("" if handled)."""
+        h = parse_hello(msg)
+        if h.mesh is None or h.tok is None:
+            return [], "malformed"
+        if h.mesh != self.config.mesh:
+            return [], "other_mesh"
+        if msg.src == self.label:
+            return [], "own"
+        self.counters["hello_received"] += 1
+        n = self.neighbours.get(addr)
+        proven = self._proves(h.echo, addr, now)
+        if n is None:
+            if self.config.peers_only:
+                return [], "not_peer"
+            if not proven:
+                if not h.ask or not self._room():
+                    return [], "unproven"
+                reply = self._hello(addr, now, wall, ask=True, n=None, echo=h.tok, full=False)
+                if not self._may_challenge(addr, size, now, len(reply.data)):
+                    self.counters["hello_sent"] -= 1
+                    return [], "rate"
+                return [reply], ""
+            if not self._room():
+                return [], "full"
+            n = self.neighbours[addr] = Neighbour(addr, False, now)
+            self._challenged.pop(addr, None)
+        actions: list = []
+        n.last_heard = now
+        n.their_tok = h.tok
+        n.label = msg.src
+        if h.nick or n.nick:
+            n.nick = h.nick
+        if h.caps:
+            n.caps = h.caps
+        if not n.speaks:
+            n.speaks = True
+            self._changed()
+        if h.ivl is not None:
+            n.peer_ivl = min(h.ivl, HELLO_MAX_S + DOWN_MARGIN_S)
+        if h.seq is not None:
+            self._count_seq(n, h.seq)
+            n.rx_at = now
+        if proven:
+            if h.ack is not None and h.ack in n.sent:
+                rtt = max(0.0, (now - n.sent.pop(h.ack)) * 1000.0 - h.held_ms)
+                n.srtt_ms = rtt if n.srtt_ms is None else 0.875 * n.srtt_ms + 0.125 * rtt
+            if not n.up:
+                actions.extend(self._set_up(n, now))
+        if (h.ask or not proven) and now - n.answered_at >= ANSWER_EVERY_S:
+            # They want proof that we are here, or we want theirs: answer now (not in a loop).
+            n.answered_at = now
+            actions.append(self._hello(addr, now, wall, ask=not proven, n=n))
+        if msg.src and n.up:
+            self._learn_member(msg.src, n.nick, 1, addr, now)
+        return actions, ""
+
+    def _count_seq(self, n: Neighbour, seq: int) -> None:
+        if n.rx_seq is None or seq < n.rx_seq - LOSS_WINDOW or seq > n.rx_seq + LOSS_WINDOW:
+            n.rx_expected, n.rx_got = 1, 1  # a first HELLO, or they restarted
+        elif seq > n.rx_seq:
+            n.rx_expected += seq - n.rx_seq
+            n.rx_got += 1
+            if n.rx_expected > LOSS_WINDOW:  # forget slowly, so loss follows the link's present
+                n.rx_expected //= 2
+                n.rx_got //= 2
+        else:
+            return  # late or repeated: no news
+        n.rx_seq = seq
+
+    def _set_up(self, n: Neighbour, now: float) -> list:
+        n.up = True
+        n.since = now
+        n.interval = HELLO_MIN_S
+        n.next_hello = min(n.next_hello, now + HELLO_MIN_S)
+        self._changed()
+        self.counters["peer_up"] += 1
+        self._schedule_presence(now)
+        return [PeerUp(n.label, n.addr, n.nick)]
+
+    def _set_down(self, n: Neighbour, now: float) -> list:
+        n.up = False
+        n.since = now
+        n.interval = PROBE_DOWN_S
+        n.next_hello = now + PROBE_DOWN_S
+        n.rx_seq = None
+        n.sent.clear()
+        n.srtt_ms = None
+        if not n.configured:
+            del self.neighbours[n.addr]
+        for m in self.members.values():
+            if m.via == n.addr:
+                m.via = None
+        self._changed()
+        self.counters["peer_down"] += 1
+        return [PeerDown(n.label, n.addr, n.nick)]
+
+    def heard(self, addr: Addr, now: float) -> list:
+        """Anything at all arrived from ``addr``: a neighbour that was down is up again."""
+        n = self.neighbours.get(addr)
+        if n is None:
+            return []
+        n.last_heard = now
+        if n.up or not n.speaks:
+            return []
+        return self._set_up(n, now)
+
+    # -- what floods tell us -----------------------------------------------------------------
+
+    def learn(self, msg: Message, addr: Addr, now: float) -> None:
+        """The first copy of a flooded message: its origin is alive, this far, and reached through ``addr``."""
+        if msg.src == self.label:
+            return
+        x = msg.extra
+        hops = None
+        if x:
+            ttl0 = _int(x.get("ttl0"), 1, 255)
+            if ttl0 is not None and ttl0 >= msg.ttl:
+                hops = ttl0 - msg.ttl + 1
+        nick = x.get("nick") if x else None
+        n = self.neighbours.get(addr)
+        via = addr if n is not None and n.up else None
+        self._learn_member(msg.src, nick if valid_nick(nick) else None, hops, via, now)
+
+    def _learn_member(self, label: str, nick: Optional[str], hops: Optional[int], via: Optional[Addr],
+                      now: float) -> None:
+        m = self.members.pop(label, None)  # re-inserted at the end: the dict stays least recent first
+        if m is None:
+            if len(self.members) >= MAX_MEMBERS:
+                del self.members[next(iter(self.members))]
+            m = Member(label)
+        self.members[label] = m
+        m.last_seen = now
+        if nick is not None:
+            m.nick = nick
+        if hops is not None:
+            m.hops = hops
+            if self._known_since is None:
+                self._known_since = now
+        if via is not None:
+            m.via, m.via_at = via, now
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    def tick(self, now: float, wall: float) -> list:
+        actions: list = []
+        for n in list(self.neighbours.values()):
+            if n.up and n.last_heard is not None and now >= n.last_heard + DOWN_AFTER_INTERVALS * n.peer_ivl:
+                actions.extend(self._set_down(n, now))
+                if n.addr not in self.neighbours:
+                    continue
+            if now >= n.next_hello:
+                gap = self._next_interval(n)
+                n.next_hello = now + gap
+                actions.append(self._hello(n.addr, now, wall, ask=not n.up, n=n, gap=gap))
+        if self._presence_due is not None and now >= self._presence_due:
+            actions.append(self._presence(now))
+        return actions
+
+    def _next_interval(self, n: Neighbour) -> float:
+        if n.up:
+            n.interval = min(n.interval * 2.0, HELLO_MAX_S)
+            return n.interval * self._rng.uniform(0.75, 1.0)  # jitter only ever shortens: ivl stays a bound
+        return PROBE_DOWN_S if n.speaks else PROBE_LEGACY_S
+
+    def next_deadline(self) -> Optional[float]:
+        times = []
+        for n in self.neighbours.values():
+            times.append(n.next_hello)
+            if n.up and n.last_heard is not None:
+                times.append(n.last_heard + DOWN_AFTER_INTERVALS * n.peer_ivl)
+        if self._presence_due is not None:
+            times.append(self._presence_due)
+        return min(times) if times else None
+
+    def expire(self, now: float) -> None:
+        """The reaper's share: forget what is too old to matter."""
+        for addr in [a for a, t in self._challenged.items() if now - t >= CHALLENGE_EVERY_S]:
+            del self._challenged[addr]
+        for label in [k for k, m in self.members.items() if now - m.last_seen > MEMBER_FORGET_S]:
+            del self.members[label]
+
+    # -- presence ------------------------------------------------------------------------------
+
+    def _presence_interval(self) -> float:
+        return min(PRESENCE_MAX_S, max(PRESENCE_MIN_S, PRESENCE_PER_MEMBER_S * len(self.members)))
+
+    def _schedule_presence(self, now: float) -> None:
+        soon = now + PRESENCE_SETTLE_S
+        if self._last_presence is not None:
+            soon = max(soon, self._last_presence + PRESENCE_REPEAT_S)
+        if self._presence_due is None or soon < self._presence_due:
+            self._presence_due = soon
+
+    def _presence(self, now: float) -> Originate:
+        self._last_presence = now
+        self._presence_due = now + self._presence_interval() * self._rng.uniform(0.8, 1.0)
+        extra: Dict[str, Any] = {}
+        if self.nick:
+            extra["nick"] = self.nick
+        return Originate("PRESENCE", "", extra, self.config.max_ttl)
+
+    def set_nick(self, nick: str, now: float) -> None:
+        self.nick = nick
+        self._presence_due = now  # announce it at once
+        for n in self.neighbours.values():
+            if n.up:
+                n.interval = HELLO_MIN_S
+                n.next_hello = min(n.next_hello, now)
+
+    # -- what the relay and the user ask ----------------------------------------------------------
+
+    def ttl_for(self, dst: str) -> int:
+        """Rule 5: the farthest known distance (or ``dst``'s) plus slack; the seed's 8 until known."""
+        cap = self.config.max_ttl
+        if self._known_since is None:
+            return min(DEFAULT_TTL, cap)
+        if dst:
+            m = self.members.get(dst)
+            if m is not None and m.hops is not None:
+                return max(MIN_AUTO_TTL, min(cap, m.hops + TTL_SLACK))
+        far = max((m.hops for m in self.members.values() if m.hops is not None), default=1)
+        return max(MIN_AUTO_TTL, min(cap, far + TTL_SLACK))
+
+    def next_hop(self, dst: str, now: float) -> Optional[Addr]:
+        """The neighbour a direct message to ``dst`` goes through, if the way is known and alive."""
+        for n in self.neighbours.values():
+            if n.up and n.label == dst:
+                return n.addr
+        m = self.members.get(dst)
+        if m is None or m.via is None or now - m.via_at > ROUTE_FRESH_S:
+            return None
+        n = self.neighbours.get(m.via)
+        if n is None or not n.up:
+            return None
+        return n.addr
+
+    def resolve(self, name: str) -> Tuple[Optional[str], str]:
+        """A typed name (label, nick, or nick#tag) to a label, or an error saying why not."""
+        try:
+            parse_addr(name)
+            return name, ""
+        except WireError:
+            pass
+        nick, _, tag = name.partition("#")
+        found = {}
+        for label, nk in self._names():
+            if nk and nk.lower() == nick.lower() and (not tag or tag_of(label) == tag.lower()):
+                found[label] = nk
+        if not found:
+            return None, f"no node called {name!r} is known; /who lists the nodes"
+        if len(found) > 1:
+            options = ", ".join(f"{display_name(lb, nk)} ({lb})" for lb, nk in sorted(found.items()))
+            return None, f"{name!r} is ambiguous: {options}; use one of those"
+        return next(iter(found)), ""
+
+    def _names(self) -> List[Tuple[str, str]]:
+        names = [(m.label, m.nick) for m in self.members.values()]
+        names.extend((n.label, n.nick) for n in self.neighbours.values() if n.nick)
+        return names
+
+    def nick_of(self, label: str) -> str:
+        m = self.members.get(label)
+        return m.nick if m is not None else ""
+
+    def who(self, now: float) -> List[Dict[str, Any]]:
+        rows: Dict[str, Dict[str, Any]] = {}
+        for m in self.members.values():
+            state = "alive" if now - m.last_seen < SILENT_AFTER_S else "silent"
+            rows[m.label] = {"label": m.label, "nick": m.nick, "hops": m.hops,
+                             "last_seen_s": round(now - m.last_seen, 1), "state": state}
+        for n in self.neighbours.values():
+            row = rows.setdefault(n.label, {"label": n.label, "nick": n.nick, "hops": 1, "last_seen_s": None,
+                                            "state": ""})
+            row["hops"] = 1
+            row["nick"] = n.nick or row["nick"]
+            row["state"] = "neighbour " + n.state
+            if n.last_heard is not None:
+                row["last_seen_s"] = round(now - n.last_heard, 1)
+        rows.pop(self.label, None)
+        me = {"label": self.label, "nick": self.nick, "hops": 0, "last_seen_s": 0.0, "state": "you"}
+        return [me] + sorted(rows.values(), key=lambda r: (r["hops"] is None, r["hops"] or 0, r["label"]))
+
+    def peer_rows(self, now: float) -> List[Dict[str, Any]]:
+        rows = []
+        for n in self.neighbours.values():
+            rows.append({
+                "addr": format_addr(n.addr), "label": n.label, "nick": n.nick, "configured": n.configured,
+                "state": n.state,
+                "last_heard_s": None if n.last_heard is None else round(now - n.last_heard, 1),
+                "rtt_ms": None if n.srtt_ms is None else round(n.srtt_ms, 2),
+                "loss": None if n.loss is None else round(n.loss, 3),
+            })
+        return rows
