@@ -44,6 +44,7 @@ HELLO_MIN_S = 1.0
 HELLO_MAX_S = 7.0  # 3 x 7 s of silence: a dead neighbour is down within about 21 s (30 s at most)
 DOWN_AFTER_INTERVALS = 3
 DOWN_MARGIN_S = 0.5
+PEER_IVL_CAP_S = 9.5  # whatever a neighbour announces, it is down after 3 x this of silence (< 30 s)
 PROBE_LEGACY_S = 60.0  # a configured peer that never said HELLO: one probe a minute, no more
 PROBE_DOWN_S = 5.0
 ANSWER_EVERY_S = 0.5  # at most one immediate answer per neighbour per this long  # a configured HELLO speaker that is down: probed this often until it answers
@@ -60,6 +61,10 @@ PRESENCE_PER_MEMBER_S = 2.0  # a bigger mesh announces less often, so the total 
 PRESENCE_SETTLE_S = 1.5  # after a link comes up, announce once the others have come up too
 PRESENCE_REPEAT_S = 10.0  # link changes announce at most this often
 ROUTE_FRESH_S = 120.0
+BEACON_FIRST_S = 1.0  # the first beacons, so that nodes started together find each other at once
+BEACON_FIRST_COUNT = 3
+BEACON_ALONE_S = 5.0  # no neighbour up yet
+BEACON_S = 15.0  # once in a mesh: only newcomers need them
 SILENT_AFTER_S = 3 * PRESENCE_MAX_S
 TTL_SLACK = 2
 DEFAULT_TTL = 8  # the seed's, until the mesh is known
@@ -105,6 +110,12 @@ class Unicast(NamedTuple):
     addr: Addr
 
 
+class Beacon(NamedTuple):
+    """A datagram for the discovery group, on every interface we beacon on."""
+
+    data: bytes
+
+
 @dataclass(frozen=True)
 class MembershipConfig:
     label: str
@@ -113,6 +124,8 @@ class MembershipConfig:
     max_peers: int = 32
     peers_only: bool = False
     max_ttl: int = 16
+    discover: bool = False  # beacon to the LAN's discovery group
+    hello_max_s: float = HELLO_MAX_S  # tests shorten it to see a neighbour go down in a second
 
 
 def valid_nick(text: object) -> bool:
@@ -265,9 +278,12 @@ class Membership:
         self.version = 0  # bumped whenever the flood targets change
         self._flood: Tuple[Addr, ...] = ()
         self._flood_ext: Tuple[Addr, ...] = ()
+        self.addr_by_label: Dict[str, Addr] = {}
         self._presence_due: Optional[float] = None
         self._last_presence: Optional[float] = None
         self._known_since: Optional[float] = None  # when we first learned a distance
+        self._beacon_due: Optional[float] = 0.0 if config.discover else None
+        self._beacons = 0
         self.counters = {"hello_sent": 0, "hello_received": 0, "challenges": 0, "peer_up": 0, "peer_down": 0}
         for addr in configured:
             self.add_configured(addr, 0.0)
@@ -286,6 +302,7 @@ class Membership:
         ns = self.neighbours.values()
         self._flood = tuple(n.addr for n in ns if n.up or (n.configured and not n.speaks))
         self._flood_ext = tuple(n.addr for n in ns if n.up)
+        self.addr_by_label = {n.label: n.addr for n in ns}
         self.version += 1
 
     def flood_targets(self, kind: str) -> Tuple[Addr, ...]:
@@ -342,7 +359,7 @@ class Membership:
                     extra["ack"] = n.rx_seq
                     extra["held"] = round((now - n.rx_at) * 1000.0, 1)
                 if gap is None:
-                    gap = min(max(n.next_hello - now, 0.0), HELLO_MAX_S)
+                    gap = min(max(n.next_hello - now, 0.0), self.config.hello_max_s)
                 extra["ivl"] = round(gap + DOWN_MARGIN_S, 2)
         # Short mids and rounded times: a HELLO to a stranger must not outgrow the one that asked (rule 2).
         msg = Message(self._new_mid()[:12], round(wall, 2), 1, "HELLO", self.label, format_addr(addr), "", extra)
@@ -425,7 +442,9 @@ class Membership:
         actions: list = []
         n.last_heard = now
         n.their_tok = h.tok
-        n.label = msg.src
+        if n.label != msg.src:
+            n.label = msg.src
+            self._changed()
         if h.nick or n.nick:
             n.nick = h.nick
         if h.caps:
@@ -434,7 +453,7 @@ class Membership:
             n.speaks = True
             self._changed()
         if h.ivl is not None:
-            n.peer_ivl = min(h.ivl, HELLO_MAX_S + DOWN_MARGIN_S)
+            n.peer_ivl = min(h.ivl, PEER_IVL_CAP_S)
         if h.seq is not None:
             self._count_seq(n, h.seq)
             n.rx_at = now
@@ -468,8 +487,8 @@ class Membership:
     def _set_up(self, n: Neighbour, now: float) -> list:
         n.up = True
         n.since = now
-        n.interval = HELLO_MIN_S
-        n.next_hello = min(n.next_hello, now + HELLO_MIN_S)
+        n.interval = min(HELLO_MIN_S, self.config.hello_max_s)
+        n.next_hello = min(n.next_hello, now + n.interval)
         self._changed()
         self.counters["peer_up"] += 1
         self._schedule_presence(now)
@@ -552,11 +571,19 @@ class Membership:
                 actions.append(self._hello(n.addr, now, wall, ask=not n.up, n=n, gap=gap))
         if self._presence_due is not None and now >= self._presence_due:
             actions.append(self._presence(now))
+        if self._beacon_due is not None and now >= self._beacon_due:
+            self._beacons += 1
+            if self._beacons < BEACON_FIRST_COUNT:
+                gap = BEACON_FIRST_S
+            else:
+                gap = BEACON_S if self._flood_ext else BEACON_ALONE_S
+            self._beacon_due = now + gap * self._rng.uniform(0.75, 1.0)
+            actions.append(Beacon(self.beacon(now, wall)))
         return actions
 
     def _next_interval(self, n: Neighbour) -> float:
         if n.up:
-            n.interval = min(n.interval * 2.0, HELLO_MAX_S)
+            n.interval = min(n.interval * 2.0, self.config.hello_max_s)
             return n.interval * self._rng.uniform(0.75, 1.0)  # jitter only ever shortens: ivl stays a bound
         return PROBE_DOWN_S if n.speaks else PROBE_LEGACY_S
 
@@ -568,6 +595,8 @@ class Membership:
                 times.append(n.last_heard + DOWN_AFTER_INTERVALS * n.peer_ivl)
         if self._presence_due is not None:
             times.append(self._presence_due)
+        if self._beacon_due is not None:
+            times.append(self._beacon_due)
         return min(times) if times else None
 
     def expire(self, now: float) -> None:

@@ -14,6 +14,7 @@ guarded by ``self._lock``. Events for the user (``Display``, ``Pong``,
 """
 
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -23,6 +24,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Iterable, List, NamedTuple, Optional
 
+from .membership import Beacon, Membership, MembershipConfig, Originate
 from .relay import Relay, RelayConfig, Send
 from .wire import Addr, Message
 
@@ -33,6 +35,14 @@ RECV_BUFFER_BYTES = 65535  # read every datagram whole, whatever its size
 RCVBUF_WANTED_BYTES = 1 << 20
 DRAIN_BATCH = 256  # datagrams per wake-up before the waker gets a look in
 JOIN_TIMEOUT_S = 1.0
+MIN_TIMER_S = 0.005  # a timer already due still lets the selector look at the sockets
+
+
+class Discovery(NamedTuple):
+    """Where beacons go: a multicast group, and the addresses of the interfaces to beacon on."""
+
+    group: Addr
+    interfaces: tuple
 
 
 class Failure(NamedTuple):
@@ -92,6 +102,8 @@ class Node:
         wall: Callable[[], float] = time.time,
         relay_factory: Callable[..., Relay] = Relay,
         wrap_socket: Callable[[socket.socket], Any] = lambda sock: sock,
+        membership: Optional[MembershipConfig] = None,
+        discovery: Optional[Discovery] = None,
     ) -> None:
         """Bind the socket (OSError if the port is taken); ``start()`` starts the threads.
 
@@ -120,7 +132,20 @@ class Node:
             raise
         self.addr: Addr = (host, self._sock.getsockname()[1])
         self.label = f"{advertise or host}:{self.addr[1]}"
-        self.relay = relay_factory(replace(config, label=self.label), peers)
+        self.membership: Optional[Membership] = None
+        if membership is not None or discovery is not None:
+            mcfg = replace(membership or MembershipConfig(label=""), label=self.label,
+                           peers_only=config.peers_only, max_ttl=config.max_ttl, discover=discovery is not None)
+            self.membership = Membership(mcfg, secret=os.urandom(32))
+        self.relay = relay_factory(replace(config, label=self.label), peers, membership=self.membership)
+        self._discovery = discovery
+        self._group_sock: Optional[socket.socket] = None
+        if discovery is not None:
+            try:
+                self._group_sock = _open_group(discovery, self._sock)
+            except OSError:
+                self._sock.close()
+                raise
 
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
@@ -128,6 +153,8 @@ class Node:
         self._selector.register(self._sock, selectors.EVENT_READ, self._datagrams_ready)
         self._io = wrap_socket(self._sock)
         self._selector.register(self._waker_r, selectors.EVENT_READ, self._woken)
+        if self._group_sock is not None:
+            self._selector.register(self._group_sock, selectors.EVENT_READ, self._beacons_ready)
         self._closed = False
 
     def _grow_rcvbuf(self) -> int:
@@ -176,8 +203,9 @@ class Node:
                 return
             self._closed = True
         self._selector.close()
-        for s in (self._sock, self._waker_r, self._waker_w):
-            s.close()
+        for s in (self._sock, self._waker_r, self._waker_w, self._group_sock):
+            if s is not None:
+                s.close()
 
     def _wake(self) -> None:
         try:
@@ -201,9 +229,58 @@ class Node:
 
     def _net_loop(self) -> None:
         select = self._selector.select
+        m = self.membership
         while not self._stopping.is_set():
-            for key, _ in select():
+            timeout = None
+            if m is not None:
+                # Membership's timers (HELLOs, liveness, presence, beacons) are the select() timeout.
+                with self._lock:
+                    deadline = m.next_deadline()
+                if deadline is not None:
+                    timeout = max(deadline - self._clock(), MIN_TIMER_S)
+            for key, _ in select(timeout):
                 key.data()
+            if m is not None:
+                self._tick()
+
+    def _tick(self) -> None:
+        with self._lock:
+            now = self._clock()
+            deadline = self.membership.next_deadline()
+            if deadline is None or deadline > now:
+                return
+            actions = self.relay.timers_due(now, self._wall())
+        self._act(actions)
+
+    def _act(self, actions: list) -> None:
+        """Carry out what the relay and membership asked for, outside the lock."""
+        for action in actions:
+            kind = type(action)
+            if kind is Send:
+                self._send(action)
+            elif kind is Beacon:
+                self._beacon(action.data)
+            elif kind is Originate:
+                self._originate(action.kind, action.body, "", action.extra, action.ttl)
+            else:
+                self._on_event(action)
+
+    def _beacon(self, data: bytes) -> None:
+        assert self._discovery is not None
+        for iface in self._discovery.interfaces:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(iface))
+                self._io.sendto(data, self._discovery.group)
+            except OSError as e:
+                log.debug("beacon on %s failed: %s", iface, e)
+                with self._lock:
+                    self.relay.counters.send_errors += 1
+            else:
+                with self._lock:
+                    self.relay.counters.sent += 1
+
+    def _beacons_ready(self) -> None:
+        self._datagrams_ready(self._group_sock)
 
     def _woken(self) -> None:
         try:
@@ -212,8 +289,8 @@ class Node:
         except (BlockingIOError, InterruptedError):
             pass
 
-    def _datagrams_ready(self) -> None:
-        recvfrom = self._io.recvfrom
+    def _datagrams_ready(self, sock: Any = None) -> None:
+        recvfrom = (sock or self._io).recvfrom
         relay = self.relay
         lock = self._lock
         clock, wall = self._clock, self._wall
@@ -230,11 +307,8 @@ class Node:
                 continue
             with lock:
                 actions = relay.datagram_received(data, addr, clock(), wall())
-            for action in actions:
-                if type(action) is Send:
-                    self._send(action)
-                else:
-                    self._on_event(action)
+            if actions:
+                self._act(actions)
 
     def _reap_loop(self) -> None:
         while not self._stopping.wait(REAP_INTERVAL_S):
@@ -265,16 +339,43 @@ class Node:
             self.last_roll_call = self._clock()
         return self._originate("PING", "", dst)
 
-    def _originate(self, kind: str, body: str, dst: str) -> List[Message]:
+    def _originate(self, kind: str, body: str, dst: str, extra: Optional[dict] = None, ttl: int = 0) -> List[Message]:
         with self._lock:
-            messages, sends = self.relay.originate(kind, body, dst, self._clock(), self._wall())
+            messages, sends = self.relay.originate(kind, body, dst, self._clock(), self._wall(), extra, ttl)
         for send in sends:
             self._send(send)
         return messages
 
     def add_peer(self, addr: Addr) -> None:
         with self._lock:
-            self.relay.add_peer(addr)
+            self.relay.add_peer(addr, self._clock())
+        self._wake()  # a new peer is greeted now, not at the next timer
+
+    def set_nick(self, nick: str) -> None:
+        if self.membership is None:
+            return
+        with self._lock:
+            self.membership.set_nick(nick, self._clock())
+        self._wake()
+
+    def resolve(self, name: str):
+        """A typed name to a label: (label, "") or (None, why not)."""
+        if self.membership is None:
+            return name, ""
+        with self._lock:
+            return self.membership.resolve(name)
+
+    def who(self) -> list:
+        if self.membership is None:
+            return []
+        with self._lock:
+            return self.membership.who(self._clock())
+
+    def neighbour_rows(self) -> list:
+        if self.membership is None:
+            return []
+        with self._lock:
+            return self.membership.peer_rows(self._clock())
 
     def stats(self) -> dict:
         with self._lock:
@@ -285,3 +386,39 @@ class Node:
     def peer_table(self) -> list:
         with self._lock:
             return self.relay.peer_table(self._clock())
+
+
+def _open_group(discovery: Discovery, unicast: socket.socket) -> socket.socket:
+    """The socket that hears the discovery group; beacons go out from the unicast socket, so that
+    their source is the address the node is reached at."""
+    host, port = discovery.group
+    for opt, value in ((socket.IP_MULTICAST_TTL, 1), (socket.IP_MULTICAST_LOOP, 1)):
+        unicast.setsockopt(socket.IPPROTO_IP, opt, value)  # one hop: the LAN only; loop: this machine too
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        # Several nodes on one machine share the group's port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            except OSError:
+                pass
+        try:
+            sock.bind((host, port))  # POSIX: only this group's datagrams
+        except OSError:
+            sock.bind(("", port))  # Windows cannot bind a group address
+        joined = 0
+        for iface in discovery.interfaces:
+            try:
+                mreq = socket.inet_aton(host) + socket.inet_aton(iface)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+                joined += 1
+            except OSError as e:
+                log.warning("cannot join discovery group %s on %s: %s", host, iface, e)
+        if not joined:
+            raise OSError(f"cannot join discovery group {host}:{port} on any interface")
+        sock.setblocking(False)
+        return sock
+    except BaseException:
+        sock.close()
+        raise

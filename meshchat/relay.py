@@ -23,8 +23,9 @@ Rules, so that a mesh of these (and of seed-design nodes) behaves:
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
+from .membership import BASE_KINDS, Unicast
 from .seen import SeenCache
 from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
 
@@ -50,6 +51,9 @@ COUNTERS = (
     "dropped_ttl",
     "dropped_rate",
     "dropped_not_peer",
+    "dropped_other_mesh",
+    "dropped_unproven",
+    "dropped_own",
     "sent",
     "send_errors",
     "recv_errors",
@@ -86,7 +90,7 @@ class Notice(NamedTuple):
 @dataclass(frozen=True)
 class RelayConfig:
     label: str
-    ttl: int = 8
+    ttl: int = 8  # 0: adaptive, from what membership knows of the mesh
     seen_ttl_s: float = 120.0
     seen_max: int = 100_000
     max_ttl: int = 16
@@ -94,6 +98,10 @@ class RelayConfig:
     max_datagram: int = 8192
     rate_limit: float = 200.0
     peers_only: bool = False
+
+
+if TYPE_CHECKING:
+    from .membership import Membership
 
 
 class Counters:
@@ -164,8 +172,15 @@ class Relay:
         config: RelayConfig,
         peers: Iterable[Addr] = (),
         new_mid: Callable[[], str] = lambda: uuid.uuid4().hex,
+        membership: "Optional[Membership]" = None,
     ) -> None:
         self.config = config
+        # Who our neighbours are, when there is a membership layer; else the configured peers, all alive.
+        self.membership = membership
+        self._targets_version = -1
+        # Kinds that go one hop only, and who handles them: the dispatch table for link-local kinds.
+        self._link_kinds: Dict[str, Callable[..., Tuple[list, str]]] = (
+            {} if membership is None else {"HELLO": membership.hello_received})
         self.label = config.label
         self.seen = SeenCache(config.seen_ttl_s, config.seen_max)
         self.counters = Counters()
@@ -184,7 +199,9 @@ class Relay:
         for addr in peers:
             self.add_peer(addr)
 
-    def add_peer(self, addr: Addr) -> None:
+    def add_peer(self, addr: Addr, now: float = 0.0) -> None:
+        if self.membership is not None:
+            self.membership.add_configured(addr, now)
         if addr not in self._peer_set:
             self.peers.append(addr)
             self._peer_set.add(addr)
@@ -194,6 +211,15 @@ class Relay:
     # -- receiving -----------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
+        actions = self._received(data, addr, now, wall)
+        m = self.membership
+        if m is not None and addr in m.neighbours:
+            up = m.heard(addr, now)  # anything at all from a neighbour that was down brings it back
+            if up:
+                return up + actions
+        return actions
+
+    def _received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
         c = self.counters
         c.received += 1
         cfg = self.config
@@ -220,6 +246,8 @@ class Relay:
         if msg.ttl <= 0:
             c.dropped_ttl += 1
             return []
+        if msg.kind in self._link_kinds:
+            return self._link_local(msg, addr, len(data), now, wall)
         if msg.mid in self.seen and (msg.ttl == 1 or msg.mid not in self._spent):
             c.dropped_duplicate += 1
             return []
@@ -230,15 +258,46 @@ class Relay:
             if msg.dst == self.label:  # addressed to us: it has arrived, and goes no further
                 c.dropped_duplicate += 1
                 return []
-            return self._relay_late(msg, addr, data, head)
+            return self._relay_late(msg, addr, data, head, now)
         self.seen.add(msg.mid, now)
         return self._handle(msg, addr, now, wall, data, head)
+
+    def _link_local(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> list:
+        """A one-hop message (HELLO): never flooded, never in the seen cache; its owner decides."""
+        c = self.counters
+        if abs(wall - msg.ts) > self.config.max_skew_s:
+            c.dropped_stale += 1
+            return []
+        out, why = self._link_kinds[msg.kind](msg, addr, size, now, wall)
+        if why:
+            name = "dropped_" + why
+            setattr(c, name, getattr(c, name) + 1)
+            return []
+        c.handled += 1
+        c.consumed += 1
+        return self._sends(out)
+
+    def _sends(self, actions: list) -> list:
+        """Membership's one-hop datagrams as Sends; its other actions as they are."""
+        out = []
+        for a in actions:
+            if type(a) is Unicast:
+                self.counters.sent += 1
+                out.append(Send(a.data, (a.addr,)))
+            else:
+                out.append(a)
+        return out
 
     def _handle(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
                 head: "Optional[re.Match[bytes]]") -> list:
         c = self.counters
         c.handled += 1
         actions: list = []
+        m = self.membership
+        if m is not None:
+            m.learn(msg, addr, now)
+            if addr not in m.neighbours:
+                actions.extend(self._sends(m.stranger(addr, len(data), now, wall)))
         to_me = msg.dst == self.label
         kind = msg.kind
         shown = kind == "CHAT" and (to_me or msg.dst == "")
@@ -258,7 +317,7 @@ class Relay:
         if not to_me:
             if msg.ttl == 1 and len(self._spent) < MAX_TRACKED:
                 self._spent[msg.mid] = now
-            send = self._copy(msg, addr, data, head)
+            send = self._copy(msg, addr, data, head, now)
             if send is not None:
                 actions.append(send)
                 c.relayed += 1
@@ -267,12 +326,13 @@ class Relay:
             c.consumed += 1
         return actions
 
-    def _relay_late(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]") -> list:
+    def _relay_late(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]",
+                    now: float) -> list:
         """A copy with hops left of a message whose first copy had none: it goes on, once."""
         del self._spent[msg.mid]
         c = self.counters
         c.handled += 1
-        send = self._copy(msg, addr, data, head)
+        send = self._copy(msg, addr, data, head, now)
         if send is None:
             c.consumed += 1
             return []
@@ -280,22 +340,46 @@ class Relay:
         c.relayed_late += 1
         return [send]
 
-    def _copy(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]") -> Optional[Send]:
-        """The copy of ``msg`` for every peer but the sender and the origin, if hops are left."""
+    def _copy(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]",
+              now: float) -> Optional[Send]:
+        """The copy of ``msg`` for every neighbour but the sender and the origin, if hops are left.
+
+        A direct message whose next hop is known and alive goes to that neighbour only."""
         ttl = min(msg.ttl, self.config.max_ttl)
         if ttl <= 1:
             return None
-        origin = self._peer_by_label.get(msg.src)
-        key = (addr, origin)
-        targets = self._targets.get(key)
+        m = self.membership
+        targets = None
+        if m is not None:
+            if m.version != self._targets_version:
+                self._targets.clear()
+                self._targets_version = m.version
+            if msg.dst:
+                hop = m.next_hop(msg.dst, now)
+                if hop is not None and hop != addr:
+                    targets = (hop,)
         if targets is None:
-            targets = tuple(p for p in self.peers if p != addr and p != origin)
-            if addr in self._peer_set:  # strangers could grow it: at most peers² entries
-                self._targets[key] = targets
+            targets = self._flood_targets(msg, addr)
         if not targets:
             return None
         self.counters.sent += len(targets)
         return Send(_with_ttl(data, head, msg, ttl - 1), targets)
+
+    def _flood_targets(self, msg: Message, addr: Addr) -> Tuple[Addr, ...]:
+        m = self.membership
+        if m is None:
+            origin = self._peer_by_label.get(msg.src)
+            key = (addr, origin, True)
+        else:
+            origin = m.addr_by_label.get(msg.src)
+            key = (addr, origin, msg.kind in BASE_KINDS)
+        targets = self._targets.get(key)
+        if targets is None:
+            pool = self.peers if m is None else m.flood_targets(msg.kind)
+            targets = tuple(p for p in pool if p != addr and p != origin)
+            if addr in self._peer_set or (m is not None and addr in m.neighbours):
+                self._targets[key] = targets  # strangers could grow it: at most 2 x neighbours² entries
+        return targets
 
     def _take_token(self, key: tuple, now: float) -> bool:
         """A token bucket per key: ``rate_limit`` a second, bursts of twice that."""
@@ -339,11 +423,22 @@ class Relay:
     # -- sending -------------------------------------------------------------
 
     def originate(
-        self, kind: str, body: str, dst: str, now: float, wall: float
+        self, kind: str, body: str, dst: str, now: float, wall: float,
+        extra: Optional[Dict[str, Any]] = None, ttl: int = 0,
     ) -> Tuple[List[Message], List[Send]]:
         """New messages from this node, split so each datagram fits MAX_SEND_BYTES."""
         mid = self._new_mid()
-        msg = Message(mid, wall, self.config.ttl, kind, self.label, dst, body)
+        m = self.membership
+        ttl = ttl or self.config.ttl or (m.ttl_for(dst) if m is not None else 8)
+        fields: Dict[str, Any] = {}
+        if m is not None:
+            # Extension fields: the starting ttl (others learn how far we are) and our nick.
+            fields["ttl0"] = ttl
+            if m.nick and kind == "CHAT":
+                fields["nick"] = m.nick
+        if extra:
+            fields.update(extra)
+        msg = Message(mid, wall, ttl, kind, self.label, dst, body, fields)
         data = encode(msg)
         if len(data) <= MAX_SEND_BYTES:
             messages = [msg]
@@ -351,19 +446,36 @@ class Relay:
             room = MAX_SEND_BYTES - len(encode(msg._replace(body="")))
             pieces = split_body(body, room)
             messages = [msg._replace(mid=mid if i == 0 else self._new_mid(), body=p) for i, p in enumerate(pieces)]
+        targets = self._origin_targets(kind, dst, now)
         sends = []
-        for m in messages:
-            self.seen.add(m.mid, now)
+        for part in messages:
+            self.seen.add(part.mid, now)
             if kind == "PING":
-                self._pings[m.mid] = now
+                self._pings[part.mid] = now
                 if dst:
-                    self._unanswered[m.mid] = (now, dst)
-            if self.peers:
-                sends.append(Send(data if m is msg else encode(m), tuple(self.peers)))
-                self.counters.sent += len(self.peers)
+                    self._unanswered[part.mid] = (now, dst)
+            if targets:
+                sends.append(Send(data if part is msg else encode(part), targets))
+                self.counters.sent += len(targets)
         return messages, sends
 
+    def _origin_targets(self, kind: str, dst: str, now: float) -> Tuple[Addr, ...]:
+        m = self.membership
+        if m is None:
+            return tuple(self.peers)
+        if dst:
+            hop = m.next_hop(dst, now)
+            if hop is not None:
+                return (hop,)
+        return m.flood_targets(kind)
+
     # -- housekeeping ----------------------------------------------------------
+
+    def timers_due(self, now: float, wall: float) -> list:
+        """Membership's timers: HELLOs, liveness, presence and beacons, as actions."""
+        if self.membership is None:
+            return []
+        return self._sends(self.membership.tick(now, wall))
 
     def expire(self, now: float) -> List[Notice]:
         """Forget what is too old to matter; the reaper calls this every few seconds.
@@ -373,6 +485,8 @@ class Relay:
         for mid, _ in late:
             del self._unanswered[mid]
         self.seen.expire(now)
+        if self.membership is not None:
+            self.membership.expire(now)
         _drop_older(self._pings, now - PING_TIMEOUT_S)
         _drop_older(self._ponged, now - PONG_INTERVAL_S)
         _drop_older(self._skew_told, now - self.config.seen_ttl_s)
