@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import sys
@@ -27,7 +28,7 @@ from .console import (
 )
 from .node import Failure, Node, start_without_signals
 from .relay import PONG_INTERVAL_S, Display, Notice, RelayConfig
-from .wire import Addr, WireError, parse_addr
+from .wire import Addr, WireError, format_addr, parse_addr
 
 log = logging.getLogger("meshchat")
 
@@ -104,19 +105,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_host(host: str) -> str:
+    """A host name or IPv4 address to an IPv4 address; raises WireError saying why not."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as e:
+        if re.fullmatch(r"[0-9.]+", host):
+            raise WireError(f"{host!r} is not an IPv4 address") from None
+        raise WireError(f"cannot resolve {host!r}: {e}") from None
+    return infos[0][4][0]
+
+
 def resolve_peer(text: str) -> Addr:
     """``host:port`` to an IPv4 address tuple; host names are looked up once, here."""
     host, port = parse_addr(text)
-    try:
-        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
-    except (OSError, UnicodeError) as e:
-        raise WireError(f"cannot resolve {host!r}: {e}") from None
-    return infos[0][4][0], port
+    return resolve_host(host), port
+
+
+def no_peers_hint(label: str) -> str:
+    """What a node started without --peers is told (one line, on stderr)."""
+    return (f"meshchat: hint: no --peers: this node can only be reached by nodes that list it "
+            f"(start them with --peers {label})")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.host not in _WILDCARD_HOSTS:
+        # Bound by address, so that the label is the address others type after @ (names are resolved).
+        try:
+            args.host = resolve_host(args.host)
+        except WireError as e:
+            parser.error(f"argument --host: {e}")
     peers: List[Addr] = []
     for item in args.peers:
         for text in item.split(","):
@@ -133,7 +153,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     elif args.max_skew > args.seen_ttl / 2:
         parser.error(f"argument --max-skew: must be at most half of --seen-ttl ({args.seen_ttl / 2:g}), "
                      "so that a replayed message is always too old")
-    if args.host in ("0.0.0.0", "") and not args.advertise:
+    if args.host in _WILDCARD_HOSTS and not args.advertise:
         args.advertise = _guess_address()
         if args.advertise.startswith("127."):
             print(f"meshchat: warning: --host {args.host} without --advertise: this node's label will be "
@@ -144,7 +164,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parse_addr(f"{args.advertise}:1")
         except WireError:
             parser.error(f"argument --advertise: {args.advertise!r} is not a host name or address")
+    for addr in [a for a in args.peers if _is_self(a, args)]:
+        print(f"meshchat: warning: --peers {format_addr(addr)} is this node itself; ignored", file=sys.stderr)
+        args.peers.remove(addr)
     return args
+
+
+_WILDCARD_HOSTS = ("0.0.0.0", "")
+
+
+def _is_self(addr: Addr, args: argparse.Namespace) -> bool:
+    """Whether a peer address is this node's own socket (which would send each message to itself)."""
+    host, port = addr
+    if port != args.port:
+        return False
+    if args.host not in _WILDCARD_HOSTS:
+        return host == args.host
+    return host.startswith("127.") or host == args.advertise
 
 
 def _guess_address() -> str:
@@ -239,8 +275,20 @@ def _wait(get):
             continue
 
 
+def _resolved(cmd: object) -> object:
+    """A Say or Ping to ``name:port`` made one to ``address:port``, as --peers are: labels are
+    addresses. A name that does not resolve is an error, and nothing is sent."""
+    if not isinstance(cmd, (Say, Ping)) or not cmd.dst:
+        return cmd
+    try:
+        return cmd._replace(dst=format_addr(resolve_peer(cmd.dst)))
+    except WireError as e:
+        return Bad(f"{e}; nothing was sent")
+
+
 def run_command(cmd: object, node: Node, console, typed: bool) -> bool:
     """Run one console command; False when it asks to quit."""
+    cmd = _resolved(cmd)
     if isinstance(cmd, Say):
         messages = node.say(cmd.body, cmd.dst)
         if isinstance(console, TerminalConsole):
@@ -323,6 +371,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _take_signals(stop_once)
         node.start()
         console.ready(node.label)
+        if not args.peers:
+            print(no_peers_hint(node.label), file=sys.stderr)
         if not args.headless:
             reader = threading.Thread(target=_read_stdin, args=(lines, interactive, console),
                                       name="meshchat-stdin", daemon=True)

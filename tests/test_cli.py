@@ -12,6 +12,7 @@ import pytest
 from meshchat import __version__
 from meshchat.cli import parse_args, stdin_lines
 
+from ports import free_ports
 from procs import Proc, run
 
 
@@ -27,6 +28,8 @@ from procs import Proc, run
     (["--rate-limit", "-1"], "--rate-limit"),
     (["--advertise", "bad host"], "--advertise"),
     (["--peers", "no-such-host.invalid:9001"], "--peers"),
+    (["--host", "nonsense.invalid"], "--host"),
+    (["--host", "999.1.1.1"], "--host"),
     (["--bogus"], "--bogus"),
 ])
 def test_bad_arguments_exit_2_with_one_line_naming_them(argv, names, capsys):
@@ -40,6 +43,53 @@ def test_bad_arguments_exit_2_with_one_line_naming_them(argv, names, capsys):
 def test_peers_take_spaces_and_commas_and_resolve_names():
     args = parse_args(["--peers", "127.0.0.1:9002,localhost:9003", "127.0.0.1:9004"])
     assert args.peers == [("127.0.0.1", 9002), ("127.0.0.1", 9003), ("127.0.0.1", 9004)]
+
+
+def test_host_names_are_bound_by_address_so_labels_are_addresses():
+    assert parse_args(["--host", "localhost"]).host == "127.0.0.1"
+    assert parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
+def test_a_peer_that_is_this_node_itself_is_dropped_with_one_warning(capsys):
+    args = parse_args(["--port", "9001", "--peers", "127.0.0.1:9001", "localhost:9002", "localhost:9001"])
+    assert args.peers == [("127.0.0.1", 9002)]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.count("itself") == 2 and "127.0.0.1:9001" in err
+    assert parse_args(["--host", "0.0.0.0", "--port", "9001", "--peers", "127.0.0.1:9001"]).peers == []
+    assert "itself" in capsys.readouterr().err
+    assert parse_args(["--port", "9001", "--peers", "127.0.0.1:9002"]).peers == [("127.0.0.1", 9002)]
+    assert "itself" not in capsys.readouterr().err
+
+
+def test_a_node_without_peers_gets_a_one_line_hint_and_one_with_peers_does_not():
+    alone = run("--port", "0", "--json", input="")
+    label = json.loads(alone.stdout.splitlines()[0])["node"]
+    assert alone.returncode == 0 and alone.stderr.count("\n") == 1
+    assert "no --peers" in alone.stderr and f"--peers {label}" in alone.stderr
+    with_peer = run("--port", "0", "--json", "--peers", "127.0.0.1:9", input="")
+    assert with_peer.returncode == 0 and with_peer.stderr == ""
+
+
+def test_host_names_after_at_and_ping_are_resolved_and_bad_ones_send_nothing():
+    [back] = free_ports(1)  # the listener's PONG goes to its peers only
+    with Proc("--port", "0", "--json", "--headless", "--peers", f"127.0.0.1:{back}") as listener:
+        port = listener.ready().rsplit(":", 1)[1]
+        with Proc("--port", str(back), "--json", "--peers", f"127.0.0.1:{port}") as sender:
+            sender.ready()
+            sender.send(f"@localhost:{port} hi by name")
+            assert sender.event("sent")["dst"] == f"127.0.0.1:{port}"
+            chat = listener.event("chat")
+            assert chat["body"] == "hi by name" and chat["dst"] == f"127.0.0.1:{port}"
+            sender.send(f"/ping localhost:{port}")
+            assert sender.event("ping")["dst"] == f"127.0.0.1:{port}"
+            assert sender.event("pong")["src"] == f"127.0.0.1:{port}"
+            sender.send("@no-such-host.invalid:9 lost")
+            sender.send("/ping no-such-host.invalid:9")
+            sender.popen.stdin.close()
+            assert sender.wait() == 0
+            errors = sender.rest()
+            assert [e["event"] for e in errors] == ["error", "error"]
+            assert all("cannot resolve" in e["error"] and "nothing was sent" in e["error"] for e in errors)
 
 
 def test_defaults_follow_the_seed():

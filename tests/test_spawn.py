@@ -1,8 +1,11 @@
 """scripts/spawn_local_mesh.py: topologies, --print, and a real piped run."""
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -67,3 +70,116 @@ def test_piped_lines_reach_the_whole_mesh_then_everything_stops():
     assert f"[node 1 127.0.0.1:{base}] <127.0.0.1:{base + 1}> (private) psst" in out
     assert out.count("psst") == 2, "shown at its target and as sent, nowhere else"
     assert "\x1b" not in out
+
+
+def one_line(text):
+    return text.count("\n") == 1 and "Traceback" not in text
+
+
+def test_degree_is_refused_with_another_topology():
+    result = spawn("--topology", "ring", "--degree", "3", "--print")
+    assert result.returncode == 2 and "--degree" in result.stderr and one_line(result.stderr)
+    assert spawn("--topology", "random", "--degree", "3", "--print").returncode == 0
+
+
+def test_bad_node_arguments_show_the_nodes_own_error_and_exit_2():
+    result = spawn("-n", "2", "--base-port", str(free_port_run(2)), "--", "--bogus")
+    assert result.returncode == 2, result.stderr
+    assert one_line(result.stderr) and "--bogus" in result.stderr and "in use" not in result.stderr
+
+
+def test_ports_in_use_are_reported_before_anything_starts():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = spawn("-n", "3", "--base-port", str(port - 1), input="")
+    assert result.returncode == 1 and result.stdout == ""
+    assert one_line(result.stderr) and f"port {port} already in use" in result.stderr
+
+
+def test_quit_in_the_demo_stops_every_node_and_n_quit_stops_node_n():
+    for attempt in range(3):  # the ports were free a moment ago; another program may take one
+        base = free_port_run(3)
+        result = spawn("-n", "3", "--base-port", str(base),
+                       input="2: /quit\n2: are you there\n/help\nfrom one\n/quit\nnot sent\n")
+        if result.returncode != 1:
+            break
+    assert result.returncode == 0, result.stderr
+    out, err = result.stdout, result.stderr
+    assert "node 2 stopped; 2 nodes left: 1, 3" in out
+    assert "node 2 has stopped; nothing was sent" in err and "are you there" not in out
+    assert "N: text" in out and "N: /quit" in out, "the demo's /help tells its own commands"
+    assert f"[node 3 127.0.0.1:{base + 2}] <127.0.0.1:{base}> from one" in out
+    assert "stopping every node" in out and "not sent" not in out
+    assert "not running" not in err
+
+
+def test_the_demo_ends_when_its_last_node_is_stopped():
+    for attempt in range(3):
+        base = free_port_run(2)
+        proc = subprocess.Popen([sys.executable, SCRIPT, "-n", "2", "--base-port", str(base)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.stdin.write("1: /quit\n2: /quit\n")
+            proc.stdin.flush()  # and the input stays open: the demo must end by itself
+            code = proc.wait(30)  # its few lines fit in the pipes
+            out, err = proc.stdout.read(), proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                stream.close()
+        if code != 1:
+            break
+    assert code == 0, err
+    assert "0 nodes left" in out and "every node has stopped" in out
+
+
+@pytest.fixture
+def tmux_env():
+    """An own tmux server (its socket in a fresh short directory), killed afterwards."""
+    if shutil.which("tmux") is None or sys.platform == "win32":
+        pytest.skip("tmux is not installed")
+    directory = tempfile.mkdtemp(prefix="tmx")  # short: a socket path has a length limit
+    env = {k: v for k, v in os.environ.items() if k != "TMUX"}
+    env.update(TMUX_TMPDIR=directory, TERM=env.get("TERM", "xterm"))
+    try:
+        yield env
+    finally:
+        subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def spawn_tmux(env, *args):
+    return subprocess.run([sys.executable, SCRIPT, "--tmux", *args], capture_output=True, text=True, timeout=60,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+def test_tmux_labels_panes_says_how_to_stop_and_refuses_a_second_run(tmux_env):
+    for attempt in range(3):
+        base = free_port_run(3)
+        first = spawn_tmux(tmux_env, "-n", "3", "--base-port", str(base))
+        if first.returncode != 1:
+            break
+    session = f"meshchat-{base}"
+    assert first.returncode == 0, first.stderr
+    assert f"tmux kill-session -t {session}" in first.stdout and f"tmux attach -t {session}" in first.stdout
+    titles = subprocess.run(["tmux", "list-panes", "-t", session, "-F", "#{pane_title}"], env=tmux_env,
+                            capture_output=True, text=True).stdout.splitlines()
+    assert titles == [f"node {i + 1} 127.0.0.1:{base + i}" for i in range(3)]
+    second = spawn_tmux(tmux_env, "-n", "3", "--base-port", str(base))
+    assert second.returncode == 1 and one_line(second.stderr)
+    assert "already exists" in second.stderr and f"tmux kill-session -t {session}" in second.stderr
+
+
+def test_tmux_with_a_port_in_use_or_bad_node_arguments_starts_nothing(tmux_env):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        busy = spawn_tmux(tmux_env, "-n", "2", "--base-port", str(port - 1))
+    assert busy.returncode == 1 and one_line(busy.stderr) and f"port {port} already in use" in busy.stderr
+    bogus = spawn_tmux(tmux_env, "-n", "2", "--base-port", str(free_port_run(2)), "--", "--bogus")
+    assert bogus.returncode == 2 and one_line(bogus.stderr) and "--bogus" in bogus.stderr
+    sessions = subprocess.run(["tmux", "list-sessions"], env=tmux_env, capture_output=True, text=True)
+    assert "meshchat-" not in sessions.stdout
