@@ -6,10 +6,11 @@ Rules, so that a mesh of these (and of seed-design nodes) behaves:
    address and a 30-second epoch under a per-run secret, so nothing is kept
    for an address that has not proved itself, whatever a flood of forged
    sources says.
-2. To an address that has not proved itself we send at most one HELLO per
-   ``CHALLENGE_EVERY_S``, never larger than the datagram that asked for it,
-   and at most ``CHALLENGE_BUDGET_PER_S`` of them in all: a forged source
-   gets back no more than it sent, and a flood of them a bounded trickle.
+2. To an address that has not proved itself we send at most
+   ``CHALLENGES_PER_ADDR`` HELLOs a minute (one, if it never sent a HELLO),
+   never larger than the datagram that asked for it, and at most
+   ``CHALLENGE_BUDGET_PER_S`` of them in all: a forged source gets back no
+   more than it sent, and a flood of them a bounded trickle.
 3. Configured peers are always neighbours and never evicted. One that has
    never sent us a HELLO (a node built from the seed README, or a
    listen-only client) keeps getting CHAT and PING and one probe a minute;
@@ -48,7 +49,8 @@ PEER_IVL_CAP_S = 9.5  # whatever a neighbour announces, it is down after 3 x thi
 PROBE_LEGACY_S = 60.0  # a configured peer that never said HELLO: one probe a minute, no more
 PROBE_DOWN_S = 5.0
 ANSWER_EVERY_S = 0.5  # at most one immediate answer per neighbour per this long  # a configured HELLO speaker that is down: probed this often until it answers
-CHALLENGE_EVERY_S = 60.0  # one HELLO per unproven address per this long
+CHALLENGE_WINDOW_S = 60.0  # HELLOs to one unproven address: at most CHALLENGES_PER_ADDR in this long
+CHALLENGES_PER_ADDR = 3  # answers to its HELLOs (two nodes that beacon at once challenge each other twice)
 CHALLENGE_SLACK_BYTES = 16  # a challenge may outgrow what asked for it by this much (digits of ts)
 CHALLENGE_BUDGET_PER_S = 20.0  # HELLOs to unproven addresses, all together (burst twice that)
 TOKEN_EPOCH_S = 30.0  # a token is good for this epoch and the next
@@ -273,7 +275,7 @@ class Membership:
         self._rng = rng or random.Random()
         self.neighbours: Dict[Addr, Neighbour] = {}
         self.members: Dict[str, Member] = {}
-        self._challenged: Dict[Addr, float] = {}  # unproven address -> when we last sent it a HELLO
+        self._challenged: Dict[Addr, List[float]] = {}  # unproven address -> [window start, HELLOs sent]
         self._budget = [2.0 * CHALLENGE_BUDGET_PER_S, None]  # tokens, last refill
         self.version = 0  # bumped whenever the flood targets change
         self._flood: Tuple[Addr, ...] = ()
@@ -389,20 +391,24 @@ class Membership:
         """Rule 2: one small answer per unproven address per interval, under a total budget."""
         if reply_len > size + CHALLENGE_SLACK_BYTES:
             return False
-        last = self._challenged.get(addr)
-        if last is not None and now - last < CHALLENGE_EVERY_S:
+        window = self._challenged.get(addr)
+        if window is not None and now - window[0] >= CHALLENGE_WINDOW_S:
+            window = None
+        if window is not None and window[1] >= CHALLENGES_PER_ADDR:
             return False
-        if last is None and len(self._challenged) >= MAX_PROVEN:
+        if window is None and len(self._challenged) >= MAX_PROVEN:
             return False
         if not self._take_budget(now):
             return False
-        self._challenged[addr] = now
+        if window is None:
+            window = self._challenged[addr] = [now, 0]
+        window[1] += 1
         self.counters["challenges"] += 1
         return True
 
     def stranger(self, addr: Addr, size: int, now: float, wall: float) -> list:
         """A datagram (not a HELLO) from an address that is not a neighbour: invite it, within rule 2."""
-        if self.config.peers_only or addr in self.neighbours or not self._room():
+        if self.config.peers_only or addr in self.neighbours or addr in self._challenged or not self._room():
             return []
         hello = self._hello(addr, now, wall, ask=True, n=None, full=False)
         if not self._may_challenge(addr, size, now, len(hello.data)):
@@ -601,7 +607,7 @@ class Membership:
 
     def expire(self, now: float) -> None:
         """The reaper's share: forget what is too old to matter."""
-        for addr in [a for a, t in self._challenged.items() if now - t >= CHALLENGE_EVERY_S]:
+        for addr in [a for a, (t, _) in self._challenged.items() if now - t >= CHALLENGE_WINDOW_S]:
             del self._challenged[addr]
         for label in [k for k, m in self.members.items() if now - m.last_seen > MEMBER_FORGET_S]:
             del self.members[label]

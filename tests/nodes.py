@@ -26,7 +26,7 @@ class Probe:
     """One node and the events it reported."""
 
     def __init__(self, processed: "Optional[queue.Queue[str]]" = None, wrap_socket=lambda s: s,
-                 membership=None, discovery=None, **config):
+                 membership=None, discovery=None, port=0, **config):
         self.events: "queue.Queue[object]" = queue.Queue()
         self.processed: "queue.Queue[str]" = processed or queue.Queue()
         processed = self.processed
@@ -38,7 +38,7 @@ class Probe:
                 finally:
                     processed.put(self.label)
 
-        self.node = Node(RelayConfig(label="", **config), "127.0.0.1", 0,
+        self.node = Node(RelayConfig(label="", **config), "127.0.0.1", port,
                          on_event=self.events.put, relay_factory=TracingRelay, wrap_socket=wrap_socket,
                          membership=membership, discovery=discovery)
 

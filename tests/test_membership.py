@@ -2,7 +2,7 @@
 
 import random
 
-from meshchat.membership import (CAPS, CHALLENGE_BUDGET_PER_S, CHALLENGE_SLACK_BYTES, DEFAULT_TTL, MAX_PROVEN,
+from meshchat.membership import (CAPS, CHALLENGES_PER_ADDR, CHALLENGE_BUDGET_PER_S, CHALLENGE_SLACK_BYTES, DEFAULT_TTL, MAX_PROVEN,
                                  HELLO_MAX_S, PROBE_LEGACY_S, Membership, MembershipConfig, Originate,
                                  PeerDown, PeerUp, Unicast, display_name, tag_of)
 from meshchat.wire import Message, decode, encode
@@ -86,8 +86,8 @@ def test_a_forged_hello_gets_at_most_one_small_answer_and_no_place():
     size = len(encode(msg))
     out, why = m.hello_received(msg, ("10.9.9.9", 4000), size, 1.0, WALL)
     assert why == "" and len(out) == 1 and len(out[0].data) <= size + CHALLENGE_SLACK_BYTES
-    again, why = m.hello_received(msg, ("10.9.9.9", 4000), size, 2.0, WALL)
-    assert again == [] and why == "rate"
+    answers = [m.hello_received(msg, ("10.9.9.9", 4000), size, 2.0 + i, WALL) for i in range(10)]
+    assert sum(len(out) for out, _ in answers) == CHALLENGES_PER_ADDR - 1 and answers[-1] == ([], "rate")
     assert m.neighbours == {} and m.flood_targets("CHAT") == ()
 
 
