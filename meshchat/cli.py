@@ -24,7 +24,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 from . import __version__
 from .console import (
     MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nothing, Peers, Ping, Quit, Say, Stats, TerminalConsole,
-    parse_line, readline_buffer,
+    parse_line, part_of, readline_buffer,
 )
 from .node import Failure, Node, start_without_signals
 from .relay import PONG_INTERVAL_S, Display, Notice, RelayConfig
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON event per line on stdout, for scripts")
     p.add_argument("--headless", action="store_true", help="no input; relay until stopped")
     p.add_argument("--quiet", action="store_true",
-                   help="show no messages, only the ready line and errors: for relay-only nodes")
+                   help="show no messages, ours included, and no prompt; only the ready line, errors and "
+                   "what commands answer: for relay-only nodes (/stats then counts nothing as displayed)")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"], help="logging on stderr (default warning)")
     limits = p.add_argument_group("limits")
@@ -286,14 +287,17 @@ def _resolved(cmd: object) -> object:
         return Bad(f"{e}; nothing was sent")
 
 
-def run_command(cmd: object, node: Node, console, typed: bool) -> bool:
-    """Run one console command; False when it asks to quit."""
+def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = True) -> bool:
+    """Run one console command; False when it asks to quit.
+
+    ``typed``: the line as entered at the prompt, whose echo our own lines
+    replace; ``echo`` False (--quiet) shows none of our own lines."""
     cmd = _resolved(cmd)
     if isinstance(cmd, Say):
         messages = node.say(cmd.body, cmd.dst)
-        if isinstance(console, TerminalConsole):
+        if echo and isinstance(console, TerminalConsole):
             console.sent(messages, replace_typed=typed)
-        else:
+        elif echo:
             console.sent(messages)
     elif isinstance(cmd, Ping):
         last = node.last_roll_call
@@ -323,7 +327,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines: "queue.Queue[object]" = queue.Queue()
     restore_terminal: Callable[[], None] = lambda: None
     stop_reading = lambda: lines.put(_EOF)  # noqa: E731
-    interactive = not args.json and not args.headless and sys.stdin.isatty() and sys.stdout.isatty()
+    interactive = (not args.json and not args.headless and not args.quiet
+                   and sys.stdin.isatty() and sys.stdout.isatty())  # --quiet: no prompt
     if args.json:
         console = JsonConsole(sys.stdout, on_broken=stop_reading)
     else:
@@ -346,15 +351,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         elif lines.qsize() < MAX_PENDING_EVENTS:
             if isinstance(event, Display) and event.message.extra:
-                # Unknown fields are relayed, never shown: do not keep them waiting.
-                event = Display(event.message._replace(extra={}))
+                # Unknown fields are relayed, never shown (but a valid "part"): do not keep them waiting.
+                part = part_of(event.message)
+                event = Display(event.message._replace(extra={"part": part} if part else {}))
             lines.put(event)
         else:
             unshown[0] += 1
 
     config = RelayConfig(label="", ttl=args.ttl, seen_ttl_s=args.seen_ttl, seen_max=args.seen_max,
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
-                         rate_limit=args.rate_limit, peers_only=args.peers_only)
+                         rate_limit=args.rate_limit, peers_only=args.peers_only, display=not args.quiet)
     try:
         node = Node(config, args.host, args.port, args.peers, on_event, advertise=args.advertise)
     except OSError as e:
@@ -382,7 +388,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if item is _EOF:
                 break
             if isinstance(item, _Line):
-                if not run_command(parse_line(item.text), node, console, typed=item.done is not None):
+                typed = item.text if item.done is not None else ""
+                if not run_command(parse_line(item.text), node, console, typed=typed, echo=not args.quiet):
                     break  # leave the input thread waiting, not inside readline
                 if item.done is not None:
                     item.done.set()

@@ -10,16 +10,19 @@ Both are called from the main thread, which also shows the node's events
 console's own lock.
 """
 
+import functools
 import json
 import logging
 import re
+import shutil
 import sys
 import threading
 import time
+import unicodedata
 import zlib
-from typing import Callable, Iterable, List, NamedTuple, Optional, TextIO, Union
+from typing import Callable, Iterable, List, NamedTuple, Optional, TextIO, Tuple, Union
 
-from .relay import Display, Notice, Pong
+from .relay import MAX_PARTS, Display, Notice, Pong
 from .wire import Message, WireError, parse_addr
 
 log = logging.getLogger(__name__)
@@ -116,19 +119,140 @@ def parse_line(line: str) -> Command:
     return Say(line)
 
 
-# C0 and C1 controls, DEL, and the bidirectional overrides and isolates: each
-# could move the cursor, retitle the window or fake a line from someone else.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+MAX_COMBINING = 3  # combining marks kept after one character; more would pile up over other lines
+
+# Never printed as they are: controls (Cc: C0, DEL, C1, which move the cursor or
+# retitle the window), format characters (Cf: bidi marks, overrides and isolates,
+# zero-width characters, BOM, soft hyphen, tag characters, interlinear annotation),
+# line and paragraph separators (Zl, Zp), private use (Co), unassigned code points
+# (Cn) and lone surrogates (Cs). Each could hide, reorder or fake text.
+_UNSAFE_CATEGORIES = frozenset(("Cc", "Cf", "Zl", "Zp", "Co", "Cn", "Cs"))
+_MARK_CATEGORIES = frozenset(("Mn", "Mc", "Me"))
+
+
+def _ranges(points: List[int]) -> str:
+    """Code points as the inside of a regex character class, one range per run."""
+    out, i = [], 0
+    while i < len(points):
+        j = i
+        while j + 1 < len(points) and points[j + 1] == points[j] + 1:
+            j += 1
+        out.append(f"\\u{points[i]:04x}" if i == j else f"\\u{points[i]:04x}-\\u{points[j]:04x}")
+        i = j + 1
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _unsafe_pattern() -> "re.Pattern[str]":
+    """Built on the first text that is not plain ASCII: the scan of the BMP takes
+    about 20 ms, which a node that only ever shows ASCII never pays."""
+    unsafe, marks = [], []
+    for o in range(0x10000):
+        category = unicodedata.category(chr(o))
+        if category in _UNSAFE_CATEGORIES:
+            unsafe.append(o)
+        elif category in _MARK_CATEGORIES:
+            marks.append(o)
+    # One unsafe BMP character, or a run of combining marks and astral characters,
+    # which _visible then looks at one by one (astral planes are mostly unassigned).
+    return re.compile(f"(?P<bad>[{_ranges(unsafe)}])|[{_ranges(marks)}\\U00010000-\\U0010ffff]+")
+
+
+def _escape(o: int) -> str:
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
 def _visible(match: "re.Match[str]") -> str:
-    o = ord(match.group())
-    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}"
+    text = match.group()
+    if match.lastgroup == "bad":
+        return _escape(ord(text))
+    out, marks = [], 0  # the run follows a character that is not a mark
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category in _MARK_CATEGORIES:
+            marks += 1
+            out.append(ch if marks <= MAX_COMBINING else _escape(ord(ch)))
+        else:
+            marks = 0
+            out.append(_escape(ord(ch)) if category in _UNSAFE_CATEGORIES else ch)
+    return "".join(out)
 
 
 def sanitize(text: str) -> str:
-    """Text from the network, made safe to print: control characters shown as escapes."""
-    return _UNSAFE.sub(_visible, text)
+    """Text from the network, made safe to print: whatever could hide, move or fake
+    text is shown as an escape (``\\x1b``, ``\\u202e``, ``\\U000e0041``), and
+    combining marks beyond MAX_COMBINING after one character too."""
+    if text.isascii() and text.isprintable():
+        return text
+    return _unsafe_pattern().sub(_visible, text)
+
+
+def _char_width(ch: str) -> int:
+    if ch < "\u0300":
+        return 1
+    if unicodedata.category(ch) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+_SGR = re.compile("(\x1b\\[[0-9;]*m)")  # our colour codes; network text has none once sanitized
+
+
+def text_width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: colour codes none, wide characters two."""
+    if "\x1b" in text:
+        text = _SGR.sub("", text)
+    if text.isascii():
+        return len(text)
+    return sum(_char_width(ch) for ch in text)
+
+
+def wrap(text: str, width: int, indent: int) -> str:
+    """``text`` in rows of at most ``width`` columns; rows after the first start with
+    ``indent`` spaces, so that they never look like the start of a message.
+
+    A row is cut after its last space past the indent, else between characters
+    (never before a zero-width mark); colour codes take no room."""
+    if text.isascii() and len(text) <= width:
+        return text
+    out: List[str] = []
+    col = 0
+    space_at, space_col = -1, 0  # where in ``out`` the row may be cut, and the column there
+    for k, piece in enumerate(_SGR.split(text)):
+        if k % 2:  # a colour code
+            out.append(piece)
+            continue
+        for ch in piece:
+            w = _char_width(ch)
+            if col + w > width and col > indent:
+                if space_at >= 0:
+                    out.insert(space_at, "\n" + " " * indent)
+                    col = indent + col - space_col
+                    space_at = -1
+                if col + w > width:
+                    out.append("\n" + " " * indent)
+                    col = indent
+            out.append(ch)
+            col += w
+            if ch == " " and col > indent:
+                space_at, space_col = len(out), col
+    return "".join(out)
+
+
+def part_of(m: Message) -> Optional[Tuple[int, int]]:
+    """``(i, n)`` if ``m`` says it is part i of n of a longer line; anything malformed is absent.
+
+    Checked here, where it is shown: the extra fields from the network are
+    otherwise relayed untouched."""
+    part = m.extra.get("part") if m.extra else None
+    if not isinstance(part, (list, tuple)) or len(part) != 2:
+        return None
+    i, n = part
+    if type(i) is not int or type(n) is not int or not 1 <= i <= n <= MAX_PARTS:
+        return None
+    return i, n
 
 
 class Console:
@@ -174,11 +298,15 @@ class JsonConsole(Console):
         self.emit("ready", node=label)
 
     def chat(self, m: Message) -> None:
-        self.emit("chat", mid=m.mid, src=m.src, dst=m.dst, body=m.body, ts=m.ts, ttl=m.ttl)
+        part = part_of(m)
+        extra = {"part": list(part)} if part else {}
+        self.emit("chat", mid=m.mid, src=m.src, dst=m.dst, body=m.body, ts=m.ts, ttl=m.ttl, **extra)
 
     def sent(self, messages: Iterable[Message]) -> None:
         for m in messages:
-            self.emit("sent", mid=m.mid, dst=m.dst, body=m.body)
+            part = part_of(m)
+            extra = {"part": list(part)} if part else {}
+            self.emit("sent", mid=m.mid, dst=m.dst, body=m.body, **extra)
 
     def pinged(self, messages: Iterable[Message]) -> None:
         for m in messages:
@@ -203,8 +331,13 @@ class JsonConsole(Console):
         self.emit("peers", peers=[{"addr": a, "configured": c, "last_heard_s": s} for a, c, s in rows])
 
 
-_PALETTE = ("CYAN", "GREEN", "YELLOW", "BLUE", "MAGENTA", "LIGHTCYAN_EX", "LIGHTGREEN_EX",
-            "LIGHTYELLOW_EX", "LIGHTBLUE_EX", "LIGHTMAGENTA_EX")
+# Sender colours: never the magenta of "(private)", the yellow of notices or the
+# red of errors, nor their light variants, so a sender cannot pass for either.
+_PALETTE = ("CYAN", "GREEN", "BLUE", "LIGHTCYAN_EX", "LIGHTGREEN_EX", "LIGHTBLUE_EX")
+
+
+def terminal_columns() -> int:
+    return shutil.get_terminal_size((80, 24)).columns
 
 
 class _Plain:
@@ -215,7 +348,12 @@ class _Plain:
 
 
 class TerminalConsole(Console):
-    """Lines for people. ``interactive`` redraws the prompt; ``color`` uses colorama."""
+    """Lines for people. ``interactive`` redraws the prompt; ``color`` uses colorama.
+
+    Every line is cut to the terminal's width here, continuation rows indented,
+    so that a long body never wraps into something that looks like another
+    sender's line; the prompt and what is being typed (``get_typed``) are
+    cleared over as many rows as they take and drawn again under each line."""
 
     def __init__(
         self,
@@ -224,11 +362,13 @@ class TerminalConsole(Console):
         interactive: bool,
         on_broken: Callable[[], None] = lambda: None,
         get_typed: Callable[[], str] = lambda: "",
+        columns: Callable[[], int] = terminal_columns,
     ) -> None:
         super().__init__(stream, on_broken)
         self.interactive = interactive
         self.reading = False  # the input thread sets this while it waits for a line
         self._get_typed = get_typed
+        self._columns = columns
         if color:
             import colorama
 
@@ -243,20 +383,41 @@ class TerminalConsole(Console):
         self.label = ""
 
     def _color_of(self, label: str) -> str:
-        return getattr(self._fore, _PALETTE[zlib.crc32(label.encode()) % len(_PALETTE)])
+        return getattr(self._fore, _PALETTE[zlib.crc32(label.encode("utf-8", "replace")) % len(_PALETTE)])
 
-    def _line(self, text: str, replace_typed: bool = False) -> None:
+    def _line(self, lead: str, body: str = "", replace_typed: str = "") -> None:
+        """One line: ``lead`` (who, marks) then ``body``, wrapped under the body's start.
+
+        ``replace_typed``: the line the user just entered, whose echo (prompt
+        included) is on the rows above the cursor and is written over."""
         stamp = f"{self._style.DIM}{time.strftime('%H:%M:%S')}{self._style.RESET_ALL} "
+        columns = max(20, self._columns())
+        head = stamp + lead
+        # One column spare: some terminals (Windows) wrap as soon as the last column is written.
+        text = wrap(head + body, columns - 1, min(text_width(head), columns // 2))
         if not self.interactive:
-            self._write(stamp + text + "\n")
+            self._write(text + "\n")
             return
-        # Up a line over the echo of what was typed, or to the start of the prompt line.
-        head = "\x1b[1A\r\x1b[2K" if replace_typed else "\r\x1b[2K"
-        tail = PROMPT + self._get_typed() if self.reading else ""
-        self._write(head + stamp + text + "\n" + tail)
+        typed = self._get_typed() if self.reading else ""
+        if replace_typed:
+            up = _rows_below_start(PROMPT + replace_typed, columns) + 1  # Enter moved down one more
+        elif self.reading:
+            up = _rows_below_start(PROMPT + typed, columns)
+        else:
+            up = 0
+        tail = ""
+        if self.reading:
+            tail = PROMPT + typed
+            if text_width(tail) % columns == 0:
+                tail += " \r"  # as readline does: onto the next row, where it counts the cursor
+        self._write((f"\x1b[{up}A" if up else "") + "\r\x1b[J" + text + "\n" + tail)
 
     def _who(self, label: str) -> str:
         return f"{self._color_of(label)}{self._style.BRIGHT}<{sanitize(label)}>{self._style.RESET_ALL}"
+
+    def _part(self, m: Message) -> str:
+        part = part_of(m)
+        return f"{self._style.DIM}({part[0]}/{part[1]}){self._style.RESET_ALL} " if part else ""
 
     def ready(self, label: str) -> None:
         self.label = label
@@ -269,58 +430,94 @@ class TerminalConsole(Console):
         body = sanitize(m.body)
         if m.dst:
             mark = f"{self._fore.MAGENTA}{self._style.BRIGHT}(private){self._style.RESET_ALL}"
-            self._line(f"{self._who(m.src)} {mark} {self._fore.MAGENTA}{body}{self._style.RESET_ALL}")
+            self._line(f"{self._who(m.src)} {mark} {self._part(m)}",
+                       f"{self._fore.MAGENTA}{body}{self._style.RESET_ALL}")
         else:
-            self._line(f"{self._who(m.src)} {body}")
+            self._line(f"{self._who(m.src)} {self._part(m)}", body)
 
-    def sent(self, messages: Iterable[Message], replace_typed: bool = False) -> None:
+    def sent(self, messages: Iterable[Message], replace_typed: str = "") -> None:
+        """Our own messages; ``replace_typed`` is the typed line whose echo they replace."""
         for i, m in enumerate(messages):
             you = f"{self._style.BRIGHT}<you>{self._style.RESET_ALL}"
             body = sanitize(m.body)
             if m.dst:
-                mark = f"{self._fore.MAGENTA}{self._style.BRIGHT}(private to {m.dst}){self._style.RESET_ALL}"
-                text = f"{you} {mark} {self._fore.MAGENTA}{body}{self._style.RESET_ALL}"
+                mark = (f"{self._fore.MAGENTA}{self._style.BRIGHT}(private to {sanitize(m.dst)})"
+                        f"{self._style.RESET_ALL}")
+                lead, text = f"{you} {mark} {self._part(m)}", f"{self._fore.MAGENTA}{body}{self._style.RESET_ALL}"
             else:
-                text = f"{you} {body}"
-            self._line(text, replace_typed=replace_typed and i == 0)
+                lead, text = f"{you} {self._part(m)}", body
+            self._line(lead, text, replace_typed=replace_typed if i == 0 else "")
 
     def pinged(self, messages: Iterable[Message]) -> None:
         for m in messages:
             self.notice(f"ping sent to {m.dst or 'every node'}")
 
     def pong(self, p: Pong) -> None:
-        self.notice(f"pong from {sanitize(p.src)}: {p.rtt_ms:.1f} ms")
+        self.notice(f"pong from {p.src}: {p.rtt_ms:.1f} ms")
 
     def notice(self, text: str) -> None:
-        self._line(f"{self._fore.YELLOW}* {text}{self._style.RESET_ALL}")
+        self._line(f"{self._fore.YELLOW}* ", f"{sanitize(text)}{self._style.RESET_ALL}")
 
     def error(self, text: str) -> None:
-        self._line(f"{self._fore.RED}{self._style.BRIGHT}! {text}{self._style.RESET_ALL}")
+        self._line(f"{self._fore.RED}{self._style.BRIGHT}! ", f"{sanitize(text)}{self._style.RESET_ALL}")
 
     def help(self) -> None:
         for line in HELP.splitlines():
-            self._line(line)
+            self._line("", line)
 
     def stats(self, c: dict) -> None:
-        self.notice(stats_text(c))
+        for line in stats_lines(c):
+            self.notice(line)
 
     def peers(self, rows: list) -> None:
         for line in peer_lines(rows):
             self.notice(line)
 
 
-def stats_text(c: dict) -> str:
-    """The counters of ``/stats`` as one line for people."""
+def _rows_below_start(text: str, columns: int) -> int:
+    """Rows from where ``text`` (the prompt and what is typed) starts down to the cursor after it.
+
+    A row filled to the last column puts the cursor on the next one (readline
+    does so, and _line does the same for its redraw)."""
+    return text_width(text) // columns
+
+
+STATS_COLUMNS = 68  # each /stats line, so that with the time and "* " it fits 80 columns
+
+
+def _fold(line: str, limit: int = STATS_COLUMNS) -> List[str]:
+    """``line`` cut after a comma, semicolon or colon into rows of at most ``limit`` characters."""
+    rows = [""]
+    for item in re.split(r"(?<=[,;:]) ", line):
+        if rows[-1].strip() and len(rows[-1]) + 1 + len(item) > limit:
+            rows.append("  " + item)
+        else:
+            rows[-1] += (" " if rows[-1] else "") + item
+    return rows
+
+
+def stats_lines(c: dict) -> List[str]:
+    """The counters of ``/stats`` for people, a few short lines.
+
+    Every datagram received is either handled or dropped; a handled message
+    may be displayed, relayed, both, or neither (the node's own business,
+    e.g. a PONG), so those three figures are not parts of a sum."""
     drops = {k[len("dropped_"):]: v for k, v in c.items() if k.startswith("dropped_")}
-    why = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in drops.items() if v)
+    reasons = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in drops.items() if v)
     late = f" ({c['relayed_late']} late)" if c.get("relayed_late") else ""
-    return (
-        f"received {c['received']}: handled {c['handled']} (displayed {c['displayed']}, "
-        f"relayed {c['relayed']}{late}, consumed {c['consumed']}), dropped {sum(drops.values())}"
-        f"{' (' + why + ')' if why else ''}; sent {c['sent']}, send errors {c['send_errors']}, "
-        f"receive errors {c['recv_errors']}; seen ids {c['seen_size']}; "
-        f"receive buffer {c['rcvbuf_bytes'] // 1024} KiB"
-    )
+    lines = [f"received {c['received']}: handled {c['handled']}, dropped {sum(drops.values())}",
+             f"handled: displayed {c['displayed']}, relayed {c['relayed']}{late}, neither {c['consumed']}; "
+             "a message can be both"]
+    if reasons:
+        lines.append(f"dropped: {reasons}")
+    lines.append(f"sent {c['sent']} datagrams; send errors {c['send_errors']}, receive errors {c['recv_errors']}")
+    lines.append(f"seen ids {c['seen_size']}; receive buffer {c['rcvbuf_bytes'] // 1024} KiB")
+    return [row for line in lines for row in _fold(line)]
+
+
+def stats_text(c: dict) -> str:
+    """``stats_lines`` as one text, a line each."""
+    return "\n".join(stats_lines(c))
 
 
 def peer_lines(rows: list) -> List[str]:

@@ -35,6 +35,7 @@ PING_TIMEOUT_S = 30.0  # forget a PING we sent after this long
 PING_ANSWER_S = 10.0  # a /ping to one node not answered in this long is reported (at the next reaping)
 HEARD_KEEP_S = 600.0  # /peers forgets a stranger not heard from for this long
 MAX_TRACKED = 4096  # bound on per-address tables, which spoofed sources could grow
+MAX_PARTS = 1000  # a line split into more parts than this is sent without part marks
 LATE_COPY_S = 10.0  # how long a message that arrived with its hops spent waits for a better copy
 
 COUNTERS = (
@@ -98,6 +99,7 @@ class RelayConfig:
     max_datagram: int = 8192
     rate_limit: float = 200.0
     peers_only: bool = False
+    display: bool = True  # False (--quiet): no CHAT is displayed, so none is counted as displayed
 
 
 if TYPE_CHECKING:
@@ -300,7 +302,7 @@ class Relay:
                 actions.extend(self._sends(m.stranger(addr, len(data), now, wall)))
         to_me = msg.dst == self.label
         kind = msg.kind
-        shown = kind == "CHAT" and (to_me or msg.dst == "")
+        shown = kind == "CHAT" and (to_me or msg.dst == "") and self.config.display
         if shown:
             actions.append(Display(msg))
             c.displayed += 1
@@ -443,9 +445,14 @@ class Relay:
         if len(data) <= MAX_SEND_BYTES:
             messages = [msg]
         else:
-            room = MAX_SEND_BYTES - len(encode(msg._replace(body="")))
+            # Each piece says it is part i of n, so a lost part shows; room is kept for the largest mark.
+            room = MAX_SEND_BYTES - len(encode(msg._replace(body="", extra=dict(msg.extra, part=[MAX_PARTS, MAX_PARTS]))))
             pieces = split_body(body, room)
-            messages = [msg._replace(mid=mid if i == 0 else self._new_mid(), body=p) for i, p in enumerate(pieces)]
+            n = len(pieces)
+            # n stays far below MAX_PARTS for any line the console takes (64 KiB is at most ~320 parts).
+            messages = [msg._replace(mid=mid if i == 0 else self._new_mid(), body=p,
+                                     extra=dict(msg.extra, part=[i + 1, n]) if n <= MAX_PARTS else msg.extra)
+                        for i, p in enumerate(pieces)]
         targets = self._origin_targets(kind, dst, now)
         sends = []
         for part in messages:

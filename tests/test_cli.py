@@ -255,9 +255,60 @@ def test_quiet_relay_shows_nothing_but_still_relays():
             sender = run("--port", "0", "--json", "--peers", f"127.0.0.1:{relay_port}", input="through\n")
             assert sender.returncode == 0
             assert listener.event("chat")["body"] == "through"
+            relay.send("/stats")
+            stats = relay.event("stats")
+            assert stats["displayed"] == 0 and stats["relayed"] == 1, "nothing shown, nothing counted as shown"
+            relay.send("from the relay")
+            assert listener.event("chat")["body"] == "from the relay"
             relay.popen.stdin.close()
             assert relay.wait() == 0
-            assert relay.rest() == [], "the relay printed nothing after ready"
+            assert relay.rest() == [], "the relay printed nothing after ready, not even its own line"
+
+
+def test_quiet_terminal_output_has_no_echo_of_our_own_lines():
+    result = run("--port", "0", "--quiet", input="hello\n/stats\n")
+    assert result.returncode == 0 and "<you>" not in result.stdout and "received 0" in result.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_quiet_in_a_terminal_shows_no_prompt():
+    import os
+    import pty
+    import select
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--port", "0", "--quiet"],
+                            stdin=slave, stdout=slave, stderr=subprocess.DEVNULL)
+    os.close(slave)
+    out = b""
+    try:
+        os.write(master, b"hello\n/stats\n/quit\n")
+        while True:
+            ready, _, _ = select.select([master], [], [], 10.0)
+            assert ready, f"no output within 10 s: {out!r}"
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the process closed its end
+                break
+            if not data:
+                break
+            out += data
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert b"received 0" in out and b"> " not in out and b"<you>" not in out
+
+
+def test_the_parts_of_a_long_line_are_marked_in_json_at_both_ends():
+    with Proc("--port", "0", "--json", "--headless") as listener:
+        port = listener.ready().rsplit(":", 1)[1]
+        sender = run("--port", "0", "--json", "--peers", f"127.0.0.1:{port}", input="z" * 3000 + "\n")
+        sent = [json.loads(line) for line in sender.stdout.splitlines()][1:]
+        assert [e["part"] for e in sent] == [[1, 3], [2, 3], [3, 3]]
+        got = [listener.event("chat") for _ in range(3)]
+        assert sorted(e["part"] for e in got) == [[1, 3], [2, 3], [3, 3]]
 
 
 def test_output_nobody_reads_does_not_stop_the_relaying():

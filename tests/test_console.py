@@ -1,12 +1,18 @@
 import io
 import json
+import random
+import re
+import unicodedata
 
+import colorama
 import pytest
 
 from meshchat.console import (HELP, MAX_LINE_BYTES, Bad, Help, JsonConsole, Nothing, Peers, Ping,
                               Quit, Say, Stats, TerminalConsole, parse_line, sanitize)
 from meshchat.relay import Display, Notice, Pong
 from meshchat.wire import Message
+
+UNSAFE = ("Cc", "Cf", "Zl", "Zp", "Co", "Cn", "Cs")
 
 
 @pytest.mark.parametrize("line, command", [
@@ -50,6 +56,18 @@ def test_bad_lines_get_one_clear_error(line, error):
     ("line\r<alice> fake", "line\\x0d<alice> fake"),
     ("a\nb\tc\x08\x7f\x9b", "a\\x0ab\\x09c\\x08\\x7f\\x9b"),
     ("\u202eevil\u2066x\u2069", "\\u202eevil\\u2066x\\u2069"),
+    ("lone \ud800 surrogate \udfff", "lone \\ud800 surrogate \\udfff"),
+    ("zero\u200bwidth\u200c\u200d\u2060\ufeff", "zero\\u200bwidth\\u200c\\u200d\\u2060\\ufeff"),
+    ("\u200emark\u200f\u061c\u2067isolate", "\\u200emark\\u200f\\u061c\\u2067isolate"),
+    ("line\u2028para\u2029", "line\\u2028para\\u2029"),
+    ("tag\U000e0041\U000e007f", "tag\\U000e0041\\U000e007f"),
+    ("\ufff9ruby\ufffaanno\ufffb", "\\ufff9ruby\\ufffaanno\\ufffb"),
+    ("private \ue000 \U000f0000 \U0010fffd", "private \\ue000 \\U000f0000 \\U0010fffd"),
+    ("unassigned \u0378 \U0010ffff", "unassigned \\u0378 \\U0010ffff"),
+    ("soft\xadhyphen", "soft\\xadhyphen"),
+    ("z" + "\u0301" * 6 + "!", "z\u0301\u0301\u0301" + "\\u0301" * 3 + "!"),
+    ("e\u0301 \u05e9\u05c1\u05b8\u0591 \u0915\u094d\u0937\u093f 1\ufe0f\u20e3 \U0001f44d\U0001f3fd \u65e5\u672c",
+     "e\u0301 \u05e9\u05c1\u05b8\u0591 \u0915\u094d\u0937\u093f 1\ufe0f\u20e3 \U0001f44d\U0001f3fd \u65e5\u672c"),
 ])
 def test_sanitize_shows_control_characters_as_escapes(text, shown):
     assert sanitize(text) == shown
@@ -91,7 +109,7 @@ def test_interactive_line_redraws_the_prompt_and_what_was_typed():
     con.reading = True
     con.chat(chat(body="incoming"))
     text = out.getvalue()
-    assert text.startswith("\r\x1b[2K") and text.endswith("\n> half a sen")
+    assert text.startswith("\r\x1b[J") and text.endswith("\n> half a sen")
 
 
 def test_json_console_writes_one_object_per_line():
@@ -134,8 +152,194 @@ def test_terminal_stats_name_each_drop_reason():
                     dropped_rate=1, seen_size=5, rcvbuf_bytes=2048 * 1024)
     TerminalConsole(out, color=False, interactive=False).stats(counters)
     line = out.getvalue()
-    assert "received 9: handled 5 (displayed 4, relayed 3, consumed 1), dropped 4 (duplicate 3, rate 1)" in line
+    assert "* received 9: handled 5, dropped 4\n" in line and "* dropped: duplicate 3, rate 1\n" in line
+    assert "* handled: displayed 4, relayed 3, neither 1; a message can be both\n" in line
     assert "seen ids 5" in line and "2048 KiB" in line
     counters.update(relayed_late=2)
     TerminalConsole(out, color=False, interactive=False).stats(counters)
     assert "relayed 3 (2 late)" in out.getvalue()
+
+
+def escape(o):
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def test_every_code_point_of_the_unsafe_categories_is_escaped_and_every_other_kept():
+    # Each BMP code point after a base letter (so that a lone mark is allowed); then
+    # the astral planes in one run, where a fourth mark in a row is escaped too.
+    text = "".join("a" + chr(o) for o in range(0x10000)) + "a" + "".join(map(chr, range(0x10000, 0x110000)))
+    expected, marks = [], 0
+    for o in range(0x110000):
+        category = unicodedata.category(chr(o))
+        marks = marks + 1 if category[0] == "M" and o >= 0x10000 else 0
+        kept = category not in UNSAFE and marks <= 3
+        expected.append(("a" if o < 0x10000 else "") + (chr(o) if kept else escape(o)))
+    assert sanitize(text) == "".join(expected[:0x10000]) + "a" + "".join(expected[0x10000:])
+
+
+def test_sanitized_text_never_holds_an_unsafe_character_nor_more_than_three_marks():
+    rng = random.Random(8)
+    pool = [chr(o) for o in (0x41, 0x20, 0x0301, 0x0489, 0x0903, 0x200d, 0x202e, 0xd800, 0xdc00, 0xe000,
+                             0xfeff, 0x2028, 0x65e5, 0x1f600, 0xe0041, 0x10ffff, 0x1b, 0x9b)]
+    marks = re.compile("[\u0300-\u036f\u0489\u0903]{4}")
+    for _ in range(2000):
+        text = "".join(rng.choice(pool) for _ in range(rng.randrange(1, 40)))
+        shown = sanitize(text)
+        shown.encode("utf-8")  # no surrogate is left to break the terminal's encoding
+        assert not any(unicodedata.category(ch) in UNSAFE for ch in shown), repr(text)
+        assert not marks.search(shown), repr(text)
+
+
+def test_plain_ascii_is_returned_as_it_is():
+    text = "hello, mesh! <bob> [1/2] ~"
+    assert sanitize(text) is text
+
+
+def lines_of(con_out: str):
+    return con_out.getvalue().split("\n")[:-1]
+
+
+def test_a_long_body_wraps_under_its_own_start_and_never_looks_like_another_line():
+    from meshchat.console import text_width
+    out = io.StringIO()
+    con = TerminalConsole(out, color=False, interactive=False, columns=lambda: 60)
+    body = "spam " * 5 + "12:00:00 <127.0.0.1:9003> forged " + "日本語のテキスト" * 4 + "x" * 50
+    con.chat(chat(body=body))
+    rows = lines_of(out)
+    assert len(rows) > 3
+    indent = len("12:00:00 <127.0.0.1:9002> ")
+    assert re.match(r"\d\d:\d\d:\d\d <127\.0\.0\.1:9002> spam", rows[0])
+    for row in rows:
+        assert text_width(row) <= 59  # one column spare
+    for row in rows[1:]:
+        assert row.startswith(" " * indent) and row[indent] != " "
+    assert "".join(row[indent:] for row in rows).replace(" ", "") == body.replace(" ", "")
+
+
+def test_colour_codes_take_no_room_when_wrapping():
+    plain, coloured = io.StringIO(), io.StringIO()
+    for out, color in ((plain, False), (coloured, True)):
+        con = TerminalConsole(out, color=color, interactive=False, columns=lambda: 30)
+        con.chat(chat(dst="127.0.0.1:9001", body="private words " * 6))
+        con.notice("a notice that is long enough to wrap over two rows")
+    strip = re.compile("\x1b\\[[0-9;]*m")
+    assert strip.sub("", coloured.getvalue()) == plain.getvalue()
+    assert len(lines_of(plain)) >= 5
+
+
+def test_a_label_longer_than_half_the_width_still_leaves_room_for_the_body():
+    out = io.StringIO()
+    con = TerminalConsole(out, color=False, interactive=False, columns=lambda: 30)
+    con.chat(chat(src="a" * 40 + ":9002", body="b" * 40))
+    rows = lines_of(out)
+    assert all(len(r) <= 29 for r in rows) and all(r.startswith(" " * 15) for r in rows[1:])
+
+
+def interactive(typed="", columns=20):
+    out = io.StringIO()
+    con = TerminalConsole(out, color=False, interactive=True, get_typed=lambda: typed, columns=lambda: columns)
+    return out, con
+
+
+@pytest.mark.parametrize("typed, up", [
+    ("", ""),
+    ("x" * 17, ""),  # "> " and 17 characters: 19 columns, one row
+    ("x" * 30, "\x1b[1A"),  # 32 columns: two rows, the cursor on the second
+    ("x" * 60, "\x1b[3A"),  # 62 columns: four rows
+    ("日本" * 8, "\x1b[1A"),  # 16 wide characters are 32 columns
+])
+def test_typed_text_over_several_rows_is_cleared_and_drawn_again(typed, up):
+    out, con = interactive(typed)
+    con.reading = True
+    con.chat(chat(body="incoming"))
+    text = out.getvalue()
+    assert text.startswith(up + "\r\x1b[J") and text.endswith("\n> " + typed)
+
+
+def test_typed_text_filling_its_last_row_puts_the_cursor_on_the_next_as_readline_does():
+    out, con = interactive("x" * 18)  # "> " and 18: exactly 20 columns
+    con.reading = True
+    con.chat(chat(body="incoming"))
+    text = out.getvalue()
+    assert text.startswith("\x1b[1A\r\x1b[J") and text.endswith("\n> " + "x" * 18 + " \r")
+
+
+@pytest.mark.parametrize("typed, up", [("short", "\x1b[1A"), ("y" * 30, "\x1b[2A"), ("y" * 50, "\x1b[3A")])
+def test_the_echo_of_an_entered_line_is_replaced_over_all_its_rows(typed, up):
+    out, con = interactive()
+    con.sent([chat(src="127.0.0.1:9001", body=typed)], replace_typed=typed)
+    assert out.getvalue().startswith(up + "\r\x1b[J")
+    assert "\x1b[" not in out.getvalue()[len(up) + 4:], "only the first line replaces the echo"
+
+
+def test_no_sender_colour_is_that_of_private_marks_notices_or_errors():
+    from meshchat.console import _PALETTE
+    fore = colorama.Fore
+    taken = {fore.MAGENTA, fore.LIGHTMAGENTA_EX, fore.YELLOW, fore.LIGHTYELLOW_EX, fore.RED, fore.LIGHTRED_EX}
+    assert not {getattr(fore, name) for name in _PALETTE} & taken
+    con = TerminalConsole(io.StringIO(), color=True, interactive=False)
+    used = {con._color_of(f"10.0.{i // 250}.{i % 250}:{9000 + i}") for i in range(500)}
+    assert used == {getattr(fore, name) for name in _PALETTE} and not used & taken
+
+
+def test_stats_are_a_few_short_lines_whose_figures_do_not_pretend_to_add_up():
+    from meshchat.console import stats_lines
+    from meshchat.relay import COUNTERS
+    counters = {name: 12_345_678 for name in COUNTERS}
+    counters.update(dropped_some_future_reason=7, seen_size=100_000, rcvbuf_bytes=2048 * 1024)
+    lines = stats_lines(counters)
+    reasons = sum(1 for name in counters if name.startswith("dropped_"))
+    assert len(lines) <= 5 + reasons // 2 and all(len(line) <= 68 for line in lines)
+    out = io.StringIO()
+    TerminalConsole(out, color=False, interactive=False, columns=lambda: 80).stats(counters)
+    assert len(lines_of(out)) == len(lines), "each fits a row of 80 columns with its time and mark"
+    assert "both" in "".join(lines) and "(displayed" not in "".join(lines)
+
+
+@pytest.mark.parametrize("part, shown", [
+    ([2, 4], (2, 4)),
+    ([1, 1], (1, 1)),
+    ([1000, 1000], (1000, 1000)),
+    ([0, 4], None),
+    ([5, 4], None),
+    ([1, 1001], None),
+    ([True, 2], None),
+    ([1.0, 2], None),
+    ([1, 2, 3], None),
+    ([1], None),
+    ("1/4", None),
+    ({"i": 1, "n": 2}, None),
+    (None, None),
+    ([-1, 10**40], None),
+])
+def test_a_part_mark_is_checked_where_it_is_shown(part, shown):
+    from meshchat.console import part_of
+    m = chat()._replace(extra={"part": part, "other": 1})
+    assert part_of(m) == shown
+    out, jout = io.StringIO(), io.StringIO()
+    TerminalConsole(out, color=False, interactive=False).chat(m)
+    JsonConsole(jout).chat(m)
+    event = json.loads(jout.getvalue())
+    if shown:
+        assert f"<127.0.0.1:9002> ({shown[0]}/{shown[1]}) hi" in out.getvalue() and event["part"] == list(shown)
+    else:
+        assert "<127.0.0.1:9002> hi" in out.getvalue() and "part" not in event
+    assert "other" not in event
+
+
+def test_our_own_parts_are_marked_in_the_terminal_and_in_json():
+    mine = [chat(src="127.0.0.1:9001", body=b)._replace(extra={"part": [i + 1, 2]}) for i, b in enumerate("ab")]
+    out, jout = io.StringIO(), io.StringIO()
+    TerminalConsole(out, color=False, interactive=False).sent(mine)
+    JsonConsole(jout).sent(mine)
+    rows = lines_of(out)
+    assert rows[0].endswith("<you> (1/2) a") and rows[1].endswith("<you> (2/2) b")
+    assert [json.loads(line)["part"] for line in lines_of(jout)] == [[1, 2], [2, 2]]
+
+
+def test_notices_and_errors_are_sanitized_too():
+    out = io.StringIO()
+    con = TerminalConsole(out, color=False, interactive=False)
+    con.notice("clock of \x1b[2Jx\u202e")
+    con.error("bad \u2028 thing")
+    assert "\x1b" not in out.getvalue() and "\\x1b[2Jx\\u202e" in out.getvalue() and "\\u2028" in out.getvalue()

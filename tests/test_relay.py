@@ -365,3 +365,51 @@ def test_relayed_copy_is_encoded_anew_when_rewriting_in_place_could_be_wrong(dat
     out = r.datagram_received(data, addr_of(2), 0.0, WALL)[-1].data
     assert out.count(b'"ttl":%d' % expected) == 1 and json.loads(out)["ttl"] == expected
     assert decode(out).ttl == expected
+
+
+def test_the_parts_of_a_split_line_say_which_of_how_many_they_are():
+    from meshchat.console import part_of
+    r = relay()
+    body = "\x01" * 700 + "é" * 1500 + "\U0001d11e" * 300  # escapes take up to 12 bytes a character
+    messages, sends = r.originate("CHAT", body, "", 0.0, WALL)
+    n = len(messages)
+    assert n > 2 and [m.extra["part"] for m in messages] == [[i, n] for i in range(1, n + 1)]
+    for m, send in zip(messages, sends):
+        assert len(send.data) <= MAX_SEND_BYTES
+        got = decode(send.data)
+        assert got.extra == {"part": m.extra["part"]} and part_of(got) == tuple(m.extra["part"])
+    [single], _ = r.originate("CHAT", "short", "", 0.0, WALL)
+    assert single.extra == {} and b"part" not in encode(single)
+
+
+def test_a_line_of_the_largest_size_typed_fits_the_part_bound():
+    from meshchat.console import MAX_LINE_BYTES
+    from meshchat.relay import MAX_PARTS
+    r = relay()
+    messages, _ = r.originate("CHAT", "\x01" * MAX_LINE_BYTES, "", 0.0, WALL)  # 6 bytes on the wire each
+    assert len(messages) <= MAX_PARTS and messages[-1].extra["part"] == [len(messages)] * 2
+
+
+def test_parts_cross_a_relay_with_their_marks_and_a_seed_reader_sees_plain_text():
+    sender, middle = relay(), relay(label="10.0.0.2:9000", peers=(addr_of(1), addr_of(3)))
+    messages, sends = sender.originate("CHAT", "y" * 3000, "", 0.0, WALL)
+    shown = []
+    for send in sends:
+        actions = middle.datagram_received(send.data, addr_of(1), 0.0, WALL)
+        shown += [a.message for a in actions if isinstance(a, Display)]
+        relayed = [a for a in actions if isinstance(a, Send)][0]
+        seed_view = json.loads(relayed.data)  # what a seed node reads: its seven fields, and one it ignores
+        assert seed_view["kind"] == "CHAT" and set(seed_view) - {"part"} == {
+            "mid", "ts", "ttl", "kind", "src", "dst", "body"}
+    assert [m.extra["part"] for m in shown] == [m.extra["part"] for m in messages]
+    assert "".join(m.body for m in shown) == "y" * 3000
+
+
+def test_a_node_that_displays_nothing_counts_nothing_as_displayed():
+    r = relay(display=False)
+    actions = r.datagram_received(datagram(mid="a"), addr_of(2), 0.0, WALL)
+    assert not any(isinstance(a, Display) for a in actions) and any(isinstance(a, Send) for a in actions)
+    r.datagram_received(datagram(mid="b", dst="10.0.0.1:9000"), addr_of(2), 0.0, WALL)
+    s = r.stats()
+    assert s["displayed"] == 0 and s["relayed"] == 1 and s["consumed"] == 1 and s["handled"] == 2
+    check_accounting(r)
