@@ -26,7 +26,8 @@ from .console import (
     MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nothing, Peers, Ping, Quit, Say, Stats, TerminalConsole,
     parse_line, part_of, readline_buffer,
 )
-from .node import Failure, Node, start_without_signals
+from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, valid_nick
+from .node import Discovery, Failure, Node, start_without_signals
 from .relay import PONG_INTERVAL_S, Display, Notice, RelayConfig
 from .wire import Addr, WireError, format_addr, parse_addr
 
@@ -76,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neighbours, space- or comma-separated")
     p.add_argument("--advertise", metavar="HOST",
                    help="host others reach this node at, for its label (needed with --host 0.0.0.0)")
-    p.add_argument("--ttl", type=_number(int, 1, what="an integer"), default=8,
-                   help="hops a message of ours travels (default 8)")
+    p.add_argument("--ttl", type=_ttl, default=0, metavar="N|auto",
+                   help="hops a message of ours travels; auto (the default): as far as the farthest known "
+                   "node, plus 2 (8 until the mesh is known)")
     p.add_argument("--seen-ttl", type=_number(float, 1.0, what="a number"), default=120.0,
                    metavar="SECONDS", help="how long a message id is remembered (default 120)")
     p.add_argument("--json", action="store_true", help="one JSON event per line on stdout, for scripts")
@@ -87,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "what commands answer: for relay-only nodes (/stats then counts nothing as displayed)")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"], help="logging on stderr (default warning)")
+    members = p.add_argument_group("membership")
+    members.add_argument("--nick", type=_nick, default=None, help="a name others see and can type after @")
+    members.add_argument("--discover", dest="discover", action="store_true", default=None,
+                         help="find nodes on the LAN by multicast beacons (the default without --peers)")
+    members.add_argument("--no-discover", dest="discover", action="store_false",
+                         help="do not beacon nor answer beacons")
+    members.add_argument("--discover-group", type=_group, default=DISCOVERY_GROUP, metavar="GROUP:PORT",
+                         help="multicast group and port of the beacons (default %s)" % format_addr(DISCOVERY_GROUP))
+    members.add_argument("--discover-iface", metavar="ADDRESS",
+                         help="beacon on the interface with this address only (default: the one --host names; "
+                         "with --host 0.0.0.0, the default route's and loopback)")
+    members.add_argument("--mesh", type=_mesh, default="meshchat", metavar="NAME",
+                         help="meshes with other names on the same LAN never see each other (default meshchat)")
+    members.add_argument("--max-peers", type=_number(int, 1, 4096, "an integer"), default=32, metavar="N",
+                         help="most neighbours, configured ones included; only learned ones are refused past it "
+                         "(default 32)")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-ttl", type=_number(int, 1, what="an integer"), default=16,
                         help="lower a received ttl above this to it (default 16)")
@@ -106,6 +124,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DISCOVERY_GROUP = ("239.255.77.77", 9977)
+
+
+def _ttl(text: str) -> int:
+    if text == "auto":
+        return 0
+    return _number(int, 1, 255, "an integer or auto")(text)
+
+
+def _nick(text: str) -> str:
+    if not valid_nick(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a nick: 1 to {MAX_NICK_CHARS} printable characters, "
+                                         "no spaces and none of @ # : / \\")
+    return text
+
+
+def _mesh(text: str) -> str:
+    if not 0 < len(text) <= MAX_MESH_CHARS or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mesh name: 1 to {MAX_MESH_CHARS} printable characters")
+    return text
+
+
+def _group(text: str) -> Addr:
+    try:
+        host, port = parse_addr(text)
+        packed = socket.inet_aton(host)
+    except (WireError, OSError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not GROUP:PORT") from None
+    if not 224 <= packed[0] <= 239:
+        raise argparse.ArgumentTypeError(f"{host!r} is not a multicast address (224.0.0.0 to 239.255.255.255)")
+    return host, port
+
+
+def discovery_interfaces(args: argparse.Namespace) -> tuple:
+    """The addresses of the interfaces to beacon on."""
+    if args.discover_iface:
+        return (args.discover_iface,)
+    if args.host not in _WILDCARD_HOSTS:
+        return (args.host,)
+    found = [_guess_address(), "127.0.0.1"]
+    return tuple(dict.fromkeys(found))
+
+
 def resolve_host(host: str) -> str:
     """A host name or IPv4 address to an IPv4 address; raises WireError saying why not."""
     try:
@@ -123,9 +184,12 @@ def resolve_peer(text: str) -> Addr:
     return resolve_host(host), port
 
 
-def no_peers_hint(label: str) -> str:
+def no_peers_hint(label: str, args: Optional[argparse.Namespace] = None) -> str:
     """What a node started without --peers is told (one line, on stderr)."""
-    return (f"meshchat: hint: no --peers: this node can only be reached by nodes that list it "
+    if args is not None and args.discover:
+        return (f"meshchat: no --peers: looking for nodes of mesh {args.mesh!r} on the LAN "
+                f"(group {format_addr(args.discover_group)}); others can also join with --peers {label}")
+    return (f"meshchat: hint: no --peers and no discovery: this node can only be reached by nodes that list it "
             f"(start them with --peers {label})")
 
 
@@ -147,7 +211,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                 except WireError as e:
                     parser.error(f"argument --peers: {e}")
     args.peers = peers
-    if args.ttl > args.max_ttl:
+    if args.ttl and args.ttl > args.max_ttl:
         parser.error(f"argument --ttl: {args.ttl} is above --max-ttl {args.max_ttl}")
     if args.max_skew is None:
         args.max_skew = min(60.0, args.seen_ttl / 2)
@@ -168,6 +232,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for addr in [a for a in args.peers if _is_self(a, args)]:
         print(f"meshchat: warning: --peers {format_addr(addr)} is this node itself; ignored", file=sys.stderr)
         args.peers.remove(addr)
+    if args.discover and args.peers_only:
+        parser.error("argument --discover: --peers-only takes no neighbours but --peers, so nothing to discover")
+    if args.discover is None:
+        args.discover = not args.peers and not args.peers_only
+    if args.discover_iface:
+        try:
+            socket.inet_aton(args.discover_iface)
+        except OSError:
+            parser.error(f"argument --discover-iface: {args.discover_iface!r} is not an IPv4 address")
     return args
 
 
@@ -362,12 +435,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
                          rate_limit=args.rate_limit, peers_only=args.peers_only, display=not args.quiet)
     try:
-        node = Node(config, args.host, args.port, args.peers, on_event, advertise=args.advertise)
+        node = Node(config, args.host, args.port, args.peers, on_event, advertise=args.advertise,
+                    membership=MembershipConfig(label="", mesh=args.mesh, nick=args.nick or "", max_peers=args.max_peers),
+                    discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover else None)
     except OSError as e:
         import errno
 
         if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
             print(f"meshchat: port {args.port} on {args.host} is already in use", file=sys.stderr)
+        elif args.discover and e.errno is None:
+            print(f"meshchat: {e}; use --no-discover and --peers, or --discover-iface ADDRESS", file=sys.stderr)
         else:
             print(f"meshchat: cannot bind {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -378,7 +455,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         node.start()
         console.ready(node.label)
         if not args.peers:
-            print(no_peers_hint(node.label), file=sys.stderr)
+            print(no_peers_hint(node.label, args), file=sys.stderr)
         if not args.headless:
             reader = threading.Thread(target=_read_stdin, args=(lines, interactive, console),
                                       name="meshchat-stdin", daemon=True)

@@ -22,6 +22,7 @@ import unicodedata
 import zlib
 from typing import Callable, Iterable, List, NamedTuple, Optional, TextIO, Tuple, Union
 
+from .membership import PeerDown, PeerUp, display_name
 from .relay import MAX_PARTS, Display, Notice, Pong
 from .wire import Message, WireError, parse_addr
 
@@ -284,12 +285,17 @@ class Console:
             self.pong(event)
         elif isinstance(event, Notice):
             self.notice(event.text)
+        elif isinstance(event, (PeerUp, PeerDown)):
+            self.peer_state(event)
         else:
             self.error(f"the node stopped: {event}")
 
 
 class JsonConsole(Console):
     """One JSON object per line on stdout. ASCII-only, so safe in any terminal."""
+
+    def peer_state(self, e: "Union[PeerUp, PeerDown]") -> None:
+        self.emit("peer_up" if isinstance(e, PeerUp) else "peer_down", peer=e.label, nick=e.nick)
 
     def emit(self, event: str, **fields: object) -> None:
         self._write(json.dumps({"event": event, **fields}) + "\n")
@@ -454,6 +460,11 @@ class TerminalConsole(Console):
 
     def pong(self, p: Pong) -> None:
         self.notice(f"pong from {p.src}: {p.rtt_ms:.1f} ms")
+
+    def peer_state(self, e: "Union[PeerUp, PeerDown]") -> None:
+        name = sanitize(display_name(e.label, e.nick))
+        where = f" ({sanitize(e.label)})" if e.nick else ""
+        self.notice(f"neighbour {name}{where} is {'up' if isinstance(e, PeerUp) else 'down'}")
 
     def notice(self, text: str) -> None:
         self._line(f"{self._fore.YELLOW}* ", f"{sanitize(text)}{self._style.RESET_ALL}")

@@ -463,12 +463,12 @@ class Membership:
         if h.seq is not None:
             self._count_seq(n, h.seq)
             n.rx_at = now
-        if proven:
-            if h.ack is not None and h.ack in n.sent:
-                rtt = max(0.0, (now - n.sent.pop(h.ack)) * 1000.0 - h.held_ms)
-                n.srtt_ms = rtt if n.srtt_ms is None else 0.875 * n.srtt_ms + 0.125 * rtt
-            if not n.up:
-                actions.extend(self._set_up(n, now))
+        if proven and h.ack is not None and h.ack in n.sent:
+            rtt = max(0.0, (now - n.sent.pop(h.ack)) * 1000.0 - h.held_ms)
+            n.srtt_ms = rtt if n.srtt_ms is None else 0.875 * n.srtt_ms + 0.125 * rtt
+        if not n.up and (proven or n.configured):
+            # A configured address is the user's word: its HELLO is enough (the handshake still runs).
+            actions.extend(self._set_up(n, now))
         if (h.ask or not proven) and now - n.answered_at >= ANSWER_EVERY_S:
             # They want proof that we are here, or we want theirs: answer now (not in a loop).
             n.answered_at = now

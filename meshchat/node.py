@@ -230,6 +230,8 @@ class Node:
     def _net_loop(self) -> None:
         select = self._selector.select
         m = self.membership
+        if m is not None:
+            self._tick()  # greet the peers now, before anything the user sends
         while not self._stopping.is_set():
             timeout = None
             if m is not None:
@@ -278,6 +280,7 @@ class Node:
             else:
                 with self._lock:
                     self.relay.counters.sent += 1
+                    self.relay.counters.link_sent += 1
 
     def _beacons_ready(self) -> None:
         self._datagrams_ready(self._group_sock)

@@ -56,6 +56,8 @@ COUNTERS = (
     "dropped_unproven",
     "dropped_own",
     "sent",
+    "link_received",
+    "link_sent",
     "send_errors",
     "recv_errors",
 )
@@ -249,6 +251,7 @@ class Relay:
             c.dropped_ttl += 1
             return []
         if msg.kind in self._link_kinds:
+            c.link_received += 1
             return self._link_local(msg, addr, len(data), now, wall)
         if msg.mid in self.seen and (msg.ttl == 1 or msg.mid not in self._spent):
             c.dropped_duplicate += 1
@@ -285,6 +288,7 @@ class Relay:
         for a in actions:
             if type(a) is Unicast:
                 self.counters.sent += 1
+                self.counters.link_sent += 1
                 out.append(Send(a.data, (a.addr,)))
             else:
                 out.append(a)

@@ -271,7 +271,8 @@ class Fleet:
 
 
 def meshchat_argv(*args: str) -> List[str]:
-    return [sys.executable, "-m", "meshchat", *args]
+    # No discovery: the benchmark's topologies are exactly what it configures.
+    return [sys.executable, "-m", "meshchat", "--no-discover", *args]
 
 
 # -- UDP helpers -------------------------------------------------------------------------------------
@@ -346,9 +347,11 @@ def _drain(sinks: Sequence[socket.socket], counts: List[int], buf: bytearray) ->
     for i, s in enumerate(sinks):
         while True:
             try:
-                s.recv_into(buf)
+                n = s.recv_into(buf)
             except (BlockingIOError, InterruptedError):
                 break
+            if b'"kind":"HELLO"' in buf[:n]:
+                continue  # the node greeting its peers (membership), not a copy of ours
             counts[i] += 1
             got += 1
     return got
