@@ -379,14 +379,24 @@ class Relay:
         rate = self.config.rate_limit
         total = self._total_rate
         bucket = self._peer_buckets.get(addr)
-        if bucket is not None:
-            if rate and not _take(bucket, rate, now):
-                self.counters.dropped_rate += 1
-                return False
+        if bucket is not None:  # the hot path: written out, as _take does it
+            if rate:
+                tokens = bucket[0] + (now - bucket[1]) * rate
+                if tokens > 2.0 * rate:
+                    tokens = 2.0 * rate
+                bucket[1] = now
+                if tokens < 1.0:
+                    bucket[0] = tokens
+                    self.counters.dropped_rate += 1
+                    return False
+                bucket[0] = tokens - 1.0
             if total:
                 t = self._total
-                t[0] = max(-2.0 * total, min(2.0 * total, t[0] + (now - t[1]) * total) - 1.0)
+                tokens = t[0] + (now - t[1]) * total
+                if tokens > 2.0 * total:
+                    tokens = 2.0 * total
                 t[1] = now
+                t[0] = tokens - 1.0 if tokens > 1.0 - 2.0 * total else -2.0 * total
             return True
         if rate:
             bucket = self._buckets.get(addr)

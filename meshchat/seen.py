@@ -23,7 +23,8 @@ Normal traffic is not refused: without a flood, an id is forgotten at least
 with ``ts`` within ``max_skew`` of our clock then; so ``horizon_ts`` trails
 our clock by at least ``ttl_s - max_skew - STAMP_RESOLUTION_S`` (59.5 s with
 the defaults, 120 and 60), and only messages about as old as ``--max-skew``
-allows (which the clock check refuses anyway from 60 s) fall under it. Under
+allows (which the clock check refuses anyway from 60 s) fall under it (a
+step back of our wall clock narrows that margin by the step). Under
 a flood that evicts ids much younger than ``ttl_s``, the horizon comes
 close to our clock (or past it, if the flood is dated ahead): the node then
 refuses older-dated messages rather than show anything twice (it fails
