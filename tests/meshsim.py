@@ -24,7 +24,6 @@ class SimMesh:
         self.shown: Dict[int, List] = {i: [] for i in range(1, n + 1)}
         self.pongs: Dict[int, List[Pong]] = {i: [] for i in range(1, n + 1)}
         self.datagrams = 0  # sent by any relay, to the mesh or outside it
-        self.outside: List = []  # (sender, addr, data) sent to addresses that are no relay
         neighbours = {i: [] for i in range(1, n + 1)}
         for a, b in edges:
             neighbours[a].append(addr_of(b))
@@ -60,8 +59,7 @@ class SimMesh:
             self.datagrams += 1
             target = int(addr[0].rsplit(".", 1)[1])
             if addr != addr_of(target) or target not in self.relays:
-                self.outside.append((sender, addr, data))  # to an address outside the mesh
-                continue
+                continue  # to an address outside the mesh (a stranger that sent something)
             actions = self.relays[target].datagram_received(data, addr_of(sender), self.now, self.wall)
             self._post(target, actions)
 
