@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--rate-limit", type=_number(float, 0.0, what="a number"), default=200.0,
                         metavar="PER_S", help="datagrams per second taken from each neighbour "
                         "(default 200, burst twice that; 0 for no limit)")
+    limits.add_argument("--rate-limit-total", type=_number(float, 0.0, what="a number"), default=None,
+                        metavar="PER_S", help="datagrams per second taken from all senders together; "
+                        "configured peers are held to their own limit only (default 10 x --rate-limit, "
+                        "burst twice that; 0 for no total)")
     limits.add_argument("--peers-only", action="store_true",
                         help="drop datagrams from addresses that are not --peers")
     p.add_argument("--version", action="version", version=f"meshchat {__version__}")
@@ -433,7 +437,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     config = RelayConfig(label="", ttl=args.ttl, seen_ttl_s=args.seen_ttl, seen_max=args.seen_max,
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
-                         rate_limit=args.rate_limit, peers_only=args.peers_only, display=not args.quiet)
+                         rate_limit=args.rate_limit, rate_limit_total=args.rate_limit_total,
+                         peers_only=args.peers_only, display=not args.quiet)
     try:
         node = Node(config, args.host, args.port, args.peers, on_event, advertise=args.advertise,
                     membership=MembershipConfig(label="", mesh=args.mesh, nick=args.nick or "", max_peers=args.max_peers),

@@ -312,10 +312,11 @@ class Membership:
         return self._flood if kind in BASE_KINDS else self._flood_ext
 
     def may_send(self, addr: Addr, kind: str) -> bool:
+        """Whether ``addr`` takes ``kind``: only a neighbour that said HELLO takes more than CHAT and PING."""
         if kind in BASE_KINDS:
             return True
         n = self.neighbours.get(addr)
-        return n is None or n.speaks  # a stranger is no seed peer of ours; a silent peer may be one
+        return n is not None and n.speaks
 
     def _room(self) -> bool:
         return len(self.neighbours) < self.config.max_peers

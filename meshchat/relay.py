@@ -4,7 +4,8 @@ Rules, so that a mesh of these (and of seed-design nodes) behaves:
 1. Every datagram received ends in exactly one outcome: handled, or dropped
    for one named reason. ``handled + sum(dropped_*) == received`` always.
 2. A message id is handled once. Our own ids are recorded when we send them,
-   so copies that come back from the mesh are dropped as duplicates.
+   so copies that come back from the mesh are dropped as duplicates; copies
+   of an id the seen cache has forgotten are refused by its ``ts`` (seen.py).
 3. A message is displayed when ``dst`` is empty or our label; a copy with
    ``ttl - 1`` goes to every peer except the one it came from and its origin,
    while ``ttl - 1 > 0``. A message addressed to us has arrived and goes no
@@ -15,17 +16,28 @@ Rules, so that a mesh of these (and of seed-design nodes) behaves:
    the same for ttl 2 closes the race one hop further, but cost 8% more
    datagrams in the benchmark's busy 50-node mesh: a few hops of slack in
    ``--ttl`` is cheaper.)
-4. Nothing here touches a socket, a thread or a clock: ``now`` (monotonic
+4. Answering costs the mesh about what asking did, whatever a datagram claims:
+   a PONG goes back only to the neighbour its PING came from, and relays send
+   it on along the PING's path (they remember, for a while, where each PING
+   they handled came from). A PONG for a PING we never saw (it crossed a
+   seed-design node, which floods PONGs, or we forgot it) is flooded, but
+   under a per-node budget, as are the PONGs we originate.
+5. Admission: each configured peer has its own token bucket, always; each
+   stranger address has one too (past MAX_TRACKED they share one), and
+   strangers together are also held to the total (``rate_limit_total``),
+   which peers' datagrams draw on without ever being refused by it.
+6. Nothing here touches a socket, a thread or a clock: ``now`` (monotonic
    seconds) and ``wall`` (unix seconds, for ``ts``) are arguments, so tests
    drive it with plain values. The node calls it under its one lock.
 """
 
 import re
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from .membership import BASE_KINDS, Unicast
+from .membership import BASE_KINDS, DEFAULT_TTL, Unicast
 from .seen import SeenCache
 from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
 
@@ -37,6 +49,9 @@ HEARD_KEEP_S = 600.0  # /peers forgets a stranger not heard from for this long
 MAX_TRACKED = 4096  # bound on per-address tables, which spoofed sources could grow
 MAX_PARTS = 1000  # a line split into more parts than this is sent without part marks
 LATE_COPY_S = 10.0  # how long a message that arrived with its hops spent waits for a better copy
+PONG_ANSWER_PER_S = 20.0  # PONGs a node originates a second, whatever the askers claim (bursts of 2x)
+PONG_FLOOD_PER_S = 20.0  # PONGs with no known way back that a node floods a second (bursts of 2x)
+SEEN_FULL_NOTICE_S = 60.0  # tell the user at most this often that young ids are being forgotten
 
 COUNTERS = (
     "received",
@@ -51,6 +66,9 @@ COUNTERS = (
     "dropped_stale",
     "dropped_ttl",
     "dropped_rate",
+    "dropped_rate_total",
+    "dropped_replay",
+    "dropped_pong_budget",
     "dropped_not_peer",
     "dropped_other_mesh",
     "dropped_unproven",
@@ -60,6 +78,7 @@ COUNTERS = (
     "link_sent",
     "send_errors",
     "recv_errors",
+    "pongs_unanswered",
 )
 
 
@@ -100,6 +119,7 @@ class RelayConfig:
     max_skew_s: float = 60.0
     max_datagram: int = 8192
     rate_limit: float = 200.0
+    rate_limit_total: Optional[float] = None  # all senders together; None: 10 x rate_limit; 0: no total
     peers_only: bool = False
     display: bool = True  # False (--quiet): no CHAT is displayed, so none is counted as displayed
 
@@ -197,7 +217,17 @@ class Relay:
         self._pings: Dict[str, float] = {}  # mid of a PING we sent -> when
         self._unanswered: Dict[str, Tuple[float, str]] = {}  # mid of a PING to one node -> (when, dst)
         self._ponged: Dict[str, float] = {}  # origin of a broadcast PING -> when we answered
-        self._buckets: Dict[tuple, List[float]] = {}  # addr, or ("PONG", origin) -> [tokens, last refill]
+        # mid of a PING we handled -> (the neighbour its first copy came from, when); oldest first
+        self._ping_from: "OrderedDict[str, Tuple[Addr, float]]" = OrderedDict()
+        self._buckets: Dict[tuple, List[float]] = {}  # stranger addr -> [tokens, last refill]
+        self._peer_buckets: Dict[Addr, List[float]] = {}  # never shared, never pushed out
+        total = config.rate_limit_total
+        self._total_rate = 10.0 * config.rate_limit if total is None else total
+        self._total = _full_bucket()
+        self._limited = bool(config.rate_limit or self._total_rate)
+        self._answers = _full_bucket()  # PONGs we originate
+        self._pong_floods = _full_bucket()  # PONGs with no way back that we flood
+        self._seen_full_told: Optional[float] = None
         self._skew_told: Dict[str, float] = {}
         self._spent: Dict[str, float] = {}  # mid whose first copy came with ttl 1 -> when
         for addr in peers:
@@ -210,6 +240,7 @@ class Relay:
             self.peers.append(addr)
             self._peer_set.add(addr)
             self._peer_by_label[format_addr(addr)] = addr
+            self._peer_buckets[addr] = _full_bucket()
             self._targets.clear()
 
     # -- receiving -----------------------------------------------------------
@@ -232,8 +263,7 @@ class Relay:
         if cfg.peers_only and addr not in self._peer_set:
             c.dropped_not_peer += 1
             return []
-        if cfg.rate_limit and not self._take_token(addr, now):
-            c.dropped_rate += 1
+        if self._limited and not self._admit(addr, now):
             return []
         if len(data) > cfg.max_datagram:
             c.dropped_oversize += 1
@@ -256,7 +286,8 @@ class Relay:
         if msg.mid in self.seen and (msg.ttl == 1 or msg.mid not in self._spent):
             c.dropped_duplicate += 1
             return []
-        if abs(wall - msg.ts) > cfg.max_skew_s:
+        ts = msg.ts
+        if abs(wall - ts) > cfg.max_skew_s:
             c.dropped_stale += 1
             return self._tell_skew(msg, now, wall)
         if msg.mid in self.seen:
@@ -264,7 +295,12 @@ class Relay:
                 c.dropped_duplicate += 1
                 return []
             return self._relay_late(msg, addr, data, head, now)
-        self.seen.add(msg.mid, now)
+        if ts <= self.seen.horizon_ts:  # maybe a copy of an id we forgot: see seen.py
+            c.dropped_replay += 1
+            return []
+        self.seen.add(msg.mid, now, ts)
+        if msg.kind == "PONG" and msg.dst != self.label:
+            return self._relay_pong(msg, addr, now, data, head)
         return self._handle(msg, addr, now, wall, data, head)
 
     def _link_local(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> list:
@@ -312,9 +348,12 @@ class Relay:
             c.displayed += 1
         if kind == "PING":
             if to_me or (msg.dst == "" and self._may_answer(msg.src, now)):
-                # Replies cost us a flood each: limited per asker like datagrams per neighbour.
-                if not self.config.rate_limit or self._take_token(("PONG", msg.src), now):
-                    actions.extend(self.originate("PONG", msg.mid, msg.src, now, wall)[1])
+                actions.extend(self._answer(msg, addr, now, wall))
+            if not to_me:
+                ping_from = self._ping_from
+                if len(ping_from) >= MAX_TRACKED:
+                    ping_from.popitem(last=False)  # forged PINGs push out the oldest, not the newest
+                ping_from[msg.mid] = (addr, now)
         elif kind == "PONG" and to_me:
             sent = self._pings.get(msg.body)
             self._unanswered.pop(msg.body, None)
@@ -331,6 +370,45 @@ class Relay:
         if not shown:
             c.consumed += 1
         return actions
+
+    def _answer(self, ping: Message, addr: Addr, now: float, wall: float) -> List[Send]:
+        """A PONG for ``ping``, to the neighbour it came from only: one datagram, whatever ``src`` says."""
+        m = self.membership
+        if m is not None and not m.may_send(addr, "PONG"):
+            return []  # a seed-design neighbour knows no PONG: it would only print an error
+        if not _take(self._answers, PONG_ANSWER_PER_S, now):
+            self.counters.pongs_unanswered += 1
+            return []
+        ttl = self.config.ttl or (m.ttl_for(ping.src) if m is not None else DEFAULT_TTL)
+        pong = Message(self._new_mid(), wall, ttl, "PONG", self.label, ping.src, ping.mid)
+        self.seen.add(pong.mid, now, wall)
+        self.counters.sent += 1
+        return [Send(encode(pong), (addr,))]
+
+    def _relay_pong(self, msg: Message, addr: Addr, now: float, data: bytes,
+                    head: "Optional[re.Match[bytes]]") -> list:
+        """A PONG for someone else: back along its PING's path, else a flood within budget."""
+        c = self.counters
+        back = self._ping_from.get(msg.body)
+        if back is None:
+            if not _take(self._pong_floods, PONG_FLOOD_PER_S, now):
+                c.dropped_pong_budget += 1
+                return []
+            c.handled += 1
+            send = self._copy(msg, addr, data, head, now)
+        else:
+            c.handled += 1
+            ttl = min(msg.ttl, self.config.max_ttl)
+            send = None
+            m = self.membership
+            if ttl > 1 and back[0] != addr and (m is None or m.may_send(back[0], "PONG")):
+                c.sent += 1
+                send = Send(_with_ttl(data, head, msg, ttl - 1), (back[0],))
+        if send is None:
+            c.consumed += 1
+            return []
+        c.relayed += 1
+        return [send]
 
     def _relay_late(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]",
                     now: float) -> list:
@@ -387,22 +465,51 @@ class Relay:
                 self._targets[key] = targets  # strangers could grow it: at most 2 x neighbours² entries
         return targets
 
-    def _take_token(self, key: tuple, now: float) -> bool:
-        """A token bucket per key: ``rate_limit`` a second, bursts of twice that."""
+    def _admit(self, addr: Addr, now: float) -> bool:
+        """Whether a datagram from ``addr`` is let in; a refusal is counted by its reason.
+
+        A configured peer needs a token from its own bucket only; it draws on the
+        total too (down to minus a burst), so strangers share what peers leave.
+        A stranger needs a token from its own bucket and one from the total."""
         rate = self.config.rate_limit
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= MAX_TRACKED:
-                key = ("*", 0)  # strangers beyond the bound share one bucket
-                bucket = self._buckets.get(key)
+        total = self._total_rate
+        bucket = self._peer_buckets.get(addr)
+        if bucket is None and self.membership is not None and addr in self.membership.neighbours:
+            # A neighbour that proved itself is admitted like a configured one (at most --max-peers).
+            bucket = self._peer_buckets[addr] = _full_bucket()
+        if bucket is not None:  # the hot path: written out, as _take does it
+            if rate:
+                tokens = bucket[0] + (now - bucket[1]) * rate
+                if tokens > 2.0 * rate:
+                    tokens = 2.0 * rate
+                bucket[1] = now
+                if tokens < 1.0:
+                    bucket[0] = tokens
+                    self.counters.dropped_rate += 1
+                    return False
+                bucket[0] = tokens - 1.0
+            if total:
+                t = self._total
+                tokens = t[0] + (now - t[1]) * total
+                if tokens > 2.0 * total:
+                    tokens = 2.0 * total
+                t[1] = now
+                t[0] = tokens - 1.0 if tokens > 1.0 - 2.0 * total else -2.0 * total
+            return True
+        if rate:
+            bucket = self._buckets.get(addr)
             if bucket is None:
-                bucket = self._buckets[key] = [2.0 * rate, now]
-        tokens = min(2.0 * rate, bucket[0] + (now - bucket[1]) * rate)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
+                if len(self._buckets) >= MAX_TRACKED:
+                    addr = ("*", 0)  # strangers beyond the bound share one bucket
+                    bucket = self._buckets.get(addr)
+                if bucket is None:
+                    bucket = self._buckets[addr] = _full_bucket()
+            if not _take(bucket, rate, now):
+                self.counters.dropped_rate += 1
+                return False
+        if total and not _take(self._total, total, now):
+            self.counters.dropped_rate_total += 1
             return False
-        bucket[0] = tokens - 1.0
         return True
 
     def _may_answer(self, origin: str, now: float) -> bool:
@@ -435,7 +542,7 @@ class Relay:
         """New messages from this node, split so each datagram fits MAX_SEND_BYTES."""
         mid = self._new_mid()
         m = self.membership
-        ttl = ttl or self.config.ttl or (m.ttl_for(dst) if m is not None else 8)
+        ttl = ttl or self.config.ttl or (m.ttl_for(dst) if m is not None else DEFAULT_TTL)
         fields: Dict[str, Any] = {}
         if m is not None:
             # Extension fields: the starting ttl (others learn how far we are) and our nick.
@@ -460,7 +567,7 @@ class Relay:
         targets = self._origin_targets(kind, dst, now)
         sends = []
         for part in messages:
-            self.seen.add(part.mid, now)
+            self.seen.add(part.mid, now, part.ts)
             if kind == "PING":
                 self._pings[part.mid] = now
                 if dst:
@@ -495,11 +602,23 @@ class Relay:
         late = [(mid, dst) for mid, (when, dst) in self._unanswered.items() if now - when >= PING_ANSWER_S]
         for mid, _ in late:
             del self._unanswered[mid]
+        notices = []
         self.seen.expire(now)
         if self.membership is not None:
             self.membership.expire(now)
+        young = self.seen.young_forgotten
+        if young and (self._seen_full_told is None or now - self._seen_full_told >= SEEN_FULL_NOTICE_S):
+            self._seen_full_told = now
+            self.seen.young_forgotten = 0
+            notices.append(Notice(
+                f"under a flood: {young} message ids were forgotten before --seen-ttl to stay within "
+                f"--seen-max {self.config.seen_max}; messages dated before the newest forgotten one are "
+                "refused (counted as dropped replay), so none is shown twice"))
         _drop_older(self._pings, now - PING_TIMEOUT_S)
         _drop_older(self._ponged, now - PONG_INTERVAL_S)
+        ping_from = self._ping_from
+        while ping_from and next(iter(ping_from.values()))[1] < now - PING_TIMEOUT_S:
+            ping_from.popitem(last=False)
         _drop_older(self._skew_told, now - self.config.seen_ttl_s)
         _drop_older(self._spent, now - LATE_COPY_S)
         _drop_older(self.heard, now - HEARD_KEEP_S, keep=self._peer_set)
@@ -507,7 +626,12 @@ class Relay:
         stale = [a for a, (_, last) in self._buckets.items() if now - last > 2.0]
         for a in stale:
             del self._buckets[a]
-        return [Notice(f"no answer from {dst} to our ping within {PING_ANSWER_S:g} s") for _, dst in late]
+        if self.membership is not None:
+            neighbours = self.membership.neighbours
+            for a in [a for a in self._peer_buckets if a not in self._peer_set and a not in neighbours]:
+                del self._peer_buckets[a]  # a learned neighbour that was forgotten
+        notices.extend(Notice(f"no answer from {dst} to our ping within {PING_ANSWER_S:g} s") for _, dst in late)
+        return notices
 
     def stats(self) -> Dict[str, int]:
         out = self.counters.as_dict()
@@ -524,6 +648,24 @@ class Relay:
             if addr not in self.peers:
                 rows.append((format_addr(addr), False, now - last))
         return rows
+
+
+def _full_bucket() -> List[float]:
+    """A token bucket [tokens, last refill] that fills up at its first use."""
+    return [0.0, float("-inf")]
+
+
+def _take(bucket: List[float], rate: float, now: float) -> bool:
+    """Take a token from ``bucket``, refilled at ``rate`` a second up to a burst of twice that."""
+    tokens = bucket[0] + (now - bucket[1]) * rate
+    if tokens > 2.0 * rate:
+        tokens = 2.0 * rate
+    bucket[1] = now
+    if tokens < 1.0:
+        bucket[0] = tokens
+        return False
+    bucket[0] = tokens - 1.0
+    return True
 
 
 def _drop_older(table: dict, cutoff: float, keep: Iterable = ()) -> None:

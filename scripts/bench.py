@@ -846,7 +846,7 @@ def bench_seen_bytes(cfg: dict) -> dict:
         worst = 0.0
         filled = None
         for i in range(adds):
-            cache.add(uuid.uuid4().hex, now)  # the id as a node keeps it: a 32-character str
+            cache.add(uuid.uuid4().hex, now, now)  # the id as a node keeps it: a 32-character str
             now += 1e-4  # 10,000 ids a second
             if i + 1 == cap:
                 filled = (tracemalloc.get_traced_memory()[0] - base) / len(cache)

@@ -23,7 +23,7 @@ class SimMesh:
         self.relays: Dict[int, Relay] = {}
         self.shown: Dict[int, List] = {i: [] for i in range(1, n + 1)}
         self.pongs: Dict[int, List[Pong]] = {i: [] for i in range(1, n + 1)}
-        self.datagrams = 0
+        self.datagrams = 0  # sent by any relay, to the mesh or outside it
         neighbours = {i: [] for i in range(1, n + 1)}
         for a, b in edges:
             neighbours[a].append(addr_of(b))
@@ -55,9 +55,11 @@ class SimMesh:
     def run(self) -> None:
         """Deliver every datagram in flight, breadth first, until the mesh is quiet."""
         while self._queue:
-            sender, (host, _), data = self._queue.popleft()
+            sender, addr, data = self._queue.popleft()
             self.datagrams += 1
-            target = int(host.rsplit(".", 1)[1])
+            target = int(addr[0].rsplit(".", 1)[1])
+            if addr != addr_of(target) or target not in self.relays:
+                continue  # to an address outside the mesh (a stranger that sent something)
             actions = self.relays[target].datagram_received(data, addr_of(sender), self.now, self.wall)
             self._post(target, actions)
 

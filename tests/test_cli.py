@@ -26,6 +26,7 @@ from procs import Proc, run
     (["--ttl", "20"], "--ttl"),
     (["--seen-ttl", "60", "--max-skew", "31"], "--max-skew"),
     (["--rate-limit", "-1"], "--rate-limit"),
+    (["--rate-limit-total", "lots"], "--rate-limit-total"),
     (["--advertise", "bad host"], "--advertise"),
     (["--peers", "no-such-host.invalid:9001"], "--peers"),
     (["--host", "nonsense.invalid"], "--host"),
@@ -140,7 +141,7 @@ def test_version_and_help():
     assert run("--version").stdout.strip() == f"meshchat {__version__}"
     help_text = run("--help").stdout
     for flag in ("--peers", "--ttl", "--seen-ttl", "--json", "--headless", "--advertise", "--max-datagram",
-                 "--rate-limit", "--peers-only", "--seen-max", "--max-skew", "--max-ttl"):
+                 "--rate-limit", "--rate-limit-total", "--peers-only", "--seen-max", "--max-skew", "--max-ttl"):
         assert flag in help_text
 
 

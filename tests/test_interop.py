@@ -3,6 +3,8 @@
 import json
 import time
 
+from meshchat.relay import Pong
+
 from nodes import Cluster
 from seednode import SeedNode
 
@@ -48,3 +50,23 @@ def test_seed_heartbeat_pings_get_one_pong_per_interval_and_our_ping_gets_throug
                 break
             seen.append(msg["kind"])
         assert seen.count("PONG") == 0, "five heartbeats, one answer"
+
+
+def test_roll_call_and_ping_to_one_node_give_round_trip_times_through_seed_nodes():
+    # meshchat 1 -- seed A -- meshchat 2 -- seed B (answers PINGs with a flooded PONG) -- meshchat 3
+    with Cluster(3) as c, SeedNode([c[1].node.addr, c[2].node.addr]) as a, \
+            SeedNode([c[2].node.addr, c[3].node.addr], answer_pings=True) as b:
+        c[1].node.add_peer(a.addr)
+        c[2].node.add_peer(a.addr)
+        c[2].node.add_peer(b.addr)
+        c[3].node.add_peer(b.addr)
+        [call] = c[1].node.ping()
+        heard = {}
+        while len(heard) < 3:
+            pong = c[1].next(Pong)
+            assert pong.mid == call.mid and 0 <= pong.rtt_ms < 5000
+            heard[pong.src] = pong.rtt_ms
+        assert set(heard) == {c[2].label, b.label, c[3].label}
+        [one] = c[1].node.ping(c[3].label)
+        pong = c[1].next(Pong)
+        assert (pong.src, pong.mid) == (c[3].label, one.mid) and pong.rtt_ms >= 0

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from meshchat.relay import (COUNTERS, MAX_SEND_BYTES, PONG_INTERVAL_S, Display, Notice, Pong, Relay,
+from meshchat.relay import (COUNTERS, MAX_SEND_BYTES, MAX_TRACKED, PING_TIMEOUT_S, PONG_ANSWER_PER_S,
+                            PONG_FLOOD_PER_S, PONG_INTERVAL_S, SEEN_FULL_NOTICE_S, Display, Notice, Pong, Relay,
                             RelayConfig, Send, split_body)
 from meshchat.wire import Message, decode, encode
 
@@ -74,11 +75,15 @@ def test_duplicate_is_dropped_and_counted():
     check_accounting(r)
 
 
-def test_expired_id_is_handled_again():
+def test_an_expired_id_dated_later_is_handled_again_but_the_same_copy_is_refused():
     r = relay(seen_ttl_s=10, max_skew_s=5)
     r.datagram_received(datagram(), addr_of(2), 0.0, WALL)
     r.expire(20.0)
-    assert r.datagram_received(datagram(), addr_of(2), 20.0, WALL)[0].message.mid == "x1"
+    # The clock check alone lets this through (the wall clock stood still): the horizon does not.
+    assert r.datagram_received(datagram(), addr_of(2), 20.0, WALL) == []
+    assert r.stats()["dropped_replay"] == 1
+    assert r.datagram_received(datagram(ts=WALL + 20), addr_of(2), 20.0, WALL + 20)[0].message.mid == "x1"
+    check_accounting(r)
 
 
 def test_unknown_fields_are_relayed_unchanged():
@@ -325,19 +330,21 @@ def test_counter_names_are_stable():
     assert set(relay().stats()) == set(COUNTERS) | {"seen_size"}
 
 
-def test_pong_replies_are_rate_limited_per_asker():
-    r = relay(rate_limit=5)
+def test_pong_answers_have_a_total_budget_whatever_the_askers_claim():
+    r = relay(rate_limit=0)
     pongs = 0
-    for i in range(30):
-        # Each PING comes from another neighbour address, so only the reply limit applies.
-        actions = r.datagram_received(datagram(mid=f"p{i}", kind="PING", dst=r.label), ("10.1.0.%d" % i, 1),
-                                      0.0, WALL)
+    for i in range(100):
+        # Fresh forged origins from fresh addresses: no per-asker or per-origin limit applies.
+        actions = r.datagram_received(datagram(mid=f"p{i}", kind="PING", src="10.2.0.%d:1" % i, dst=r.label),
+                                      ("10.1.0.%d" % i, 1), 0.0, WALL)
         pongs += sum(1 for a in actions if isinstance(a, Send))
-    assert pongs == 10  # a burst of twice the rate
+    assert pongs == 2 * PONG_ANSWER_PER_S and r.stats()["pongs_unanswered"] == 100 - pongs
+    actions = r.datagram_received(datagram(mid="later", kind="PING", dst=r.label), addr_of(2), 1.0, WALL)
+    assert [type(a) for a in actions] == [Send], "the budget refills"
+    check_accounting(r)
 
 
 def test_tables_fed_by_strangers_stay_bounded():
-    from meshchat.relay import MAX_TRACKED
     r = relay(rate_limit=1)
     for i in range(MAX_TRACKED + 500):
         r.datagram_received(b"x", ("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1), 0.0, WALL)
@@ -413,3 +420,183 @@ def test_a_node_that_displays_nothing_counts_nothing_as_displayed():
     s = r.stats()
     assert s["displayed"] == 0 and s["relayed"] == 1 and s["consumed"] == 1 and s["handled"] == 2
     check_accounting(r)
+
+
+# -- replies cannot be multiplied by forged origins ------------------------------------------------
+
+
+def test_a_pong_goes_back_only_to_the_neighbour_the_ping_came_from():
+    r = relay()
+    actions = r.datagram_received(datagram(mid="p", kind="PING", src="10.66.0.1:9000"), addr_of(3), 0.0, WALL)
+    [answer, relayed] = actions
+    assert answer.addrs == (addr_of(3),) and relayed.addrs == (addr_of(2), addr_of(4))
+    pong = json.loads(answer.data)
+    assert (pong["kind"], pong["dst"], pong["body"], pong["src"]) == ("PONG", "10.66.0.1:9000", "p", r.label)
+
+
+def test_relays_send_a_pong_on_along_the_path_its_ping_came():
+    mesh = SimMesh(5, line(5))
+    [ping] = mesh.originate(1, "", dst=label_of(5), kind="PING")
+    mesh.run()
+    assert [p.mid for p in mesh.pongs[1]] == [ping.mid]
+    # 4 hops out, 4 back: nothing else.
+    assert mesh.datagrams == 8 and sum(r.stats()["relayed"] for r in mesh.relays.values()) == 6
+
+
+def test_a_pong_with_no_known_way_back_is_flooded_within_a_budget_and_counted():
+    r = relay(rate_limit=0)
+    sent = []
+    for i in range(100):
+        pong = datagram(mid=f"q{i}", kind="PONG", src="10.66.0.%d:1" % i, dst="10.77.0.1:1", body=f"unknown{i}")
+        sent += r.datagram_received(pong, addr_of(2), 0.0, WALL)
+    assert len(sent) == 2 * PONG_FLOOD_PER_S and all(s.addrs == (addr_of(3), addr_of(4)) for s in sent)
+    assert r.stats()["dropped_pong_budget"] == 100 - len(sent)
+    check_accounting(r)
+
+
+def test_the_pings_remembered_for_their_pongs_stay_bounded_and_expire():
+    r = relay(rate_limit=0)
+    for i in range(MAX_TRACKED + 100):
+        r.datagram_received(datagram(mid=f"f{i}", kind="PING", src="10.66.%d.%d:1" % (i >> 8, i & 255)),
+                            ("10.1.%d.%d" % (i >> 8, i & 255), 1), 0.0, WALL)
+    assert len(r._ping_from) == MAX_TRACKED and "f0" not in r._ping_from, "the oldest make room"
+    r.datagram_received(datagram(mid="new", kind="PING"), addr_of(2), 1.0, WALL)
+    back = r.datagram_received(datagram(mid="pong", kind="PONG", dst="10.0.0.9:9000", body="new"),
+                               addr_of(3), 1.0, WALL)
+    assert [s.addrs for s in back] == [(addr_of(2),)], "the newest PING still finds its way back"
+    r.expire(1.1 + PING_TIMEOUT_S)
+    assert len(r._ping_from) == 0
+
+
+def flood_cost(kind: str) -> int:
+    """Datagrams a full mesh of 8 sends for 10 broadcasts of ``kind`` with fresh forged origins."""
+    mesh = SimMesh(8, full(8))
+    for i in range(10):
+        mesh.inject(1 + i % 8, datagram(mid=f"{kind}{i}", kind=kind, src="10.66.0.%d:9000" % i, body=""),
+                    from_addr=("10.66.0.%d" % i, 9000))
+        mesh.run()
+    for r in mesh.relays.values():
+        check_accounting(r)
+    return mesh.datagrams
+
+
+def test_forged_broadcast_pings_cost_a_full_mesh_at_most_three_times_what_chats_cost():
+    chats, pings = flood_cost("CHAT"), flood_cost("PING")
+    assert chats == 10 * 7 * 7  # 7 copies from the first node, 6 from each of the others
+    assert pings <= 3 * chats, (pings, chats)
+
+
+def test_roll_call_and_addressed_ping_keep_their_round_trip_times_in_a_full_mesh():
+    mesh = SimMesh(6, full(6))
+    [call] = mesh.originate(1, "", kind="PING")
+    mesh.now += 0.01
+    mesh.run()
+    assert sorted(p.src for p in mesh.pongs[1]) == [label_of(i) for i in range(2, 7)]
+    assert all(p.mid == call.mid and p.rtt_ms == pytest.approx(10.0) for p in mesh.pongs[1])
+    [one] = mesh.originate(1, "", dst=label_of(4), kind="PING")
+    mesh.run()
+    assert mesh.pongs[1][-1].src == label_of(4) and mesh.pongs[1][-1].mid == one.mid
+
+
+# -- admission has a total --------------------------------------------------------------------------
+
+
+def stranger(i: int):
+    return ("10.%d.%d.%d" % (100 + (i >> 16), (i >> 8) & 255, i & 255), 40000)
+
+
+def test_a_configured_peer_gets_through_while_5000_stranger_addresses_flood():
+    r = relay(rate_limit=200)
+    shown = 0
+    for step in range(100):  # one second of a flood, in steps of 10 ms
+        now = step * 0.01
+        for k in range(100):
+            i = (step * 100 + k) % 5000
+            r.datagram_received(datagram(mid=f"s{step}-{k}", src="10.66.0.1:1"), stranger(i), now, WALL)
+        if step < 50:
+            continue  # the peer's first datagram comes after the strangers have filled the bucket table
+        for j in range(6):
+            actions = r.datagram_received(datagram(mid=f"peer{step}-{j}", src=label_of(2)), addr_of(2), now, WALL)
+            shown += sum(1 for a in actions if isinstance(a, Display))
+    s = r.stats()
+    assert shown == 300, "every message of the configured peer"
+    # Strangers got at most the total's burst and a second's refill (2 s + 1 s of 2,000/s).
+    strangers_in = s["handled"] - 300
+    assert strangers_in <= 3 * 2000 and s["dropped_rate_total"] > 0
+    assert len(r._buckets) <= MAX_TRACKED + 1
+    check_accounting(r)
+
+
+def test_strangers_together_are_held_to_the_total_and_each_to_its_own_bucket():
+    r = relay(rate_limit=10, rate_limit_total=50)
+    for i in range(200):  # 200 strangers, one datagram each: only the total refuses
+        r.datagram_received(datagram(mid=f"a{i}"), stranger(i), 0.0, WALL)
+    assert r.stats()["dropped_rate_total"] == 100 and r.stats()["dropped_rate"] == 0
+    for i in range(30):  # one stranger, a second later: its own bucket holds 20
+        r.datagram_received(datagram(mid=f"b{i}"), stranger(999), 1.0, WALL)
+    assert r.stats()["dropped_rate"] == 10 and r.stats()["dropped_rate_total"] == 100
+    check_accounting(r)
+
+
+def test_a_peer_is_never_refused_by_the_total_but_leaves_strangers_less():
+    r = relay(rate_limit=1000, rate_limit_total=100)
+    for i in range(500):
+        assert r.datagram_received(datagram(mid=f"p{i}"), addr_of(2), 0.0, WALL)
+    assert r.datagram_received(datagram(mid="s"), stranger(1), 0.0, WALL) == []
+    assert r.stats()["dropped_rate_total"] == 1
+
+
+def test_rate_limit_total_zero_is_no_total():
+    r = relay(rate_limit=10, rate_limit_total=0)
+    for i in range(1000):
+        r.datagram_received(datagram(mid=f"a{i}"), stranger(i), 0.0, WALL)
+    assert r.stats()["dropped_rate_total"] == 0 and r.stats()["handled"] == 1000
+
+
+# -- replay protection that holds -----------------------------------------------------------------
+
+
+def test_a_message_replayed_after_eviction_is_refused_and_shown_once():
+    r = relay(seen_max=100, rate_limit=0)
+    first = r.datagram_received(datagram(mid="victim", body="once"), addr_of(2), 0.0, WALL)
+    assert [type(a) for a in first] == [Display, Send]
+    for i in range(150):  # fresh ids, all younger than --max-skew: the victim is evicted
+        r.datagram_received(datagram(mid=f"fill{i}", ts=WALL + i * 0.001), addr_of(3), i * 0.001, WALL)
+    assert "victim" not in r.seen
+    replayed = r.datagram_received(datagram(mid="victim", body="once"), addr_of(4), 0.2, WALL + 0.2)
+    assert replayed == [] and r.stats()["dropped_replay"] == 1 and r.stats()["displayed"] == 151
+    fresh = r.datagram_received(datagram(mid="new", ts=WALL + 0.2), addr_of(2), 0.2, WALL + 0.2)
+    assert isinstance(fresh[0], Display), "traffic dated now still flows"
+    check_accounting(r)
+
+
+def test_a_replay_at_the_edge_of_expiry_and_stamp_sharing_is_refused():
+    # Defaults: --seen-ttl 120, --max-skew 60. The id is recorded 0.49 s after its batch's stamp,
+    # so it expires 0.49 s early, and it was dated 60 s ahead: the clock check alone lets the
+    # replay through at 120 s (it is 59.51 s off). The horizon does not.
+    r = relay(rate_limit=0)
+    r.datagram_received(datagram(mid="first"), addr_of(2), 0.0, WALL)
+    ahead = WALL + 0.49 + 60.0
+    assert r.datagram_received(datagram(mid="edge", ts=ahead), addr_of(2), 0.49, WALL + 0.49)[0].message.mid == "edge"
+    r.expire(120.0)
+    assert "edge" not in r.seen
+    assert r.datagram_received(datagram(mid="edge", ts=ahead), addr_of(3), 120.0, WALL + 120.0) == []
+    assert r.stats()["dropped_replay"] == 1 and r.stats()["displayed"] == 2
+    # Normal traffic after the expiry is not refused, even from a clock 59 s behind ours.
+    for mid, ts in (("now", WALL + 120.0), ("behind", WALL + 61.0)):
+        assert r.datagram_received(datagram(mid=mid, ts=ts), addr_of(2), 120.0, WALL + 120.0)[0].message.mid == mid
+
+
+def test_the_user_is_told_once_a_minute_that_young_ids_are_being_forgotten():
+    r = relay(seen_max=100, rate_limit=0)
+    assert r.expire(0.0) == []
+    for i in range(300):
+        r.datagram_received(datagram(mid=f"f{i}"), addr_of(2), 0.0, WALL)
+    [notice] = r.expire(1.0)
+    assert "flood" in notice.text and "--seen-max 100" in notice.text
+    for i in range(300):
+        r.datagram_received(datagram(mid=f"g{i}", ts=WALL + 2), addr_of(2), 2.0, WALL + 2)
+    assert r.expire(2.0) == [], "not again within a minute"
+    [again] = r.expire(1.0 + SEEN_FULL_NOTICE_S)
+    assert "flood" in again.text
+    assert r.expire(2.0 + SEEN_FULL_NOTICE_S) == [], "nothing forgotten young since"
