@@ -362,8 +362,9 @@ class Membership:
                     extra["ack"] = n.rx_seq
                     extra["held"] = round((now - n.rx_at) * 1000.0, 1)
                 if gap is None:
-                    gap = min(max(n.next_hello - now, 0.0), self.config.hello_max_s)
-                extra["ivl"] = round(gap + DOWN_MARGIN_S, 2)
+                    gap = max(n.next_hello - now, 0.0)
+                # A probe's next HELLO comes as soon as it is answered: never promise more than a link's longest gap.
+                extra["ivl"] = round(min(gap, self.config.hello_max_s) + DOWN_MARGIN_S, 2)
         # Short mids and rounded times: a HELLO to a stranger must not outgrow the one that asked (rule 2).
         msg = Message(self._new_mid()[:12], round(wall, 2), 1, "HELLO", self.label, format_addr(addr), "", extra)
         self.counters["hello_sent"] += 1
