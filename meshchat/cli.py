@@ -167,8 +167,27 @@ def discovery_interfaces(args: argparse.Namespace) -> tuple:
         return (args.discover_iface,)
     if args.host not in _WILDCARD_HOSTS:
         return (args.host,)
-    found = [_guess_address(), "127.0.0.1"]
+    found = [_guess_address(), *_interface_addresses(), "127.0.0.1"]
     return tuple(dict.fromkeys(found))
+
+
+def _interface_addresses() -> List[str]:
+    """Every interface's IPv4 address, where the OS tells it without a package (Linux); else none."""
+    if not sys.platform.startswith("linux") or not hasattr(socket, "if_nameindex"):
+        return []
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:
+                req = struct.pack("256s", name.encode()[:15])
+                out.append(socket.inet_ntoa(fcntl.ioctl(probe.fileno(), siocgifaddr, req)[20:24]))
+            except OSError:
+                continue  # no IPv4 address, or down
+    return out
 
 
 def resolve_host(host: str) -> str:

@@ -533,18 +533,22 @@ class Membership:
 
     def learn(self, msg: Message, addr: Addr, now: float) -> None:
         """The first copy of a flooded message: its origin is alive, this far, and reached through ``addr``."""
-        if msg.src == self.label:
+        src = msg.src
+        if src == self.label:
             return
         x = msg.extra
-        hops = None
-        if x:
-            ttl0 = _int(x.get("ttl0"), 1, 255)
-            if ttl0 is not None and ttl0 >= msg.ttl:
+        hops = nick = None
+        if x:  # once per message: kept short
+            ttl0 = x.get("ttl0")
+            if type(ttl0) is int and msg.ttl <= ttl0 <= 255:
                 hops = ttl0 - msg.ttl + 1
-        nick = x.get("nick") if x else None
+            nick = x.get("nick")
+            if nick is not None:
+                known = self.members.get(src)
+                if (known is None or nick != known.nick) and not valid_nick(nick):
+                    nick = None
         n = self.neighbours.get(addr)
-        via = addr if n is not None and n.up else None
-        self._learn_member(msg.src, nick if valid_nick(nick) else None, hops, via, now)
+        self._learn_member(src, nick, hops, addr if n is not None and n.up else None, now)
 
     def _learn_member(self, label: str, nick: Optional[str], hops: Optional[int], via: Optional[Addr],
                       now: float) -> None:

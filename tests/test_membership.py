@@ -215,3 +215,17 @@ def test_who_lists_us_neighbours_and_far_nodes():
     assert rows[0]["state"] == "you"
     assert [(r["label"], r["hops"], r["state"]) for r in rows[1:]] == [
         (label(2), 1, "neighbour up"), (label(7), 4, "alive")]
+
+
+def test_a_flood_of_forged_presence_keeps_the_tables_bounded_and_peers_in_place():
+    from meshchat.membership import MAX_MEMBERS
+    net = Net(2, configured=[(1, 2), (2, 1)])
+    net.advance(2.0)
+    m = net.ms[1]
+    for i in range(3 * MAX_MEMBERS):
+        fake = Message("p%d" % i, WALL, 5, "PRESENCE", "10.%d.%d.%d:9" % (i >> 16 & 255, i >> 8 & 255, i & 255),
+                       "", "", {"ttl0": 16, "nick": "x%d" % i})
+        m.learn(fake, ("10.66.0.1", 9), net.now)
+    assert len(m.members) <= MAX_MEMBERS and len(m.neighbours) == 1
+    assert m.neighbours[addr(2)].up and m.flood_targets("CHAT") == (addr(2),)
+    assert m.ttl_for("") == 16  # a forged far node can stretch our ttl only up to --max-ttl
