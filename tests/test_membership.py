@@ -223,7 +223,7 @@ def test_a_flood_of_forged_presence_keeps_the_tables_bounded_and_peers_in_place(
     net.advance(2.0)
     m = net.ms[1]
     for i in range(3 * MAX_MEMBERS):
-        fake = Message("p%d" % i, WALL, 5, "PRESENCE", "10.%d.%d.%d:9" % (i >> 16 & 255, i >> 8 & 255, i & 255),
+        fake = Message("p%d" % i, WALL, 1, "PRESENCE", "10.%d.%d.%d:9" % (i >> 16 & 255, i >> 8 & 255, i & 255),
                        "", "", {"ttl0": 16, "nick": "x%d" % i})
         m.learn(fake, ("10.66.0.1", 9), net.now)
     assert len(m.members) <= MAX_MEMBERS and len(m.neighbours) == 1
