@@ -189,11 +189,12 @@ class Neighbour:
 
 
 class Member:
-    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at")
+    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at", "caps")
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.nick = ""
+        self.caps: frozenset = frozenset()  # what it speaks, from its PRESENCE or HELLO
         self.hops: Optional[int] = None
         self.last_seen = 0.0
         self.via: Optional[Addr] = None
@@ -233,16 +234,18 @@ class Hello(NamedTuple):
     caps: frozenset
 
 
+def parse_caps(caps: object) -> frozenset:
+    if isinstance(caps, list) and len(caps) <= MAX_CAPS and all(isinstance(c, str) and len(c) <= 16 for c in caps):
+        return frozenset(caps)
+    return frozenset()
+
+
 def parse_hello(msg: Message) -> Hello:
     x = msg.extra
     mesh = x.get("mesh")
     if not (isinstance(mesh, str) and len(mesh) <= MAX_MESH_CHARS):
         mesh = None
-    caps = x.get("caps")
-    if isinstance(caps, list) and len(caps) <= MAX_CAPS and all(isinstance(c, str) and len(c) <= 16 for c in caps):
-        capset = frozenset(caps)
-    else:
-        capset = frozenset()
+    capset = parse_caps(x.get("caps"))
     nick = x.get("nick")
     return Hello(
         mesh=mesh,
@@ -476,7 +479,7 @@ class Membership:
             n.answered_at = now
             actions.append(self._hello(addr, now, wall, ask=not proven, n=n))
         if msg.src and n.up:
-            self._learn_member(msg.src, n.nick, 1, addr, now)
+            self._learn_member(msg.src, n.nick, 1, addr, now, n.caps)
         return actions, ""
 
     def _count_seq(self, n: Neighbour, seq: int) -> None:
@@ -547,11 +550,12 @@ class Membership:
                 known = self.members.get(src)
                 if (known is None or nick != known.nick) and not valid_nick(nick):
                     nick = None
+        caps = parse_caps(x.get("caps")) if x and msg.kind == "PRESENCE" else None
         n = self.neighbours.get(addr)
-        self._learn_member(src, nick, hops, addr if n is not None and n.up else None, now)
+        self._learn_member(src, nick, hops, addr if n is not None and n.up else None, now, caps)
 
     def _learn_member(self, label: str, nick: Optional[str], hops: Optional[int], via: Optional[Addr],
-                      now: float) -> None:
+                      now: float, caps: Optional[frozenset] = None) -> None:
         m = self.members.pop(label, None)  # re-inserted at the end: the dict stays least recent first
         if m is None:
             if len(self.members) >= MAX_MEMBERS:
@@ -567,6 +571,8 @@ class Membership:
                 self._known_since = now
         if via is not None:
             m.via, m.via_at = via, now
+        if caps:
+            m.caps = caps
 
     # -- timers ---------------------------------------------------------------------------------
 
@@ -633,7 +639,7 @@ class Membership:
     def _presence(self, now: float) -> Originate:
         self._last_presence = now
         self._presence_due = now + self._presence_interval() * self._rng.uniform(0.8, 1.0)
-        extra: Dict[str, Any] = {}
+        extra: Dict[str, Any] = {"caps": list(CAPS)}
         if self.nick:
             extra["nick"] = self.nick
         return Originate("PRESENCE", "", extra, self.config.max_ttl)
@@ -700,6 +706,13 @@ class Membership:
     def nick_of(self, label: str) -> str:
         m = self.members.get(label)
         return m.nick if m is not None else ""
+
+    def speaks(self, label: str, cap: str) -> Optional[bool]:
+        """Whether the node ``label`` said it speaks ``cap``; None if we know nothing of what it speaks."""
+        m = self.members.get(label)
+        if m is None or not m.caps:
+            return None
+        return cap in m.caps
 
     def who(self, now: float) -> List[Dict[str, Any]]:
         rows: Dict[str, Dict[str, Any]] = {}

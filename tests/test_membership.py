@@ -199,11 +199,11 @@ def test_names_resolve_and_ambiguity_is_refused():
 def test_presence_is_announced_once_links_settle_and_on_a_new_nick():
     net = Net(2, configured=[(1, 2), (2, 1)], nick="n")
     net.advance(3.0)
-    assert [e for e in net.events[1] if isinstance(e, Originate)] == [Originate("PRESENCE", "", {"nick": "n"}, 16)]
+    assert [e for e in net.events[1] if isinstance(e, Originate)] == [Originate("PRESENCE", "", {"caps": list(CAPS), "nick": "n"}, 16)]
     net.events[1].clear()
     net.ms[1].set_nick("alice", net.now)
     net.advance(0.25)
-    assert Originate("PRESENCE", "", {"nick": "alice"}, 16) in net.events[1]
+    assert Originate("PRESENCE", "", {"caps": list(CAPS), "nick": "alice"}, 16) in net.events[1]
 
 
 def test_who_lists_us_neighbours_and_far_nodes():
@@ -229,3 +229,12 @@ def test_a_flood_of_forged_presence_keeps_the_tables_bounded_and_peers_in_place(
     assert len(m.members) <= MAX_MEMBERS and len(m.neighbours) == 1
     assert m.neighbours[addr(2)].up and m.flood_targets("CHAT") == (addr(2),)
     assert m.ttl_for("") == 16  # a forged far node can stretch our ttl only up to --max-ttl
+
+
+def test_what_a_far_node_speaks_comes_from_its_presence():
+    m = Membership(MembershipConfig(label=label(1)), secret=b"k")
+    assert m.speaks(label(9), "ACK") is None
+    m.learn(Message("p", WALL, 5, "PRESENCE", label(9), "", "", {"caps": ["HELLO", "ACK"]}), addr(2), 1.0)
+    assert m.speaks(label(9), "ACK") is True and m.speaks(label(9), "FILE") is False
+    m.learn(Message("q", WALL, 5, "PRESENCE", label(8), "", "", {"caps": [1, 2]}), addr(2), 1.0)
+    assert m.speaks(label(8), "ACK") is None
