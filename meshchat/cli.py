@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: meshchat --port 9001 --peers 127.0.0.1:9002 127.0.0.1:9003",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_number(int, 0, 65535, "a port"), default=9001,
-                   help="UDP port to bind (default 9001; 0 picks a free one)")
+    p.add_argument("--port", type=_number(int, 0, 65535, "a port"), default=None,
+                   help=f"UDP port to bind (default {DEFAULT_PORT}, or the next free one after it; 0 picks any free one)")
     p.add_argument("--peers", nargs="*", default=[], metavar="HOST:PORT",
                    help="neighbours, space- or comma-separated")
     p.add_argument("--advertise", metavar="HOST",
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DISCOVERY_GROUP = ("239.255.77.77", 9977)
+DEFAULT_PORT = 9001
+DEFAULT_PORT_TRIES = 100  # without --port: 9001, else 9002, ... so that plain `meshchat` runs N times on one machine
 
 
 def _ttl(text: str) -> int:
@@ -190,6 +192,30 @@ def _interface_addresses() -> List[str]:
     return out
 
 
+def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[[object], None]) -> Node:
+    """The node bound to --port; without --port, to the first free port from the default on
+    (so that `meshchat` run in three terminals gives three nodes). OSError if none is free."""
+    tries = 1 if args.port_chosen else DEFAULT_PORT_TRIES
+    for i in range(tries):
+        try:
+            return Node(config, args.host, args.port, args.peers, on_event, advertise=args.advertise,
+                        membership=MembershipConfig(label="", mesh=args.mesh, nick=args.nick or "",
+                                                    max_peers=args.max_peers),
+                        discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover
+                        else None)
+        except OSError as e:
+            if not _in_use(e) or i == tries - 1 or args.port >= 65535:
+                raise
+            args.port += 1
+    raise AssertionError("unreachable")
+
+
+def _in_use(e: OSError) -> bool:
+    import errno
+
+    return e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1))
+
+
 def resolve_host(host: str) -> str:
     """A host name or IPv4 address to an IPv4 address; raises WireError saying why not."""
     try:
@@ -219,6 +245,9 @@ def no_peers_hint(label: str, args: Optional[argparse.Namespace] = None) -> str:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.port_chosen = args.port is not None
+    if args.port is None:
+        args.port = DEFAULT_PORT  # or the next free one, when the node binds
     if args.host not in _WILDCARD_HOSTS:
         # Bound by address, so that the label is the address others type after @ (names are resolved).
         try:
@@ -458,15 +487,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
                          rate_limit=args.rate_limit, rate_limit_total=args.rate_limit_total,
                          peers_only=args.peers_only, display=not args.quiet)
+    first = args.port
     try:
-        node = Node(config, args.host, args.port, args.peers, on_event, advertise=args.advertise,
-                    membership=MembershipConfig(label="", mesh=args.mesh, nick=args.nick or "", max_peers=args.max_peers),
-                    discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover else None)
+        node = open_node(args, config, on_event)
     except OSError as e:
-        import errno
-
-        if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
-            print(f"meshchat: port {args.port} on {args.host} is already in use", file=sys.stderr)
+        if _in_use(e):
+            if args.port_chosen:
+                print(f"meshchat: port {args.port} on {args.host} is already in use", file=sys.stderr)
+            else:
+                print(f"meshchat: ports {first} to {args.port} on {args.host} are all in use; pass --port",
+                      file=sys.stderr)
         elif args.discover and e.errno is None:
             print(f"meshchat: {e}; use --no-discover and --peers, or --discover-iface ADDRESS", file=sys.stderr)
         else:
