@@ -358,6 +358,14 @@ def test_relayed_copy_keeps_every_other_byte_as_it_came():
     b'{"mid":"k3","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","ttl":5}' % WALL,
     # A nested "ttl" in an unknown field is not the message's.
     b'{"mid":"k4","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","x":{"ttl":9}}' % WALL,
+    # A second "ttl" key written with escapes, or with a space before its colon, equal to the first:
+    # rewriting only the first would leave the copy with ttl 5 for ever.
+    b'{"mid":"k5","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","\\u0074tl":5}' % WALL,
+    b'{"mid":"k6","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi",'
+    b'"\\u0074\\u0074\\u006Cx":1,"tt\\u006c":5}' % WALL,
+    b'{"mid":"k7","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","ttl" :5}' % WALL,
+    # Leading whitespace: no head to rewrite.
+    b' {"mid":"k8","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi"}' % WALL,
 ])
 def test_relayed_copy_is_encoded_anew_when_rewriting_in_place_could_be_wrong(data):
     r = relay()
@@ -365,3 +373,4 @@ def test_relayed_copy_is_encoded_anew_when_rewriting_in_place_could_be_wrong(dat
     out = r.datagram_received(data, addr_of(2), 0.0, WALL)[-1].data
     assert out.count(b'"ttl":%d' % expected) == 1 and json.loads(out)["ttl"] == expected
     assert decode(out).ttl == expected
+    check_accounting(r)
