@@ -50,6 +50,7 @@ COUNTERS = (
     "dropped_ttl",
     "dropped_rate",
     "dropped_not_peer",
+    "dropped_internal",  # handling it raised: a bug, contained to that datagram by the node
     "sent",
     "send_errors",
     "recv_errors",
