@@ -256,6 +256,14 @@ def part_of(m: Message) -> Optional[Tuple[int, int]]:
     return i, n
 
 
+def _encodable(text: str, encoding: Optional[str]) -> str:
+    """``text`` with what ``encoding`` cannot write as backslash escapes (ASCII if unknown)."""
+    try:
+        return text.encode(encoding or "ascii", "backslashreplace").decode(encoding or "ascii")
+    except (LookupError, UnicodeError):
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
 class Console:
     """Shared by both consoles: one lock, and a stream that may break under us."""
 
@@ -270,7 +278,12 @@ class Console:
             if self.broken:
                 return
             try:
-                self._stream.write(text)
+                try:
+                    self._stream.write(text)
+                except UnicodeEncodeError:
+                    # A lone surrogate, or a character the stream's encoding lacks (an
+                    # ASCII or cp1252 stdout): shown as escapes, never a broken console.
+                    self._stream.write(_encodable(text, getattr(self._stream, "encoding", None)))
                 self._stream.flush()
             except (OSError, ValueError) as e:  # closed or broken pipe
                 self.broken = True

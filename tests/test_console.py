@@ -343,3 +343,32 @@ def test_notices_and_errors_are_sanitized_too():
     con.notice("clock of \x1b[2Jx\u202e")
     con.error("bad \u2028 thing")
     assert "\x1b" not in out.getvalue() and "\\x1b[2Jx\\u202e" in out.getvalue() and "\\u2028" in out.getvalue()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii", "cp1252"])
+@pytest.mark.parametrize("interactive", [False, True])
+def test_a_string_the_stream_cannot_encode_is_written_as_escapes_not_a_broken_console(encoding, interactive):
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding=encoding, errors="strict", write_through=True)
+    calls = []
+    con = TerminalConsole(out, color=False, interactive=interactive, on_broken=lambda: calls.append(1))
+    con.notice("lone \ud800 surrogate, é, ☃")
+    con.show(Display(chat(src="127.0.0.1:9002", body="body \udfff here")))
+    con.show(Pong("127.0.0.1:9003", 1.5, "m9"))
+    con.notice("after")
+    assert not con.broken and calls == []
+    text = raw.getvalue().decode(encoding)
+    assert "lone \\ud800 surrogate" in text and "\\udfff" in text and "pong from" in text and "after" in text
+    # What the stream can write is written as it is.
+    assert ("é" in text) == (encoding != "ascii") and ("☃" in text) == (encoding == "utf-8")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_json_console_writes_any_string_to_any_stream(encoding):
+    raw = io.BytesIO()
+    con = JsonConsole(io.TextIOWrapper(raw, encoding=encoding, write_through=True))
+    con.show(Display(chat(body="\ud800 é \U0001f600")))
+    con.notice("\udfff")
+    assert not con.broken
+    events = [json.loads(line) for line in raw.getvalue().decode(encoding).splitlines()]
+    assert events[0]["body"] == "\ud800 é \U0001f600" and events[1]["text"] == "\udfff"
