@@ -582,7 +582,8 @@ class Store:
         excess = self._message_count - self.history_max + max(1, int(self.history_max * HISTORY_TRIM_FRACTION))
         excess = min(excess, self._message_count)
         cursor = db.execute(
-            "DELETE FROM messages WHERE stored_at <= (SELECT stored_at FROM messages ORDER BY stored_at LIMIT 1 OFFSET ?)",
+            "DELETE FROM messages WHERE stored_at <="
+            " (SELECT stored_at FROM messages ORDER BY stored_at LIMIT 1 OFFSET ?)",
             (excess - 1,),
         )
         self._message_count -= cursor.rowcount
@@ -605,7 +606,8 @@ class Store:
         )
         dropped = self._bound_dst(db, "held", m.dst)
         cursor = db.execute(
-            "DELETE FROM held WHERE rowid IN (SELECT rowid FROM held ORDER BY created DESC, rowid DESC LIMIT -1 OFFSET ?)",
+            "DELETE FROM held WHERE rowid IN"
+            " (SELECT rowid FROM held ORDER BY created DESC, rowid DESC LIMIT -1 OFFSET ?)",
             (self.held_max,),
         )
         self.held_dropped += dropped + cursor.rowcount
@@ -770,7 +772,8 @@ class Store:
             if thread.is_alive():
                 # Closing the connection under a writer stuck on the disk is
                 # unsafe; the process exit ends both (the thread is a daemon).
-                log.warning("store: thread %s did not stop within %.1f s; queued items may be lost", thread.name, timeout_s)
+                log.warning("store: thread %s did not stop within %.1f s; queued items may be lost",
+                            thread.name, timeout_s)
                 return
         try:
             self._drain_inline()
