@@ -447,7 +447,7 @@ class Membership:
                     return [], "rate"
                 return [reply], ""
             if not self._room():
-                return [], "full"
+                return [], "unproven"  # no room: --max-peers
             n = self.neighbours[addr] = Neighbour(addr, False, now)
             self._challenged.pop(addr, None)
         actions: list = []

@@ -414,3 +414,57 @@ def test_structured_hostile_datagrams_through_the_whole_path_short():
 def test_structured_hostile_datagrams_through_the_whole_path_100k():
     counts = run_structured(100_000, seed=20261125)
     assert counts["rejected"] > 60_000 and counts["accepted"] > 18_000 and counts["copies_encoded_anew"] > 8000
+
+
+# -- membership's kinds and fields -------------------------------------------------------------
+
+MEMBER_FIELDS = {
+    "HELLO": ("mesh", "tok", "echo", "ask", "caps", "nick", "seq", "ack", "held", "ivl"),
+    "PRESENCE": ("nick", "ttl0", "caps"),
+    "CHAT": ("nick", "ttl0", "part"),
+}
+MEMBER_VALUES = WRONG_VALUES + [
+    10 ** 20, -(10 ** 20), 2 ** 53 + 1, 1e308, -1e308, 0.0, 1e-300, "a" * 5000, ["HELLO"] * 10_000,
+    [["x"]], [1, "a"], {"k": "v"}, "meshchat", "0123456789abcdef", "g" * 16, "alice", "a#b", "@x", " x",
+    [1, 2], [2, 1], [0, 0], [1, 1001],
+]
+
+
+def _member_relay():
+    from meshchat.membership import Membership, MembershipConfig
+
+    m = Membership(MembershipConfig(label=label_of(1), max_peers=4), secret=b"fuzz")
+    r = Relay(RelayConfig(label=label_of(1), rate_limit=0), [addr_of(2), addr_of(3)], membership=m)
+    return r, m
+
+
+def test_membership_fields_with_hostile_values_never_raise_and_keep_the_bounds():
+    rng = random.Random(20261126)
+    r, m = _member_relay()
+    out = io.StringIO()
+    consoles = [TerminalConsole(out, color=True, interactive=False), JsonConsole(out)]
+    for i in range(6000):
+        kind = rng.choice(list(MEMBER_FIELDS))
+        sender = rng.choice([addr_of(2), addr_of(3), ("10.7.%d.%d" % (i >> 8 & 255, i & 255), 9000)])
+        extra = {"mesh": "meshchat", "tok": "%016x" % rng.randrange(16 ** 16), "ttl0": 8}
+        if rng.random() < 0.5:
+            extra["echo"] = m._token_now(sender, 1.0 + i * 0.01)  # proved: the deeper path
+        extra[rng.choice(MEMBER_FIELDS[kind])] = rng.choice(MEMBER_VALUES)
+        ttl = 1 if kind == "HELLO" else rng.choice([1, 3, 8])
+        src = "%s:%d" % sender if rng.random() < 0.8 else label_of(rng.randrange(4, 200))
+        obj = dict(mid="mf%d" % i, ts=WALL, ttl=ttl, kind=kind, src=src, dst=rng.choice(["", label_of(1)]),
+                   body="hi", **extra)
+        data = json.dumps(obj).encode()
+        now = 1.0 + i * 0.01
+        for action in r.datagram_received(data, sender, now, WALL):
+            if isinstance(action, Send):
+                decode(action.data)  # whatever we send is valid
+            for c in consoles:
+                c.show(action) if not isinstance(action, Send) else None
+        if i % 500 == 0:
+            for action in r.timers_due(now, WALL):
+                if isinstance(action, Send):
+                    decode(action.data)
+    assert _adds_up(r)
+    assert len(m.neighbours) <= 4 and len(m.members) <= 4096 and len(m._challenged) <= 4096
+    assert not any(c.broken for c in consoles)
