@@ -405,7 +405,8 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
     if isinstance(cmd, Say):
         messages = node.say(cmd.body, cmd.dst)
         if echo and isinstance(console, TerminalConsole):
-            console.sent(messages, replace_typed=typed)
+            to = display_name(cmd.dst, node.nick_of(cmd.dst)) if cmd.dst else ""
+            console.sent(messages, replace_typed=typed, to=to)
         elif echo:
             console.sent(messages)
     elif isinstance(cmd, Ping):

@@ -489,13 +489,14 @@ class TerminalConsole(Console):
         else:
             self._line(f"{self._who(m.src, nick_of(m))} {self._part(m)}", body)
 
-    def sent(self, messages: Iterable[Message], replace_typed: str = "") -> None:
-        """Our own messages; ``replace_typed`` is the typed line whose echo they replace."""
+    def sent(self, messages: Iterable[Message], replace_typed: str = "", to: str = "") -> None:
+        """Our own messages; ``replace_typed`` is the typed line whose echo they replace; ``to``
+        the name of a direct message's destination (nick#tag), if the mesh knows its nick."""
         for i, m in enumerate(messages):
             you = f"{self._style.BRIGHT}<you>{self._style.RESET_ALL}"
             body = sanitize(m.body)
             if m.dst:
-                mark = (f"{self._fore.MAGENTA}{self._style.BRIGHT}(private to {sanitize(m.dst)})"
+                mark = (f"{self._fore.MAGENTA}{self._style.BRIGHT}(private to {sanitize(to or m.dst)})"
                         f"{self._style.RESET_ALL}")
                 lead, text = f"{you} {mark} {self._part(m)}", f"{self._fore.MAGENTA}{body}{self._style.RESET_ALL}"
             else:
@@ -592,14 +593,17 @@ def table(header: List[str], rows: List[List[str]]) -> List[str]:
             for row in cells]
 
 
-def _ago(seconds: Optional[float], never: str = "never") -> str:
+def _ago(seconds: Optional[float], unit: str = " s ago") -> str:
     if seconds is None:
-        return never
-    return "now" if seconds < 0.05 else f"{seconds:.1f} s ago"
+        return "never"
+    if seconds < 0.05:
+        return "now"
+    return f"{seconds:.1f}{unit}" if seconds < 10 else f"{seconds:.0f}{unit}"
 
 
 def peer_lines(rows: List[dict]) -> List[str]:
-    """``/peers`` for people: a row per neighbour (``Node.neighbour_rows``), in columns.
+    """``/peers`` for people: a row per neighbour (``Node.neighbour_rows``), in columns that fit
+    80 with the time and mark for a nick of six and an address of up to 17 characters.
 
     Rows with only the old keys (address, configured, last heard: a node
     without membership) get the old lines."""
@@ -614,11 +618,12 @@ def peer_lines(rows: List[dict]) -> List[str]:
     body = []
     for r in rows:
         where = r["addr"] if r["label"] == r["addr"] else f"{r['addr']} ({r['label']})"
+        rtt = r["rtt_ms"]
         body.append([display_name(r["label"], r["nick"]) if r["nick"] else "-", where,
-                     "peer" if r["configured"] else "learned", r["state"], _ago(r["last_heard_s"]),
-                     "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f} ms",
+                     "peer" if r["configured"] else "found", r["state"], _ago(r["last_heard_s"], " s"),
+                     "-" if rtt is None else f"{rtt:.1f} ms" if rtt < 10 else f"{rtt:.0f} ms",
                      "-" if r["loss"] is None else f"{r['loss']:.0%}"])
-    return table(["name", "address", "kind", "state", "last heard", "rtt", "loss"], body)
+    return table(["name", "address", "kind", "state", "heard", "rtt", "loss"], body)
 
 
 def who_lines(rows: List[dict]) -> List[str]:

@@ -416,7 +416,7 @@ def test_who_is_an_aligned_table_in_the_terminal_and_the_rows_in_json():
     assert rows[2].split() == [display_name("127.0.0.1:9001", "me"), "127.0.0.1:9001", "0", "-", "you"]
     assert rows[3].split() == [f"alice#{tag_of('127.0.0.1:9002')}", "127.0.0.1:9002", "1", "0.4", "s", "ago",
                                "neighbour", "up"]
-    assert rows[4].split() == ["127.0.0.1:9003", "127.0.0.1:9003", "?", "12.2", "s", "ago", "alive"]
+    assert rows[4].split() == ["127.0.0.1:9003", "127.0.0.1:9003", "?", "12", "s", "ago", "alive"]
     assert rows[5].split()[:4] == [f"日本#{tag_of('127.0.0.1:9004')}", "127.0.0.1:9004", "3", "never"]
     from meshchat.console import text_width
     starts = {text_width(row[:row.index("127.0.0.1", 1)]) for row in rows[2:]}
@@ -439,14 +439,26 @@ def test_peers_show_state_last_heard_rtt_and_loss_in_columns():
     TerminalConsole(out, color=False, interactive=False, columns=lambda: 120).peers(PEERS)
     JsonConsole(jout).peers(PEERS)
     rows = [row.split(" * ", 1)[1] for row in lines_of(out)]
-    assert rows[0].split() == ["name", "address", "kind", "state", "last", "heard", "rtt", "loss"]
+    assert rows[0].split() == ["name", "address", "kind", "state", "heard", "rtt", "loss"]
     assert rows[1].split() == [f"alice#{tag_of('127.0.0.1:9002')}", "127.0.0.1:9002", "peer", "up", "0.3", "s",
-                               "ago", "0.4", "ms", "0%"]
-    assert rows[2].split() == ["-", "127.0.0.1:9003", "peer", "legacy", "4.0", "s", "ago", "-", "-"]
-    assert rows[3].split() == [f"bob#{tag_of('lab.lan:9004')}", "192.168.1.5:9004", "(lab.lan:9004)", "learned",
-                               "down", "21.5", "s", "ago", "-", "25%"]
-    assert len({row.index("peer") if "peer" in row else row.index("learned") for row in rows[1:]}) == 1
+                               "0.4", "ms", "0%"]
+    assert rows[2].split() == ["-", "127.0.0.1:9003", "peer", "legacy", "4.0", "s", "-", "-"]
+    assert rows[3].split() == [f"bob#{tag_of('lab.lan:9004')}", "192.168.1.5:9004", "(lab.lan:9004)", "found",
+                               "down", "22", "s", "-", "25%"]
+    assert len({row.index("peer") if "peer" in row else row.index("found") for row in rows[1:]}) == 1
     assert json.loads(jout.getvalue())["peers"] == PEERS
+
+
+def test_peers_and_who_of_a_small_mesh_fit_80_columns_a_row_each():
+    rows = [dict(PEERS[0], addr=f"192.168.1.{i}:9001", label=f"192.168.1.{i}:9001", nick="alice1",
+                 configured=False, state="unknown", last_heard_s=100.25, rtt_ms=1234.5, loss=0.125)
+            for i in range(10, 13)]
+    who = [dict(WHO[1], label=r["label"], nick="alice1", state="neighbour unknown", last_seen_s=100.25) for r in rows]
+    out = io.StringIO()
+    con = TerminalConsole(out, color=False, interactive=False, columns=lambda: 80)
+    con.peers(rows)
+    con.who(who)
+    assert len(lines_of(out)) == 1 + len(rows) + 2 + len(who), "no row wrapped"
 
 
 def test_peers_without_membership_keep_the_old_lines_and_an_empty_table_says_so():
