@@ -425,7 +425,7 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
         elif cmd.nick:
             node.set_nick(cmd.nick)
             console.notice(f"you are now {display_name(node.label, cmd.nick)}; the mesh is told")
-        elif node.membership.nick:
+        elif node.membership.nick:  # one attribute read: only this thread ever sets it
             console.notice(f"you are {display_name(node.label, node.membership.nick)}")
         else:
             console.notice("you have no nick: /nick NAME sets one")
