@@ -23,10 +23,10 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 
 from . import __version__
 from .console import (
-    MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nothing, Peers, Ping, Quit, Say, Stats, TerminalConsole,
-    parse_line, part_of, readline_buffer,
+    MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
+    TerminalConsole, Who, nick_of, parse_line, part_of, readline_buffer,
 )
-from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, valid_nick
+from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, display_name, valid_nick
 from .node import Discovery, Failure, Node, start_without_signals
 from .relay import PONG_INTERVAL_S, Display, Notice, RelayConfig
 from .wire import Addr, WireError, format_addr, parse_addr
@@ -401,15 +401,47 @@ def _wait(get):
             continue
 
 
-def _resolved(cmd: object) -> object:
-    """A Say or Ping to ``name:port`` made one to ``address:port``, as --peers are: labels are
-    addresses. A name that does not resolve is an error, and nothing is sent."""
+def _resolved(cmd: object, node: Node) -> object:
+    """A Say or Ping to a typed name made one to a label. ``host:port`` becomes
+    ``address:port``, as --peers do (labels are addresses); anything else is a
+    nick or nick#tag, which the node's membership knows or not. A name that does
+    not resolve, or names several nodes, is an error, and nothing is sent."""
     if not isinstance(cmd, (Say, Ping)) or not cmd.dst:
         return cmd
-    try:
-        return cmd._replace(dst=format_addr(resolve_peer(cmd.dst)))
-    except WireError as e:
-        return Bad(f"{e}; nothing was sent")
+    if ":" in cmd.dst:  # a nick never has one
+        try:
+            return cmd._replace(dst=format_addr(resolve_peer(cmd.dst)))
+        except WireError as e:
+            return Bad(f"{e}; nothing was sent")
+    if node.membership is None:
+        return Bad(f"{cmd.dst!r}: this node knows no nicks; use HOST:PORT; nothing was sent")
+    label, error = node.resolve(cmd.dst)
+    if label is None:
+        if re.fullmatch(r"[0-9.]+|localhost", cmd.dst):
+            error += "; an address needs its port: HOST:PORT"
+        return Bad(f"{error}; nothing was sent")
+    return cmd._replace(dst=label)
+
+
+def shown_nick(event: Display, nick_of_label: Callable[[str], str]) -> Display:
+    """``event`` with the sender's nick in its extra fields: the one it carries, else the one
+    the mesh knows its sender by (a message that crossed a seed-design node has lost it)."""
+    m = event.message
+    if nick_of(m):
+        return event
+    nick = nick_of_label(m.src)
+    if not valid_nick(nick):
+        return event
+    return Display(m._replace(extra=dict(m.extra or {}, nick=nick)))
+
+
+def peer_rows(node: Node) -> List[dict]:
+    """/peers: each neighbour's state, last heard, rtt and loss; without membership, the relay's
+    own table (address, configured, last heard), whose keys every row keeps."""
+    if node.membership is not None:
+        return node.neighbour_rows()
+    return [{"addr": addr, "configured": configured, "last_heard_s": None if ago is None else round(ago, 1)}
+            for addr, configured, ago in node.peer_table()]
 
 
 def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = True) -> bool:
@@ -417,11 +449,12 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
 
     ``typed``: the line as entered at the prompt, whose echo our own lines
     replace; ``echo`` False (--quiet) shows none of our own lines."""
-    cmd = _resolved(cmd)
+    cmd = _resolved(cmd, node)
     if isinstance(cmd, Say):
         messages = node.say(cmd.body, cmd.dst)
         if echo and isinstance(console, TerminalConsole):
-            console.sent(messages, replace_typed=typed)
+            to = display_name(cmd.dst, node.nick_of(cmd.dst)) if cmd.dst else ""
+            console.sent(messages, replace_typed=typed, to=to)
         elif echo:
             console.sent(messages)
     elif isinstance(cmd, Ping):
@@ -434,8 +467,20 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
         console.error(cmd.error)
     elif isinstance(cmd, Help):
         console.help()
+    elif isinstance(cmd, Nick):
+        if node.membership is None:
+            console.error("this node has no membership, so no nick")
+        elif cmd.nick:
+            node.set_nick(cmd.nick)
+            console.notice(f"you are now {display_name(node.label, cmd.nick)}; the mesh is told")
+        elif node.membership.nick:  # one attribute read: only this thread ever sets it
+            console.notice(f"you are {display_name(node.label, node.membership.nick)}")
+        else:
+            console.notice("you have no nick: /nick NAME sets one")
+    elif isinstance(cmd, Who):
+        console.who(node.who())
     elif isinstance(cmd, Peers):
-        console.peers(node.peer_table())
+        console.peers(peer_rows(node))
     elif isinstance(cmd, Stats):
         console.stats(node.stats())
     elif isinstance(cmd, Quit):
@@ -476,9 +521,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         elif lines.qsize() < MAX_PENDING_EVENTS:
             if isinstance(event, Display) and event.message.extra:
-                # Unknown fields are relayed, never shown (but a valid "part"): do not keep them waiting.
-                part = part_of(event.message)
-                event = Display(event.message._replace(extra={"part": part} if part else {}))
+                # Unknown fields are relayed, never shown (but a valid "part" and "nick"): do not keep them waiting.
+                part, nick = part_of(event.message), nick_of(event.message)
+                kept = {"part": part} if part else {}
+                if nick:
+                    kept["nick"] = nick
+                event = Display(event.message._replace(extra=kept))
             lines.put(event)
         else:
             unshown[0] += 1
@@ -525,6 +573,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if item.done is not None:
                     item.done.set()
                 continue
+            if isinstance(item, Display):
+                item = shown_nick(item, node.nick_of)
             console.show(item)
             if isinstance(item, Failure):
                 break

@@ -421,6 +421,13 @@ class Node:
         with self._lock:
             return self.membership.resolve(name)
 
+    def nick_of(self, label: str) -> str:
+        """The nick the mesh knows ``label`` by, or ""."""
+        if self.membership is None:
+            return ""
+        with self._lock:
+            return self.membership.nick_of(label)
+
     def who(self) -> list:
         if self.membership is None:
             return []
