@@ -48,7 +48,8 @@ DOWN_MARGIN_S = 0.5
 PEER_IVL_CAP_S = 9.5  # whatever a neighbour announces, it is down after 3 x this of silence (< 30 s)
 PROBE_LEGACY_S = 60.0  # a configured peer that never said HELLO: one probe a minute, no more
 PROBE_DOWN_S = 5.0
-ANSWER_EVERY_S = 0.5  # at most one immediate answer per neighbour per this long  # a configured HELLO speaker that is down: probed this often until it answers
+ANSWER_EVERY_S = 0.5  # at most one immediate answer per neighbour per this long
+ANNOUNCE_WAIT_S = 1.0  # a neighbour proved by a bare challenge is announced once its full HELLO comes  # a configured HELLO speaker that is down: probed this often until it answers
 CHALLENGE_WINDOW_S = 60.0  # HELLOs to one unproven address: at most CHALLENGES_PER_ADDR in this long
 CHALLENGES_PER_ADDR = 3  # answers to its HELLOs (two nodes that beacon at once challenge each other twice)
 CHALLENGE_SLACK_BYTES = 16  # a challenge may outgrow what asked for it by this much (digits of ts)
@@ -148,7 +149,7 @@ def display_name(label: str, nick: str) -> str:
 class Neighbour:
     __slots__ = ("addr", "configured", "speaks", "up", "label", "nick", "caps", "last_heard", "since",
                  "interval", "next_hello", "peer_ivl", "seq_out", "sent", "their_tok", "rx_seq",
-                 "rx_expected", "rx_got", "srtt_ms", "rx_at", "answered_at")
+                 "rx_expected", "rx_got", "srtt_ms", "rx_at", "answered_at", "untold")
 
     def __init__(self, addr: Addr, configured: bool, now: float) -> None:
         self.addr = addr
@@ -172,6 +173,7 @@ class Neighbour:
         self.srtt_ms: Optional[float] = None
         self.rx_at = 0.0  # when their latest HELLO arrived, for the "held" of our answer
         self.answered_at = float("-inf")
+        self.untold = False  # up, but its PeerUp waits for a HELLO that says its nick (at most ANNOUNCE_WAIT_S)
 
     @property
     def state(self) -> str:
@@ -478,6 +480,8 @@ class Membership:
             # They want proof that we are here, or we want theirs: answer now (not in a loop).
             n.answered_at = now
             actions.append(self._hello(addr, now, wall, ask=not proven, n=n))
+        if n.untold and h.caps:
+            actions.extend(self._announce(n))
         if msg.src and n.up:
             self._learn_member(msg.src, n.nick, 1, addr, now, n.caps)
         return actions, ""
@@ -499,13 +503,23 @@ class Membership:
         n.up = True
         n.since = now
         n.interval = min(HELLO_MIN_S, self.config.hello_max_s)
-        n.next_hello = min(n.next_hello, now + n.interval)
+        # A full HELLO at once: a neighbour that proved us by a bare challenge learns our nick now.
+        n.next_hello = now
         self._changed()
         self.counters["peer_up"] += 1
         self._schedule_presence(now)
+        if not n.caps:  # nothing but a bare challenge from it yet: announce it with its nick, shortly
+            n.untold = True
+            return []
         return [PeerUp(n.label, n.addr, n.nick)]
 
+    def _announce(self, n: Neighbour) -> list:
+        n.untold = False
+        return [PeerUp(n.label, n.addr, n.nick)] if n.up else []
+
     def _set_down(self, n: Neighbour, now: float) -> list:
+        told = not n.untold  # never announced up: nothing to take back
+        n.untold = False
         n.up = False
         n.since = now
         n.interval = PROBE_DOWN_S
@@ -520,7 +534,7 @@ class Membership:
                 m.via = None
         self._changed()
         self.counters["peer_down"] += 1
-        return [PeerDown(n.label, n.addr, n.nick)]
+        return [PeerDown(n.label, n.addr, n.nick)] if told else []
 
     def heard(self, addr: Addr, now: float) -> list:
         """Anything at all arrived from ``addr``: a neighbour that was down is up again."""
@@ -579,6 +593,8 @@ class Membership:
     def tick(self, now: float, wall: float) -> list:
         actions: list = []
         for n in list(self.neighbours.values()):
+            if n.untold and now >= n.since + ANNOUNCE_WAIT_S:
+                actions.extend(self._announce(n))
             if n.up and n.last_heard is not None and now >= n.last_heard + DOWN_AFTER_INTERVALS * n.peer_ivl:
                 actions.extend(self._set_down(n, now))
                 if n.addr not in self.neighbours:
@@ -609,6 +625,8 @@ class Membership:
         times = []
         for n in self.neighbours.values():
             times.append(n.next_hello)
+            if n.untold:
+                times.append(n.since + ANNOUNCE_WAIT_S)
             if n.up and n.last_heard is not None:
                 times.append(n.last_heard + DOWN_AFTER_INTERVALS * n.peer_ivl)
         if self._presence_due is not None:
@@ -705,7 +723,11 @@ class Membership:
 
     def nick_of(self, label: str) -> str:
         m = self.members.get(label)
-        return m.nick if m is not None else ""
+        if m is not None and m.nick:
+            return m.nick
+        addr = self.addr_by_label.get(label)
+        n = self.neighbours.get(addr) if addr is not None else None
+        return n.nick if n is not None else ""
 
     def speaks(self, label: str, cap: str) -> Optional[bool]:
         """Whether the node ``label`` said it speaks ``cap``; None if we know nothing of what it speaks."""

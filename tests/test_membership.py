@@ -238,3 +238,15 @@ def test_what_a_far_node_speaks_comes_from_its_presence():
     assert m.speaks(label(9), "ACK") is True and m.speaks(label(9), "FILE") is False
     m.learn(Message("q", WALL, 5, "PRESENCE", label(8), "", "", {"caps": [1, 2]}), addr(2), 1.0)
     assert m.speaks(label(8), "ACK") is None
+
+
+def test_nodes_that_find_each_other_by_a_beacon_announce_each_other_with_nicks():
+    net = Net(2)
+    net.ms[1].nick, net.ms[2].nick = "ann", "bob"
+    beacon = decode(net.ms[1].beacon(net.now, WALL))
+    out, why = net.ms[2].hello_received(beacon, addr(1), len(net.ms[1].beacon(net.now, WALL)), net.now, WALL)
+    assert why == ""
+    net.deliver(2, out)
+    net.advance(1.0)
+    ups = {i: [e for e in net.events[i] if isinstance(e, PeerUp)] for i in (1, 2)}
+    assert ups[1] == [PeerUp(label(2), addr(2), "bob")] and ups[2] == [PeerUp(label(1), addr(1), "ann")]
