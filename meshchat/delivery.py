@@ -102,6 +102,7 @@ CATCH_UP_WINDOW_S = 60.0  # after our SINCE, old broadcasts arriving are the ans
 CATCH_UP_S = 24 * 3600.0
 HAVE_S = 30.0
 HAVE_ORIGINS = 32
+HAVE_REPLY_S = 10.0  # a neighbour that is behind us gets our HAVE in reply, at most this often
 MAX_SINCE_ASKED = 256
 HOUSEKEEP_S = 5.0
 SKEW_S = 60.0
@@ -118,7 +119,7 @@ COUNTERS = (
     "direct_shown", "direct_duplicate", "retries", "delivered", "undelivered", "held",
     "outbox_resent", "outbox_dropped", "outbox_expired",
     "relay_held", "relay_handed_over", "relay_held_dropped", "relay_held_expired",
-    "gaps_opened", "gaps_given_up", "repaired", "late", "wants_sent", "wants_received",
+    "gaps_opened", "gaps_given_up", "gaps_reopened", "repaired", "late", "wants_sent", "wants_received",
     "want_misses", "served", "served_refused", "serve_queue_dropped",
     "haves_sent", "haves_received", "since_sent", "since_received", "since_refused",
     "remembered", "seq_reserved",
@@ -373,13 +374,18 @@ class _Held:
 
 
 class _Stream:
-    __slots__ = ("contig", "top", "above", "gaps")
+    __slots__ = ("contig", "top", "above", "gaps", "lost")
 
     def __init__(self, contig: int) -> None:
         self.contig = contig  # every seq up to this is received or given up
         self.top = contig  # the highest seq known to exist
         self.above: Set[int] = set()  # received, above contig
         self.gaps: Set[int] = set()  # missing, above contig, asked for (or about to be)
+        self.lost: Dict[int, float] = {}  # given up after WANT_TRIES (-> when), until a HAVE reopens it
+
+    def have(self) -> int:
+        """What we can say we have: all up to here received (a lost seq holds it down, so we get help)."""
+        return min(self.contig, min(self.lost) - 1) if self.lost else self.contig
 
 
 class _Gap:
@@ -459,6 +465,7 @@ class Delivery:
         self._catch_up_until = -math.inf
         self._catch_up_wall = -math.inf
         self._since_answered: Dict[Addr, float] = {}
+        self._have_replied: Dict[Addr, float] = {}
         self._housekeep_due: Optional[float] = None
         for origin, top in (streams or {}).items():
             if valid_node_id(origin) and valid_seq(top) and len(self._streams) < MAX_STREAMS:
@@ -802,6 +809,7 @@ class Delivery:
             for s in [s for s in st.gaps if s <= floor]:
                 self._close_gap(origin, st, s)
             st.above = {s for s in st.above if s > floor}
+            st.lost = {s: t for s, t in st.lost.items() if s > floor}
             st.contig = floor
             self.counters["gaps_given_up"] += dropped
             while st.contig + 1 in st.above:
@@ -824,12 +832,14 @@ class Delivery:
             st.contig += 1
             st.above.discard(st.contig)
 
-    def _give_up(self, origin: str, seq: int) -> None:
+    def _give_up(self, origin: str, seq: int, now: float) -> None:
         self.counters["gaps_given_up"] += 1
         st = self._streams.get(origin)
         del self._gaps[(origin, seq)]
         if st is not None:
             st.gaps.discard(seq)
+            if len(st.lost) < BEHIND:
+                st.lost[seq] = now
             self._receive(st, seq)
 
     def _ask(self, now: float, wall: float) -> list:
@@ -842,7 +852,7 @@ class Delivery:
         for key in sorted(due):
             g = self._gaps[key]
             if g.tries >= WANT_TRIES:
-                self._give_up(*key)
+                self._give_up(key[0], key[1], now)
                 continue
             g.tries += 1  # counted even with no one to ask, so an isolated node gives up
             g.due = now + WANT_RETRY_S * self._rng.uniform(*JITTER)
@@ -890,13 +900,14 @@ class Delivery:
         for origin, seqs in wants.items():
             for seq in seqs:
                 held = self._buffer.get(f"{origin}-{seq}")
-                if held is None:
+                data = _ttl1(held[1]) if held is not None else None
+                if data is None:
                     self.counters["want_misses"] += 1
                 elif not _take(self._bucket, SERVE_PER_S, now):
                     self.counters["served_refused"] += 1
                 else:
                     self.counters["served"] += 1
-                    actions.append(Serve(encode(held[1]._replace(ttl=1)), addr))
+                    actions.append(Serve(data, addr))
         return actions, ""
 
     def since_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
@@ -916,8 +927,8 @@ class Delivery:
 
     def recent_since(self, ts: float, limit: int = SINCE_MAX) -> List[bytes]:
         """Broadcast datagrams in memory newer than ``ts`` (for a node without history)."""
-        out = [encode(m) for _, m in self._buffer.values() if m.ts > ts]
-        return out[-limit:]
+        out = [_ttl1(m) for _, m in self._buffer.values() if m.ts > ts]
+        return [d for d in out if d is not None][-limit:]
 
     def serve(self, addr: Addr, datagrams: Iterable[bytes], now: float) -> None:
         """Queue the answer to a SINCE (from the store or ``recent_since``): sent paced by ``tick``."""
@@ -953,8 +964,8 @@ class Delivery:
             if len(have) >= HAVE_ORIGINS:
                 break
             st = self._streams[origin]
-            if st.contig:
-                have[origin] = st.contig
+            if st.have() > 0:
+                have[origin] = st.have()
         return have
 
     def neighbour_up(self, addr: Addr, label: str, now: float, wall: float) -> list:
@@ -980,26 +991,43 @@ class Delivery:
             self._drop("have", why)
             return [], "malformed"
         self.counters["haves_received"] += 1
+        behind = False  # the neighbour lacks something we have: it gets our summary
         for origin, top in have.items():
             if origin == self.node_id:
+                behind = behind or top < self._seq
                 continue
             known = origin in self._streams
             st = self._stream(origin, top, now)
-            if st is None:
-                continue
             if not known and top > NEW_STREAM_SEQS:
                 st.contig = st.top = top  # an origin new to us: from here on
                 continue
+            behind = behind or top < st.have()
+            for s in [s for s in st.lost if s <= top]:  # it has what we gave up: ask again
+                del st.lost[s]
+                if (origin, s) not in self._gaps and len(self._gaps) < MAX_GAPS:
+                    due = now + self._rng.uniform(0.0, GAP_JITTER_S)
+                    self._gaps[(origin, s)] = _Gap(due, addr)
+                    st.gaps.add(s)
+                    self._gap_due = min(self._gap_due, due)
+                    self.counters["gaps_reopened"] += 1
             if top > st.top:
                 self._open(origin, st, top, addr, now)
                 st.top = top
-        return [], ""
+        last = self._have_replied.get(addr)
+        if not behind or not msg.src or (last is not None and now - last < HAVE_REPLY_S):
+            return [], ""
+        if last is None and len(self._have_replied) >= MAX_SINCE_ASKED:
+            return [], ""
+        self._have_replied[addr] = now
+        self.counters["haves_sent"] += 1
+        return [Have(self._link("HAVE", msg.src, {"have": self._summary()}, wall), addr)], ""
 
     def _haves(self, now: float, wall: float) -> list:
         self._have_due = now + HAVE_S * self._rng.uniform(*JITTER)
         have = self._summary()
-        if not have or have == self._have_last:
-            return []  # rule 8: nothing changed, nothing said
+        lost = any(st.lost for st in self._streams.values())
+        if not have or (have == self._have_last and not lost):
+            return []  # rule 8: nothing changed (and nothing to ask for), nothing said
         self._have_last = have
         actions = []
         for addr, label in self._neighbours():
@@ -1067,6 +1095,11 @@ class Delivery:
             acked.popitem(last=False)
         for a in [a for a, t in self._since_answered.items() if now - t >= SINCE_EVERY_S]:
             del self._since_answered[a]
+        for a in [a for a, t in self._have_replied.items() if now - t >= HAVE_REPLY_S]:
+            del self._have_replied[a]
+        for st in self._streams.values():
+            if st.lost:  # nobody holds it in memory any longer: stop asking
+                st.lost = {s: t for s, t in st.lost.items() if now - t < BUFFER_S}
         return actions
 
     def next_deadline(self) -> Optional[float]:
@@ -1078,6 +1111,14 @@ class Delivery:
             times.append(last + max(0.0, 1.0 - tokens) / SERVE_PER_S)
         t = min(times)
         return None if t == math.inf else t
+
+
+def _ttl1(msg: Message) -> Optional[bytes]:
+    """``msg`` as a datagram with ttl 1 (None if it cannot be encoded: never from the wire)."""
+    try:
+        return encode(msg._replace(ttl=1))
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def _split_wants(wants: Dict[str, List[int]]) -> List[Dict[str, List[int]]]:
