@@ -33,15 +33,21 @@ Rules, so that nothing sent is missed and nothing is shown twice:
    to exist (older ones are given up and counted). A gap waits
    ``GAP_WAIT_S`` (+ jitter) for reordered copies, then is asked for with a
    link-local WANT from the neighbour that showed it, then others, every
-   ``WANT_RETRY_S``, ``WANT_TRIES`` times, then given up (counted).
+   ``WANT_RETRY_S``, ``WANT_TRIES`` times, then given up (counted) but
+   remembered as lost for ``BUFFER_S``: a HAVE showing a neighbour has it
+   reopens it, and while we have lost seqs our summary says so.
 7. Serving. Recent broadcast datagrams are kept in memory (bounded, for
    ``BUFFER_S``) and served to a WANT unchanged but for ttl 1, under a token
    bucket of ``SERVE_PER_S``; SINCE answers come from the node (the store)
    through ``serve()`` and are paced by the same bucket.
 8. Summaries. Every ``HAVE_S`` (jittered) a HAVE of at most ``HAVE_ORIGINS``
-   origins goes to repair-speaking neighbours, only if it changed: an idle
-   mesh is quiet. A neighbour that comes up gets one at once, and a SINCE if
-   we restarted with history.
+   origins (each at its highest seq received with none missing below) goes
+   to repair-speaking neighbours if it changed this round or the one before
+   (a lost HAVE gets a second chance) or we have lost seqs: after that an
+   idle mesh is quiet. A neighbour whose HAVE shows it behind us gets ours
+   in reply (at most every ``HAVE_REPLY_S``) and in our next
+   ``HAVE_REPEATS`` rounds. A neighbour that comes up gets one at once, and
+   a SINCE if we restarted with history.
 9. Everything that arrives is validated field by field where it enters;
    anything malformed is dropped and counted by reason and nothing here
    raises on input. Every table is bounded.
@@ -102,6 +108,7 @@ CATCH_UP_WINDOW_S = 60.0  # after our SINCE, old broadcasts arriving are the ans
 CATCH_UP_S = 24 * 3600.0
 HAVE_S = 30.0
 HAVE_ORIGINS = 32
+HAVE_REPEATS = 3  # unchanged HAVEs a neighbour that was behind us still gets
 HAVE_REPLY_S = 10.0  # a neighbour that is behind us gets our HAVE in reply, at most this often
 MAX_SINCE_ASKED = 256
 HOUSEKEEP_S = 5.0
@@ -466,6 +473,8 @@ class Delivery:
         self._catch_up_wall = -math.inf
         self._since_answered: Dict[Addr, float] = {}
         self._have_replied: Dict[Addr, float] = {}
+        self._have_quiet = 0  # rounds since our summary last changed
+        self._behind: Dict[Addr, int] = {}  # neighbour whose HAVE showed it behind us -> rounds left to tell it
         self._housekeep_due: Optional[float] = None
         for origin, top in (streams or {}).items():
             if valid_node_id(origin) and valid_seq(top) and len(self._streams) < MAX_STREAMS:
@@ -1013,6 +1022,10 @@ class Delivery:
             if top > st.top:
                 self._open(origin, st, top, addr, now)
                 st.top = top
+        if not behind:
+            self._behind.pop(addr, None)
+        elif addr in self._behind or len(self._behind) < MAX_SINCE_ASKED:
+            self._behind[addr] = HAVE_REPEATS  # our next rounds tell it again, in case this reply is lost
         last = self._have_replied.get(addr)
         if not behind or not msg.src or (last is not None and now - last < HAVE_REPLY_S):
             return [], ""
@@ -1025,14 +1038,25 @@ class Delivery:
     def _haves(self, now: float, wall: float) -> list:
         self._have_due = now + HAVE_S * self._rng.uniform(*JITTER)
         have = self._summary()
-        lost = any(st.lost for st in self._streams.values())
-        if not have or (have == self._have_last and not lost):
+        if have != self._have_last or any(st.lost for st in self._streams.values()):
+            self._have_quiet = 0
+        else:
+            self._have_quiet += 1
+        changed = self._have_quiet <= 1  # said again in the first unchanged round, in case it was lost
+        if not have or (not changed and not self._behind):
             return []  # rule 8: nothing changed (and nothing to ask for), nothing said
         self._have_last = have
         actions = []
         for addr, label in self._neighbours():
+            left = self._behind.get(addr)
+            if not changed and not left:
+                continue
+            if left:
+                self._behind[addr] = left - 1
             actions.append(Have(self._link("HAVE", label, {"have": have}, wall), addr))
             self.counters["haves_sent"] += 1
+        for a in [a for a, n in self._behind.items() if n <= 0]:
+            del self._behind[a]
         return actions
 
     # -- timers -----------------------------------------------------------------------------------------
