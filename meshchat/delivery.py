@@ -116,7 +116,6 @@ SKEW_S = 60.0
 
 _NODE_ID = re.compile(r"[0-9a-f]{16}\Z")
 _STREAM_MID = re.compile(r"([0-9a-f]{16})-([1-9][0-9]{0,15})\Z")
-_DIRECT_MID = re.compile(r"([0-9a-f]{16})-d([1-9][0-9]{0,15})\Z")
 _RETRY_MID = re.compile(r"([0-9a-f]{16}-d[1-9][0-9]{0,15})~[0-9a-z]{1,16}\Z")
 
 KINDS = ("ack", "want", "have", "since", "direct")
