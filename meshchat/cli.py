@@ -24,10 +24,11 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 from . import __version__
 from .console import (
     MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
-    TerminalConsole, Who, nick_of, parse_line, part_of, readline_buffer,
+    TerminalConsole, Who, History as HistoryCmd, nick_of, parse_line, part_of, readline_buffer,
 )
 from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, display_name, valid_nick
-from .node import Discovery, Failure, Node, start_without_signals
+from .node import Discovery, Failure, History, Node, start_without_signals
+from .store import StoreError
 from .relay import PONG_INTERVAL_S, Display, Notice, RelayConfig
 from .wire import Addr, WireError, format_addr, parse_addr
 
@@ -105,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     members.add_argument("--max-peers", type=_number(int, 1, 4096, "an integer"), default=32, metavar="N",
                          help="most neighbours, configured ones included; only learned ones are refused past it "
                          "(default 32)")
+    keep = p.add_argument_group("delivery and history")
+    keep.add_argument("--data-dir", metavar="DIR",
+                      help="where history, the outbox and held messages are kept, in a folder per node "
+                      "(default: the user's data folder, e.g. ~/.local/share/meshchat)")
+    keep.add_argument("--no-history", action="store_true",
+                      help="keep nothing on disk (acks, retries and repair still work while the node runs)")
+    keep.add_argument("--history-max", type=_number(int, 1, 10_000_000, "an integer"), default=100_000,
+                      metavar="N", help="most messages kept; the oldest go first (default 100000)")
+    keep.add_argument("--hold-hours", type=_number(float, 0.0, 24 * 365, "a number"), default=24.0,
+                      metavar="H", help="how long undelivered direct messages are kept to send again (default 24)")
+    keep.add_argument("--catch-up-hours", type=_number(float, 0.0, 24 * 365, "a number"), default=24.0,
+                      metavar="H", help="after a restart, ask neighbours for what was missed up to this far back "
+                      "(default 24; 0: never)")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-ttl", type=_number(int, 1, what="an integer"), default=16,
                         help="lower a received ttl above this to it (default 16)")
@@ -129,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DISCOVERY_GROUP = ("239.255.77.77", 9977)
+HISTORY_AT_START = 5  # messages from history a terminal shows when the node starts
 DEFAULT_PORT = 9001
 DEFAULT_PORT_TRIES = 100  # without --port: 9001, else 9002, ... so that plain `meshchat` runs N times on one machine
 
@@ -192,6 +207,11 @@ def _interface_addresses() -> List[str]:
     return out
 
 
+def history_of(args: argparse.Namespace) -> History:
+    return History(enabled=not args.no_history, data_dir=args.data_dir, max_messages=args.history_max,
+                   hold_s=args.hold_hours * 3600.0, catch_up_s=args.catch_up_hours * 3600.0)
+
+
 def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[[object], None]) -> Node:
     """The node bound to --port; without --port, to the first free port from the default on
     (so that `meshchat` run in three terminals gives three nodes). OSError if none is free."""
@@ -202,7 +222,7 @@ def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[
                         membership=MembershipConfig(label="", mesh=args.mesh, nick=args.nick or "",
                                                     max_peers=args.max_peers),
                         discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover
-                        else None)
+                        else None, history=history_of(args))
         except OSError as e:
             if not _in_use(e) or i == tries - 1 or args.port >= 65535:
                 raise
@@ -373,6 +393,24 @@ def _read_stdin(lines: "queue.Queue[object]", interactive: bool, console) -> Non
         lines.put(_EOF)
 
 
+STORE_WAIT_S = 1.0  # longest a message waits to be in history before it is shown anyway
+
+
+def _saved_marker(events: "queue.Queue[object]") -> Callable[[object], bool]:
+    """After a commit, the events already queued (whose messages were saved before they were
+    queued) need no commit of their own: remember them by identity."""
+    with events.mutex:
+        covered = {id(e) for e in events.queue}
+
+    def saved(event: object) -> bool:
+        if id(event) not in covered:
+            return False
+        covered.discard(id(event))  # once: a later object may reuse the id
+        return True
+
+    return saved
+
+
 class _Stop(Exception):
     """Raised in the main thread by the first SIGINT or SIGTERM."""
 
@@ -477,6 +515,11 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
             console.notice(f"you are {display_name(node.label, node.membership.nick)}")
         else:
             console.notice("you have no nick: /nick NAME sets one")
+    elif isinstance(cmd, HistoryCmd):
+        if node.store is None:
+            console.error("no history is kept: this node runs with --no-history")
+        else:
+            console.history(node.history(cmd.count))
     elif isinstance(cmd, Who):
         console.who(node.who())
     elif isinstance(cmd, Peers):
@@ -526,7 +569,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 kept = {"part": part} if part else {}
                 if nick:
                     kept["nick"] = nick
-                event = Display(event.message._replace(extra=kept))
+                event = Display(event.message._replace(extra=kept), event.late)
             lines.put(event)
         else:
             unshown[0] += 1
@@ -538,6 +581,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     first = args.port
     try:
         node = open_node(args, config, on_event)
+    except StoreError as e:
+        print(f"meshchat: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         if _in_use(e):
             if args.port_chosen:
@@ -556,12 +602,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         _take_signals(stop_once)
         node.start()
         console.ready(node.label)
+        for warning in node.store.warnings if node.store is not None else ():
+            print(f"meshchat: warning: {warning}", file=sys.stderr)
+        if isinstance(console, TerminalConsole):
+            console.name_of = lambda label: display_name(label, node.nick_of(label))
+            if node.store is not None and not args.quiet:
+                console.history(node.history(HISTORY_AT_START), replay=True)
         if not args.peers:
             print(no_peers_hint(node.label, args), file=sys.stderr)
         if not args.headless:
             reader = threading.Thread(target=_read_stdin, args=(lines, interactive, console),
                                       name="meshchat-stdin", daemon=True)
             start_without_signals(reader)
+        saved_through: Callable[[object], bool] = lambda event: False
         while True:
             item = _wait(lines.get)
             if item is _EOF:
@@ -574,6 +627,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     item.done.set()
                 continue
             if isinstance(item, Display):
+                if node.store is not None and not saved_through(item):
+                    # What is shown is in history first, so that a restart never shows it again;
+                    # one commit covers every message already queued behind it.
+                    node.store.flush(STORE_WAIT_S)
+                    saved_through = _saved_marker(lines)
                 item = shown_nick(item, node.nick_of)
             console.show(item)
             if isinstance(item, Failure):

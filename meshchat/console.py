@@ -23,9 +23,10 @@ import threading
 import time
 import unicodedata
 import zlib
-from typing import Callable, Iterable, List, NamedTuple, Optional, TextIO, Tuple, Union
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, TextIO, Tuple, Union
 
 from .membership import MAX_NICK_CHARS, PeerDown, PeerUp, display_name, valid_nick
+from .delivery import Delivered, Undelivered
 from .relay import MAX_PARTS, Display, Notice, Pong
 from .wire import Message, WireError, parse_addr
 
@@ -44,6 +45,7 @@ Type a line to send it to everyone.
   /ping [NAME]       round-trip time to one node, or to every node that answers
   /peers             neighbours: state, last heard, round-trip time, loss
   /stats             what this node received, relayed and dropped
+  /history [N]       the last N messages (20) shown or sent, kept on disk
   /help              this text
   /quit              leave (so do Ctrl-C and Ctrl-D)
   //text             send a line that starts with /"""
@@ -60,6 +62,10 @@ class Ping(NamedTuple):
 
 class Nick(NamedTuple):
     nick: str = ""  # empty: say which nick we have
+
+
+class History(NamedTuple):
+    count: int = 20
 
 
 class Who(NamedTuple):
@@ -90,7 +96,8 @@ class Bad(NamedTuple):
     error: str
 
 
-Command = Union[Say, Ping, Nick, Who, Help, Peers, Stats, Quit, Nothing, Bad]
+Command = Union[Say, Ping, Nick, Who, History, Help, Peers, Stats, Quit, Nothing, Bad]
+MAX_HISTORY_SHOWN = 1000
 
 _SIMPLE_COMMANDS = {"help": Help(), "peers": Peers(), "stats": Stats(), "who": Who(), "quit": Quit(),
                     "exit": Quit()}
@@ -137,6 +144,12 @@ def parse_line(line: str) -> Command:
             if rest and not valid_nick(rest):
                 return Bad(f"{rest!r} is not a nick: {NICK_RULE}")
             return Nick(rest)
+        if word == "history":
+            if not rest:
+                return History()
+            if not rest.isdigit() or not rest.isascii() or not 0 < int(rest[:6]) <= MAX_HISTORY_SHOWN:
+                return Bad(f"/history takes a number of messages from 1 to {MAX_HISTORY_SHOWN}")
+            return History(int(rest))
         if word in _SIMPLE_COMMANDS and not rest:
             return _SIMPLE_COMMANDS[word]
         return Bad(f"unknown command /{word}; /help lists the commands")
@@ -335,7 +348,9 @@ class Console:
     def show(self, event: object) -> None:
         """An event from the node."""
         if isinstance(event, Display):
-            self.chat(event.message)
+            self.chat(event.message, event.late)
+        elif isinstance(event, (Delivered, Undelivered)):
+            self.delivery(event)
         elif isinstance(event, Pong):
             self.pong(event)
         elif isinstance(event, Notice):
@@ -358,11 +373,23 @@ class JsonConsole(Console):
     def ready(self, label: str) -> None:
         self.emit("ready", node=label)
 
-    def chat(self, m: Message) -> None:
+    def chat(self, m: Message, late: bool = False) -> None:
         part = part_of(m)
-        extra = {"part": list(part)} if part else {}
+        extra: Dict[str, object] = {"part": list(part)} if part else {}
+        if late:
+            extra["late"] = True
         self.emit("chat", mid=m.mid, src=m.src, nick=nick_of(m), dst=m.dst, body=m.body, ts=m.ts, ttl=m.ttl,
                   **extra)
+
+    def delivery(self, e: "Union[Delivered, Undelivered]") -> None:
+        if isinstance(e, Delivered):
+            self.emit("delivered", mid=e.mid, dst=e.dst, tries=e.tries, rtt_ms=e.rtt_ms)
+        else:
+            self.emit("undelivered", mid=e.mid, dst=e.dst, tries=e.tries, held=e.held)
+
+    def history(self, rows: List[dict], replay: bool = False) -> None:
+        if not replay:  # at start, history is for people; scripts have /history
+            self.emit("history", messages=rows)
 
     def sent(self, messages: Iterable[Message]) -> None:
         for m in messages:
@@ -430,6 +457,8 @@ class TerminalConsole(Console):
         columns: Callable[[], int] = terminal_columns,
     ) -> None:
         super().__init__(stream, on_broken)
+        # A label to the name people know it by (nick#tag); the CLI sets it once the node runs.
+        self.name_of: Callable[[str], str] = lambda label: label
         self.interactive = interactive
         self.reading = False  # the input thread sets this while it waits for a line
         self._get_typed = get_typed
@@ -493,14 +522,43 @@ class TerminalConsole(Console):
         else:
             self.notice(f"meshchat node {label} is up.")
 
-    def chat(self, m: Message) -> None:
+    def chat(self, m: Message, late: bool = False) -> None:
         body = sanitize(m.body)
+        # A late message (repaired, or caught up after a restart) says when it was written.
+        when = f"{self._style.DIM}(late, sent {time.strftime('%H:%M:%S', time.localtime(m.ts))}){self._style.RESET_ALL} " \
+            if late else ""
         if m.dst:
             mark = f"{self._fore.MAGENTA}{self._style.BRIGHT}(private){self._style.RESET_ALL}"
-            self._line(f"{self._who(m.src, nick_of(m))} {mark} {self._part(m)}",
+            self._line(f"{self._who(m.src, nick_of(m))} {mark} {when}{self._part(m)}",
                        f"{self._fore.MAGENTA}{body}{self._style.RESET_ALL}")
         else:
-            self._line(f"{self._who(m.src, nick_of(m))} {self._part(m)}", body)
+            self._line(f"{self._who(m.src, nick_of(m))} {when}{self._part(m)}", body)
+
+    def delivery(self, e: "Union[Delivered, Undelivered]") -> None:
+        to = sanitize(self.name_of(e.dst))
+        if isinstance(e, Delivered):
+            tries = f", {e.tries} tries" if e.tries > 1 else ""
+            self._line(f"{self._fore.GREEN}\u2713 ", f"delivered to {to} ({e.rtt_ms:.0f} ms{tries})"
+                       f"{self._style.RESET_ALL}")
+        elif e.held:
+            self.notice(f"not delivered to {to} yet ({e.tries} {'try' if e.tries == 1 else 'tries'}): "
+                        "kept, and sent again when it is heard from")
+        else:
+            self.error(f"gave up on a message to {to}: not delivered in time, or the outbox was full")
+
+    def history(self, rows: List[dict], replay: bool = False) -> None:
+        """Messages from history: dimmed, with their date, so they are not taken for new ones."""
+        if not rows:
+            if not replay:
+                self.notice("no history yet")
+            return
+        if replay:
+            self.notice(f"the last {len(rows)} messages, from history:")
+        for r in rows:
+            when = time.strftime("%m-%d %H:%M", time.localtime(r["ts"]))
+            to = f" (private to {r['dst']})" if r["dst"] else ""
+            self._line(f"{self._style.DIM}{when} <{sanitize(self.name_of(r['src']))}>{to} ",
+                       f"{sanitize(r['body'])}{self._style.RESET_ALL}")
 
     def sent(self, messages: Iterable[Message], replace_typed: str = "", to: str = "") -> None:
         """Our own messages; ``replace_typed`` is the typed line whose echo they replace; ``to``

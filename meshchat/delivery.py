@@ -748,6 +748,10 @@ class Delivery:
 
     # -- rule 6: gaps ---------------------------------------------------------------------------------
 
+    def in_history(self, mid: str) -> bool:
+        """Whether ``mid`` was shown or sent before (in this run's store, or an earlier run's)."""
+        return self._has_message(mid)
+
     def is_late(self, mid: str, ts: float, now: float) -> bool:
         """Whether a broadcast arrives because we asked for it (a WANT, or our SINCE): show it as late.
 

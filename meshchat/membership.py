@@ -129,6 +129,7 @@ class MembershipConfig:
     max_ttl: int = 16
     discover: bool = False  # beacon to the LAN's discovery group
     hello_max_s: float = HELLO_MAX_S  # tests shorten it to see a neighbour go down in a second
+    caps: Tuple[str, ...] = CAPS  # what we say we speak (the delivery layer adds its own)
 
 
 def valid_nick(text: object) -> bool:
@@ -354,7 +355,7 @@ class Membership:
         if ask:
             extra["ask"] = 1
         if full:
-            extra["caps"] = list(CAPS)
+            extra["caps"] = list(self.config.caps)
             if self.nick:
                 extra["nick"] = self.nick
             if n is not None:
@@ -378,7 +379,7 @@ class Membership:
     def beacon(self, now: float, wall: float) -> bytes:
         """A beacon for the discovery group: a HELLO to nobody in particular, asking to be answered."""
         extra = {"mesh": self.config.mesh, "tok": "b" + self._token_now(("0.0.0.0", 0), now)[:15], "ask": 1,
-                 "caps": list(CAPS)}
+                 "caps": list(self.config.caps)}
         if self.nick:
             extra["nick"] = self.nick
         return encode(Message(self._new_mid()[:12], round(wall, 2), 1, "HELLO", self.label, "", "", extra))
@@ -657,7 +658,7 @@ class Membership:
     def _presence(self, now: float) -> Originate:
         self._last_presence = now
         self._presence_due = now + self._presence_interval() * self._rng.uniform(0.8, 1.0)
-        extra: Dict[str, Any] = {"caps": list(CAPS)}
+        extra: Dict[str, Any] = {"caps": list(self.config.caps)}
         if self.nick:
             extra["nick"] = self.nick
         return Originate("PRESENCE", "", extra, self.config.max_ttl)
@@ -728,6 +729,38 @@ class Membership:
         addr = self.addr_by_label.get(label)
         n = self.neighbours.get(addr) if addr is not None else None
         return n.nick if n is not None else ""
+
+    def is_up(self, addr: Addr) -> bool:
+        n = self.neighbours.get(addr)
+        return n is not None and n.up
+
+    def label_caps(self, addr: Addr) -> Tuple[str, frozenset]:
+        """A neighbour's label and what it speaks (KeyError if it is none)."""
+        n = self.neighbours[addr]
+        return n.label, n.caps
+
+    def caps_of(self, label: str) -> Optional[frozenset]:
+        """What the node ``label`` said it speaks (as a neighbour, or in its PRESENCE); None if unknown."""
+        addr = self.addr_by_label.get(label)
+        n = self.neighbours.get(addr) if addr is not None else None
+        if n is not None and n.caps:
+            return n.caps
+        m = self.members.get(label)
+        return m.caps if m is not None and m.caps else None
+
+    def heard_within(self, label: str, now: float, seconds: float) -> bool:
+        m = self.members.get(label)
+        return m is not None and now - m.last_seen <= seconds
+
+    def is_down(self, label: str) -> bool:
+        """Whether ``label`` is a neighbour we know is down (a node we merely have not heard is not)."""
+        addr = self.addr_by_label.get(label)
+        n = self.neighbours.get(addr) if addr is not None else None
+        return n is not None and n.speaks and not n.up
+
+    def repair_neighbours(self) -> List[Tuple[Addr, str]]:
+        """Up neighbours that speak REPAIR, as (addr, label): whom delivery may ask for a message."""
+        return [(n.addr, n.label) for n in self.neighbours.values() if n.up and "REPAIR" in n.caps]
 
     def speaks(self, label: str, cap: str) -> Optional[bool]:
         """Whether the node ``label`` said it speaks ``cap``; None if we know nothing of what it speaks."""

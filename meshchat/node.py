@@ -30,9 +30,14 @@ import traceback
 from dataclasses import replace
 from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Set, Tuple
 
+from .delivery import CAPS as DELIVERY_CAPS
+from .delivery import Delivery, DeliveryConfig, HeldDrop, HeldItem, HeldPut, OutboxDrop, OutboxItem, OutboxPut
+from .delivery import ServeSince, direct_key, stream_of
+from .delivery import Store as StoreAction
 from .membership import Beacon, Membership, MembershipConfig, Originate
-from .relay import COUNTERS, Relay, RelayConfig, Send
-from .wire import Addr, Message
+from .relay import COUNTERS, Display, Relay, RelayConfig, Send
+from .store import HeldAdd, HeldRemove, OutboxAdd, OutboxRemove, SaveMessage, Store, data_dir_for
+from .wire import Addr, Message, encode
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,17 @@ LOGGED_HEAD_BYTES = 64  # of a datagram that raised, enough to recognise it, nev
 # so is ``received``.
 _UNDONE = tuple(n for n in COUNTERS if n != "received" and not n.startswith("dropped_"))
 _counts = operator.attrgetter(*_UNDONE)
+
+
+class History(NamedTuple):
+    """The delivery layer and what it keeps: ``enabled`` False keeps nothing on disk (acks and
+    repair still work, for this run)."""
+
+    enabled: bool = True
+    data_dir: Optional[str] = None  # None: the platform's per-user data folder
+    max_messages: int = 100_000
+    hold_s: float = 24 * 3600.0
+    catch_up_s: float = 24 * 3600.0
 
 
 class Discovery(NamedTuple):
@@ -120,6 +136,7 @@ class Node:
         wrap_socket: Callable[[socket.socket], Any] = lambda sock: sock,
         membership: Optional[MembershipConfig] = None,
         discovery: Optional[Discovery] = None,
+        history: Optional[History] = None,
     ) -> None:
         """Bind the socket (OSError if the port is taken); ``start()`` starts the threads.
 
@@ -149,11 +166,25 @@ class Node:
         self.addr: Addr = (host, self._sock.getsockname()[1])
         self.label = f"{advertise or host}:{self.addr[1]}"
         self.membership: Optional[Membership] = None
+        self.delivery: Optional[Delivery] = None
+        self.store: Optional[Store] = None
+        try:
+            if history is not None and history.enabled:
+                self.store = Store.open(data_dir_for(self.label, history.data_dir), history_max=history.max_messages,
+                                        hold_s=history.hold_s)
+        except BaseException:
+            self._sock.close()
+            raise
         if membership is not None or discovery is not None:
             mcfg = replace(membership or MembershipConfig(label=""), label=self.label,
                            peers_only=config.peers_only, max_ttl=config.max_ttl, discover=discovery is not None)
+            if history is not None:
+                mcfg = replace(mcfg, caps=mcfg.caps + DELIVERY_CAPS)
             self.membership = Membership(mcfg, secret=os.urandom(32))
-        self.relay = relay_factory(replace(config, label=self.label), peers, membership=self.membership)
+            if history is not None:
+                self.delivery = self._new_delivery(history)
+        self.relay = relay_factory(replace(config, label=self.label), peers, membership=self.membership,
+                                   delivery=self.delivery)
         self._discovery = discovery
         self._group_sock: Optional[socket.socket] = None
         if discovery is not None:
@@ -174,6 +205,21 @@ class Node:
         self._closed = False
         self._causes_logged: Set[Tuple[str, str, int]] = set()
 
+    def _new_delivery(self, history: History) -> Delivery:
+        """The delivery layer, started from what the store kept (or afresh, without history)."""
+        st, m = self.store, self.membership
+        assert m is not None
+        if st is None:
+            cfg = DeliveryConfig(self.label, os.urandom(8).hex(), history.hold_s, 0.0)
+            return Delivery(cfg, neighbours=m.repair_neighbours)
+        cfg = DeliveryConfig(self.label, st.node_id(), history.hold_s, history.catch_up_s)
+        last = st.last_ts()
+        return Delivery(
+            cfg, next_seq=st.highest_seq("broadcast") + 1, next_dseq=st.highest_seq("direct") + 1,
+            outbox=[OutboxItem(*row) for row in st.outbox()], held=[HeldItem(*row) for row in st.held()],
+            streams=st.highest_seqs(), last_stored_ts=last if history.catch_up_s > 0 else None,
+            has_message=st.has_message, neighbours=m.repair_neighbours)
+
     def _grow_rcvbuf(self) -> int:
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_WANTED_BYTES)
@@ -184,6 +230,8 @@ class Node:
     # -- life cycle -------------------------------------------------------------
 
     def start(self) -> "Node":
+        if self.store is not None:
+            self.store.start()
         for name, body in (("meshchat-net", self._net_loop), ("meshchat-reaper", self._reap_loop)):
             t = threading.Thread(target=self._guarded, args=(name, body), name=name, daemon=True)
             self._threads.append(t)
@@ -202,6 +250,11 @@ class Node:
                     log.warning("thread %s did not stop within %.1f s", t.name, JOIN_TIMEOUT_S)
                     ok = False
         self._close()
+        if self.store is not None:
+            with self._lock:
+                closing = self.delivery.close() if self.delivery is not None else []
+            self._store_actions(closing)
+            self.store.close()
         return ok
 
     def __enter__(self) -> "Node":
@@ -252,9 +305,10 @@ class Node:
         while not self._stopping.is_set():
             timeout = None
             if m is not None:
-                # Membership's timers (HELLOs, liveness, presence, beacons) are the select() timeout.
+                # The capabilities' timers (HELLOs, liveness, presence, beacons, retries, repair)
+                # are the select() timeout.
                 with self._lock:
-                    deadline = m.next_deadline()
+                    deadline = self.relay.next_deadline()
                 if deadline is not None:
                     timeout = max(deadline - self._clock(), MIN_TIMER_S)
             for key, _ in select(timeout):
@@ -265,7 +319,7 @@ class Node:
     def _tick(self) -> None:
         with self._lock:
             now = self._clock()
-            deadline = self.membership.next_deadline()
+            deadline = self.relay.next_deadline()
             if deadline is None or deadline > now:
                 return
             actions = self.relay.timers_due(now, self._wall())
@@ -281,8 +335,67 @@ class Node:
                 self._beacon(action.data)
             elif kind is Originate:
                 self._originate(action.kind, action.body, "", action.extra, action.ttl)
+            elif kind is StoreAction:
+                self._store_actions((action,))
+            elif kind is ServeSince:
+                self._serve_since(action)
             else:
+                if kind is Display and self.store is not None:
+                    self._save(action.message, action.late)
                 self._on_event(action)
+
+    # -- the store: history, outbox, held messages (its own writer thread does the disk) -------------
+
+    def _save(self, msg: Message, late: bool = False) -> None:
+        """History: a message shown or sent (a direct one under its original id, for dedup after a restart)."""
+        assert self.store is not None
+        key = direct_key(msg) if msg.dst else msg.mid
+        stream = stream_of(msg.mid) if not msg.dst else None
+        self.store.put(SaveMessage(key, msg.ts, msg.src, msg.dst, msg.kind, msg.body,
+                                   stream[0] if stream else None, stream[1] if stream else None, late,
+                                   encode(msg._replace(extra={k: v for k, v in msg.extra.items() if k != "re"}))))
+
+    def _store_actions(self, actions: Iterable[Any]) -> None:
+        st = self.store
+        if st is None:
+            return
+        for a in actions:
+            item = a.item
+            kind = type(item)
+            if kind is OutboxPut:
+                st.put(OutboxAdd(item.mid, item.dst, item.raw, item.created, item.tries))
+            elif kind is OutboxDrop:
+                st.put(OutboxRemove(item.mid))
+            elif kind is HeldPut:
+                st.put(HeldAdd(item.mid, item.dst, item.raw, item.created))
+            elif kind is HeldDrop:
+                st.put(HeldRemove(item.mid))
+            # MetaPut: sequence numbers are reserved by the store itself, before each is used (_reserve)
+
+    def _reserve(self, messages: Iterable[Message]) -> None:
+        """Make sure a crash never reuses one of these stream mids: the store reserves them on disk."""
+        st = self.store
+        if st is None:
+            return
+        for msg in messages:
+            stream = stream_of(msg.mid)
+            if stream is not None:
+                st.set_highest_seq(stream[1], "broadcast")
+            elif msg.dst and "-d" in msg.mid:
+                try:
+                    st.set_highest_seq(int(msg.mid.rsplit("-d", 1)[1]), "direct")
+                except ValueError:
+                    pass
+
+    def _serve_since(self, action: ServeSince) -> None:
+        """A neighbour that restarted asks what it missed: from memory, else from history on disk."""
+        rows = self.store.messages_since(action.ts, action.limit) if self.store is not None else []
+        with self._lock:
+            if not rows:
+                rows = self.delivery.recent_since(action.ts, action.limit) if self.delivery else []
+            if self.delivery is not None:
+                self.delivery.serve(action.addr, rows, self._clock())
+        self._wake()  # the serving is paced by the delivery layer's timer
 
     def _beacon(self, data: bytes) -> None:
         assert self._discovery is not None
@@ -397,10 +510,22 @@ class Node:
 
     def _originate(self, kind: str, body: str, dst: str, extra: Optional[dict] = None, ttl: int = 0) -> List[Message]:
         with self._lock:
-            messages, sends = self.relay.originate(kind, body, dst, self._clock(), self._wall(), extra, ttl)
-        for send in sends:
-            self._send(send)
+            messages, actions = self.relay.originate(kind, body, dst, self._clock(), self._wall(), extra, ttl)
+        if kind == "CHAT" and self.store is not None:
+            self._reserve(messages)
+            for msg in messages:
+                self._save(msg)
+        self._act(actions)
+        if self.delivery is not None:
+            self._wake()  # a retry timer may now be the earliest
         return messages
+
+    def history(self, count: int) -> List[dict]:
+        """The last ``count`` messages shown or sent, oldest first (empty without history)."""
+        if self.store is None:
+            return []
+        self.store.flush(1.0)
+        return self.store.last_messages(count)
 
     def add_peer(self, addr: Addr) -> None:
         with self._lock:

@@ -37,7 +37,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from .membership import BASE_KINDS, DEFAULT_TTL, Unicast
+from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want, direct_key, stream_of
+from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
 from .seen import SeenCache
 from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
 
@@ -91,9 +92,10 @@ class Send(NamedTuple):
 
 
 class Display(NamedTuple):
-    """Show ``message`` to the user."""
+    """Show ``message`` to the user; ``late``: it came by repair or catch-up, after later ones."""
 
     message: Message
+    late: bool = False
 
 
 class Pong(NamedTuple):
@@ -126,7 +128,14 @@ class RelayConfig:
 
 
 if TYPE_CHECKING:
+    from .delivery import Delivery
     from .membership import Membership
+
+_ONE_HOP = (Unicast, Want, Have, Since, Serve)
+RECENTLY_HEARD_S = 60.0  # a direct message for a node silent longer than this is kept to hand over
+
+# Link-local kinds that make us send (repair answers): taken only from neighbours that proved themselves.
+_NEIGHBOURS_ONLY = frozenset(("WANT", "HAVE", "SINCE"))
 
 
 class Counters:
@@ -204,6 +213,7 @@ class Relay:
         peers: Iterable[Addr] = (),
         new_mid: Callable[[], str] = lambda: uuid.uuid4().hex,
         membership: "Optional[Membership]" = None,
+        delivery: "Optional[Delivery]" = None,
     ) -> None:
         self.config = config
         # Who our neighbours are, when there is a membership layer; else the configured peers, all alive.
@@ -212,6 +222,11 @@ class Relay:
         # Kinds that go one hop only, and who handles them: the dispatch table for link-local kinds.
         self._link_kinds: Dict[str, Callable[..., Tuple[list, str]]] = (
             {} if membership is None else {"HELLO": membership.hello_received})
+        # Acks, retries, the outbox and gap repair, when there is a delivery layer (it needs membership).
+        self.delivery = delivery if membership is not None else None
+        if self.delivery is not None:
+            d = self.delivery
+            self._link_kinds.update(WANT=d.want_received, HAVE=d.have_received, SINCE=d.since_received)
         self.label = config.label
         self.seen = SeenCache(config.seen_ttl_s, config.seen_max)
         self.counters = Counters()
@@ -257,8 +272,11 @@ class Relay:
         m = self.membership
         if m is not None and addr in m.neighbours:
             up = m.heard(addr, now)  # anything at all from a neighbour that was down brings it back
+            if self.delivery is not None:
+                label, caps = m.label_caps(addr)
+                up.extend(self.delivery.peer_heard(label, now, wall, caps))  # what waits for it goes now
             if up:
-                return up + actions
+                return self._sends(up, now, wall) + actions
         return actions
 
     def _received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
@@ -294,7 +312,9 @@ class Relay:
             c.dropped_duplicate += 1
             return []
         ts = msg.ts
-        if abs(wall - ts) > cfg.max_skew_s:
+        # A repaired or caught-up message is old on purpose: one hop (ttl 1), and one we asked for.
+        asked = self.delivery is not None and msg.ttl == 1 and self.delivery.is_late(msg.mid, ts, now)
+        if abs(wall - ts) > cfg.max_skew_s and not asked:
             c.dropped_stale += 1
             return self._tell_skew(msg, now, wall)
         if msg.mid in self.seen:
@@ -302,7 +322,7 @@ class Relay:
                 c.dropped_duplicate += 1
                 return []
             return self._relay_late(msg, addr, data, head, now)
-        if ts <= self.seen.horizon_ts:  # maybe a copy of an id we forgot: see seen.py
+        if ts <= self.seen.horizon_ts and not asked:  # maybe a copy of an id we forgot: see seen.py
             c.dropped_replay += 1
             return []
         self.seen.add(msg.mid, now, ts)
@@ -316,6 +336,9 @@ class Relay:
         if abs(wall - msg.ts) > self.config.max_skew_s:
             c.dropped_stale += 1
             return []
+        if msg.kind in _NEIGHBOURS_ONLY and not self.membership.is_up(addr):
+            c.dropped_unproven += 1  # answering a forged source would make us a reflector
+            return []
         out, why = self._link_kinds[msg.kind](msg, addr, size, now, wall)
         if why:
             name = "dropped_" + why
@@ -323,19 +346,44 @@ class Relay:
             return []
         c.handled += 1
         c.consumed += 1
-        return self._sends(out)
+        return self._sends(out, now, wall)
 
-    def _sends(self, actions: list) -> list:
-        """Membership's one-hop datagrams as Sends; its other actions as they are."""
+    def _sends(self, actions: list, now: float, wall: float) -> list:
+        """What membership and delivery asked for, as Sends where it is a datagram; the rest as it is.
+
+        One-hop datagrams (HELLO, WANT, HAVE, SINCE, served copies) go to their one address; acks,
+        retries and hand-overs go like direct messages we originate; a neighbour that comes up gets
+        what delivery has for it (a summary, and a catch-up request after a restart)."""
         out = []
+        d = self.delivery
         for a in actions:
-            if type(a) is Unicast:
+            kind = type(a)
+            if kind in _ONE_HOP:
                 self.counters.sent += 1
-                self.counters.link_sent += 1
+                if kind is not Serve:  # a served copy is a CHAT like any other, not link chatter
+                    self.counters.link_sent += 1
                 out.append(Send(a.data, (a.addr,)))
+            elif d is None:
+                out.append(a)
+            elif kind is Ack:
+                out.extend(self.originate("ACK", a.mid, a.dst, now, wall)[1])
+            elif kind is Resend or kind is Forward:
+                out.extend(self._send_direct(a.message, now))
+            elif kind is PeerUp:
+                out.append(a)
+                out.extend(self._sends(d.neighbour_up(a.addr, a.label, now, wall), now, wall))
             else:
                 out.append(a)
         return out
+
+    def _send_direct(self, msg: Message, now: float) -> List[Send]:
+        """A retry or hand-over: a fresh datagram, routed like a direct message of ours."""
+        self.seen.add(msg.mid, now, msg.ts)
+        targets = self._origin_targets(msg.kind, msg.dst, now)
+        if not targets:
+            return []
+        self.counters.sent += len(targets)
+        return [Send(encode(msg), targets)]
 
     def _handle(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
                 head: "Optional[re.Match[bytes]]") -> list:
@@ -346,12 +394,16 @@ class Relay:
         if m is not None:
             m.learn(msg, addr, now)
             if addr not in m.neighbours:
-                actions.extend(self._sends(m.stranger(addr, len(data), now, wall)))
+                actions.extend(self._sends(m.stranger(addr, len(data), now, wall), now, wall))
         to_me = msg.dst == self.label
         kind = msg.kind
         shown = kind == "CHAT" and (to_me or msg.dst == "") and self.config.display
+        late = False
+        d = self.delivery
+        if d is not None:
+            shown, late = self._deliver(msg, addr, data, now, wall, to_me, shown, actions)
         if shown:
-            actions.append(Display(msg))
+            actions.append(Display(msg, late))
             c.displayed += 1
         if kind == "PING":
             if to_me or (msg.dst == "" and self._may_answer(msg.src, now)):
@@ -377,6 +429,37 @@ class Relay:
         if not shown:
             c.consumed += 1
         return actions
+
+    def _deliver(self, msg: Message, addr: Addr, data: bytes, now: float, wall: float, to_me: bool,
+                 shown: bool, actions: list) -> Tuple[bool, bool]:
+        """Hand a first copy to the delivery layer: acks, gap tracking, what waits for its origin.
+
+        Returns whether it is still to be shown (not a retry of one shown before), and whether late."""
+        d, m = self.delivery, self.membership
+        kind = msg.kind
+        late = False
+        out: list = []
+        if kind == "CHAT":
+            if not msg.dst:
+                late = d.broadcast_seen(msg, addr, now)
+                d.remember(msg, data, now)
+                if late and self._shown_before(msg.mid):
+                    shown = False  # caught up after a restart, but shown before it
+            elif to_me:
+                show, out = d.direct_received(msg, now)
+                shown = shown and show
+            else:
+                out = d.relayed_direct(msg, data, now, wall, m.heard_within(msg.dst, now, RECENTLY_HEARD_S))
+        elif kind == "ACK":
+            out = d.ack_received(msg, now) if to_me else d.ack_relayed(msg)
+        if kind in ("CHAT", "PRESENCE") and msg.src:
+            out.extend(d.peer_heard(msg.src, now, wall, m.caps_of(msg.src)))
+        if out:
+            actions.extend(self._sends(out, now, wall))
+        return shown, late
+
+    def _shown_before(self, mid: str) -> bool:
+        return self.delivery is not None and self.delivery.in_history(mid)
 
     def _answer(self, ping: Message, addr: Addr, now: float, wall: float) -> List[Send]:
         """A PONG for ``ping``, to the neighbour it came from only: one datagram, whatever ``src`` says."""
@@ -545,9 +628,22 @@ class Relay:
     def originate(
         self, kind: str, body: str, dst: str, now: float, wall: float,
         extra: Optional[Dict[str, Any]] = None, ttl: int = 0,
-    ) -> Tuple[List[Message], List[Send]]:
-        """New messages from this node, split so each datagram fits MAX_SEND_BYTES."""
-        mid = self._new_mid()
+    ) -> Tuple[List[Message], list]:
+        """New messages from this node, split so each datagram fits MAX_SEND_BYTES.
+
+        With a delivery layer, our CHATs get stream mids (broadcasts ``<node_id>-<seq>``, direct
+        messages ``<node_id>-d<n>`` asking for an ack); what it asks for comes back with the Sends."""
+        d = self.delivery if kind == "CHAT" else None
+        later: list = []  # the delivery layer's actions, after the sends
+
+        def new_mid() -> str:
+            if d is None:
+                return self._new_mid()
+            mid, acts = d.next_direct_mid() if dst else d.next_broadcast_mid()
+            later.extend(acts)
+            return mid
+
+        mid = new_mid()
         m = self.membership
         ttl = ttl or self.config.ttl or (m.ttl_for(dst) if m is not None else DEFAULT_TTL)
         fields: Dict[str, Any] = {}
@@ -556,6 +652,8 @@ class Relay:
             fields["ttl0"] = ttl
             if m.nick and kind == "CHAT":
                 fields["nick"] = m.nick
+        if d is not None and dst:
+            fields["ack"] = 1
         if extra:
             fields.update(extra)
         msg = Message(mid, wall, ttl, kind, self.label, dst, body, fields)
@@ -568,7 +666,7 @@ class Relay:
             pieces = split_body(body, room)
             n = len(pieces)
             # n stays far below MAX_PARTS for any line the console takes (64 KiB is at most ~320 parts).
-            messages = [msg._replace(mid=mid if i == 0 else self._new_mid(), body=p,
+            messages = [msg._replace(mid=mid if i == 0 else new_mid(), body=p,
                                      extra=dict(msg.extra, part=[i + 1, n]) if n <= MAX_PARTS else msg.extra)
                         for i, p in enumerate(pieces)]
         targets = self._origin_targets(kind, dst, now)
@@ -579,9 +677,19 @@ class Relay:
                 self._pings[part.mid] = now
                 if dst:
                     self._unanswered[part.mid] = (now, dst)
+            raw = data if part is msg else encode(part)
             if targets:
-                sends.append(Send(data if part is msg else encode(part), targets))
+                sends.append(Send(raw, targets))
                 self.counters.sent += len(targets)
+            if d is not None:
+                if dst:
+                    member = m.members.get(dst) if m is not None else None
+                    later.extend(d.direct_sent(part, now, member.hops if member is not None else None,
+                                               m.speaks(dst, "ACK") is True, m.is_down(dst)))
+                else:
+                    d.remember(part, raw, now)
+        if later:
+            sends.extend(self._sends(later, now, wall))
         return messages, sends
 
     def _origin_targets(self, kind: str, dst: str, now: float) -> Tuple[Addr, ...]:
@@ -597,10 +705,22 @@ class Relay:
     # -- housekeeping ----------------------------------------------------------
 
     def timers_due(self, now: float, wall: float) -> list:
-        """Membership's timers: HELLOs, liveness, presence and beacons, as actions."""
+        """The capabilities' timers (HELLOs, liveness, presence, beacons; retries, repair), as actions."""
         if self.membership is None:
             return []
-        return self._sends(self.membership.tick(now, wall))
+        actions = self.membership.tick(now, wall)
+        if self.delivery is not None:
+            actions.extend(self.delivery.tick(now, wall))
+        return self._sends(actions, now, wall)
+
+    def next_deadline(self) -> Optional[float]:
+        """When ``timers_due`` next has something to do; None: never, until something arrives."""
+        times = []
+        for part in (self.membership, self.delivery):
+            t = part.next_deadline() if part is not None else None
+            if t is not None:
+                times.append(t)
+        return min(times) if times else None
 
     def expire(self, now: float) -> List[Notice]:
         """Forget what is too old to matter; the reaper calls this every few seconds.

@@ -43,7 +43,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-_HELLO = b'"kind":"HELLO"'
+# One-hop chatter of membership and repair: HELLO, WANT, HAVE, SINCE (nodes count it as link_*).
+_LINK_KINDS = re.compile(rb'"kind":"(?:HELLO|WANT|HAVE|SINCE)"')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 20.0
@@ -311,7 +312,7 @@ class LossyHub:
                 self._arrived(end, data)
 
     def _arrived(self, end: _End, data: bytes) -> None:
-        if _HELLO in data:
+        if _LINK_KINDS.search(data):
             # Membership's own chatter: as lossy as the rest, but outside the accounting that tells
             # when the mesh is quiet (nodes count it apart too: link_received, link_sent), and drawn
             # from its own generator, so the datagrams under test keep their seeded decisions.
@@ -789,8 +790,10 @@ class Mesh:
 
     def __init__(self, n: int, degree: int = 4, seed: int = 1, loss: float = 0.2, dup: float = 0.0,
                  delay: Tuple[float, float] = (0.0, 0.0), reorder: float = 0.0, netns: bool = False,
-                 grace_s: float = 1.0, max_life_s: float = 600.0) -> None:
+                 grace_s: float = 1.0, max_life_s: float = 600.0, history: bool = True) -> None:
         self.n = n
+        self.history = history
+        self.data_dir = tempfile.mkdtemp(prefix="meshchat-chaos-")
         self.seed = seed
         self.grace_s = grace_s
         self.links = regular_links(n, degree, seed)
@@ -833,7 +836,10 @@ class Mesh:
         return self
 
     def _spawn(self, i: int) -> None:
-        p = NodeProc(i, self.incarnation[i], self.net.argv(i) + ["--json"], self.events)
+        # History in a folder of this mesh's own: a restarted node catches up from it, and nothing
+        # is left in the user's data folder.
+        history = ["--data-dir", self.data_dir] if self.history else ["--no-history"]
+        p = NodeProc(i, self.incarnation[i], self.net.argv(i) + ["--json", *history], self.events)
         self.procs[i] = p
         self.all_procs.append(p)
 
@@ -871,6 +877,7 @@ class Mesh:
                     p.popen.kill()
                 p.close_stderr()
             self.net.close()
+            shutil.rmtree(self.data_dir, ignore_errors=True)
         return exits
 
     def __enter__(self) -> "Mesh":

@@ -26,7 +26,7 @@ class Probe:
     """One node and the events it reported."""
 
     def __init__(self, processed: "Optional[queue.Queue[str]]" = None, wrap_socket=lambda s: s,
-                 membership=None, discovery=None, port=0, **config):
+                 membership=None, discovery=None, port=0, history=None, **config):
         self.events: "queue.Queue[object]" = queue.Queue()
         self.processed: "queue.Queue[str]" = processed or queue.Queue()
         processed = self.processed
@@ -40,7 +40,7 @@ class Probe:
 
         self.node = Node(RelayConfig(label="", **config), "127.0.0.1", port,
                          on_event=self.events.put, relay_factory=TracingRelay, wrap_socket=wrap_socket,
-                         membership=membership, discovery=discovery)
+                         membership=membership, discovery=discovery, history=history)
 
     @property
     def label(self) -> str:
@@ -76,12 +76,13 @@ class Probe:
 class Cluster:
     """Probes 1..n joined by ``edges`` (pairs of indexes), started, stopped on exit."""
 
-    def __init__(self, n: int, edges=(), wrap_socket=lambda s: s, membership=None, discovery=None, **config):
+    def __init__(self, n: int, edges=(), wrap_socket=lambda s: s, membership=None, discovery=None, history=None,
+                 **config):
         self.probes: Dict[int, Probe] = {}
         self.processed: "queue.Queue[str]" = queue.Queue()  # a label per datagram any node finished
         try:
             for i in range(1, n + 1):
-                self.probes[i] = Probe(self.processed, wrap_socket, membership, discovery, **config)
+                self.probes[i] = Probe(self.processed, wrap_socket, membership, discovery, history=history, **config)
             for a, b in edges:
                 self.probes[a].node.add_peer(self.probes[b].node.addr)
                 self.probes[b].node.add_peer(self.probes[a].node.addr)

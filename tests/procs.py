@@ -13,7 +13,7 @@ TIMEOUT_S = 10.0
 
 class Proc:
     def __init__(self, *args: str, stdin=subprocess.PIPE, preexec_fn=None):
-        self.args = [sys.executable, "-m", "meshchat", "--no-discover", *args]
+        self.args = [sys.executable, "-m", "meshchat", "--no-discover", *_history(args), *args]
         self.popen = subprocess.Popen(self.args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, encoding="utf-8", errors="replace", preexec_fn=preexec_fn)
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
@@ -80,5 +80,10 @@ class Proc:
 
 
 def run(*args: str, input: Optional[str] = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meshchat", "--no-discover", *args], input=input, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "meshchat", "--no-discover", *_history(args), *args], input=input, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def _history(args) -> list:
+    """Tests keep nothing on disk unless they name a data dir: two tests never share one."""
+    return [] if "--data-dir" in args or "--no-history" in args else ["--no-history"]

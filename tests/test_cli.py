@@ -187,7 +187,7 @@ def test_plain_output_to_a_pipe_has_no_colour():
 
 def test_bad_stdin_bytes_and_a_huge_line_are_survived():
     huge = b"x" * 10_000_000
-    result = subprocess.run([sys.executable, "-m", "meshchat", "--no-discover", "--port", "0", "--json"],
+    result = subprocess.run([sys.executable, "-m", "meshchat", "--no-discover", "--no-history", "--port", "0", "--json"],
                             input=b"\xff\xfe bad utf-8\n\x00nul\n" + huge + b"\nafter\n",
                             capture_output=True, timeout=30)
     assert result.returncode == 0 and b"Traceback" not in result.stderr
@@ -234,7 +234,7 @@ def test_quit_command_stops_the_node():
 
 
 def test_stdout_closed_early_stops_the_node_cleanly():
-    proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--no-discover", "--port", "0", "--json"],
+    proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--no-discover", "--no-history", "--port", "0", "--json"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         proc.stdout.readline()
@@ -280,7 +280,7 @@ def test_quiet_in_a_terminal_shows_no_prompt():
     import pty
     import select
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--no-discover", "--port", "0", "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--no-discover", "--no-history", "--port", "0", "--quiet"],
                             stdin=slave, stdout=slave, stderr=subprocess.DEVNULL)
     os.close(slave)
     out = b""
@@ -325,7 +325,7 @@ def test_output_nobody_reads_does_not_stop_the_relaying():
         sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # a batch fits (Windows: 64 KiB)
         sink.settimeout(10.0)
         peers = [f"127.0.0.1:{s.getsockname()[1]}" for s in (src, sink)]
-        proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--no-discover", "--port", "0", "--json", "--headless",
+        proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--no-discover", "--no-history", "--port", "0", "--json", "--headless",
                                  "--rate-limit", "0", "--peers", *peers],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         port = int(json.loads(proc.stdout.readline())["node"].rsplit(":", 1)[1])

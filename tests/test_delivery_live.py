@@ -1,0 +1,42 @@
+"""Acknowledged direct messages, the outbox and gap repair on real sockets, with and without history."""
+
+from meshchat.delivery import Delivered, Undelivered
+from meshchat.membership import MembershipConfig, PeerDown, PeerUp
+from meshchat.node import History
+
+from nodes import Cluster, Probe
+
+FAST = MembershipConfig(label="", hello_max_s=0.4)
+MEMORY = History(enabled=False)
+
+
+def test_a_direct_message_is_acknowledged():
+    with Cluster(3, [(1, 2), (2, 3)], membership=FAST, history=MEMORY) as c:
+        c[1].next(PeerUp)
+        c[3].next(PeerUp)
+        c[2].next(PeerUp)
+        c[2].next(PeerUp)
+        [msg] = c[1].node.say("are you there?", dst=c[3].label)
+        c[3].wait_for_body("are you there?")
+        done = c[1].next(Delivered)
+        assert done.mid == msg.mid and done.dst == c[3].label and done.tries == 1 and done.rtt_ms >= 0
+
+
+def test_a_message_to_a_node_that_is_down_is_held_then_delivered_when_it_returns(tmp_path):
+    with Cluster(2, [(1, 2)], membership=FAST, history=MEMORY) as c:
+        c[1].next(PeerUp)
+        c[2].next(PeerUp)
+        port, label = c[2].node.addr[1], c[2].label
+        c[2].node.stop()
+        c[1].next(PeerDown, timeout=10)
+        [msg] = c[1].node.say("while you were out", dst=label)
+        held = c[1].next(Undelivered)
+        assert held.mid == msg.mid and held.held
+        back = Probe(membership=FAST, history=MEMORY, port=port)
+        try:
+            back.node.add_peer(c[1].node.addr)
+            back.node.start()
+            back.wait_for_body("while you were out", timeout=10)
+            assert c[1].next(Delivered, timeout=10).mid == msg.mid
+        finally:
+            back.node.stop()
