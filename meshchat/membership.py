@@ -477,14 +477,15 @@ class Membership:
         if not n.up and (proven or n.configured):
             # A configured address is the user's word: its HELLO is enough (the handshake still runs).
             actions.extend(self._set_up(n, now))
-        if (h.ask or not proven) and now - n.answered_at >= ANSWER_EVERY_S:
-            # They want proof that we are here, or we want theirs: answer now (not in a loop).
+        if (h.ask or not proven) and (proven or now - n.answered_at >= ANSWER_EVERY_S):
+            # They want proof that we are here, or we want theirs: answer now. Only an answer that
+            # asks in turn could loop, so only those are limited.
             n.answered_at = now
             actions.append(self._hello(addr, now, wall, ask=not proven, n=n))
         if n.untold and h.caps:
             actions.extend(self._announce(n))
         if msg.src and n.up:
-            self._learn_member(msg.src, n.nick, 1, addr, now, n.caps)
+            self._learn_member(msg.src, n.nick or None, 1, addr, now, n.caps or None)
         return actions, ""
 
     def _count_seq(self, n: Neighbour, seq: int) -> None:
