@@ -25,7 +25,7 @@ import unicodedata
 import zlib
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, TextIO, Tuple, Union
 
-from .membership import MAX_NICK_CHARS, PeerDown, PeerUp, display_name, valid_nick
+from .membership import MAX_NICK_CHARS, PeerDown, PeerUp, Refused, display_name, valid_nick
 from .delivery import Delivered, Undelivered
 from .relay import MAX_PARTS, Display, Notice, Pong
 from .wire import Message, WireError, parse_addr
@@ -150,8 +150,10 @@ def parse_line(line: str) -> Command:
             if not rest.isdigit() or not rest.isascii() or not 0 < int(rest[:6]) <= MAX_HISTORY_SHOWN:
                 return Bad(f"/history takes a number of messages from 1 to {MAX_HISTORY_SHOWN}")
             return History(int(rest))
-        if word in _SIMPLE_COMMANDS and not rest:
-            return _SIMPLE_COMMANDS[word]
+        if word in _SIMPLE_COMMANDS:
+            if not rest:
+                return _SIMPLE_COMMANDS[word]
+            return Bad(f"/{word} takes nothing after it; /help lists the commands")
         return Bad(f"unknown command /{word}; /help lists the commands")
     if line.startswith("@"):
         return _addressed(line[1:])
@@ -357,6 +359,8 @@ class Console:
             self.notice(event.text)
         elif isinstance(event, (PeerUp, PeerDown)):
             self.peer_state(event)
+        elif isinstance(event, Refused):
+            self.notice(event.text)
         else:
             self.error(f"the node stopped: {event}")
 

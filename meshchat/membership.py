@@ -37,9 +37,9 @@ import random
 import uuid
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
-from .wire import Addr, Message, encode, format_addr, parse_addr, WireError
+from .wire import Addr, Message, WireError, decode, encode, format_addr, parse_addr
 
 HELLO_MIN_S = 1.0
 HELLO_MAX_S = 7.0  # 3 x 7 s of silence: a dead neighbour is down within about 21 s (30 s at most)
@@ -49,7 +49,9 @@ PEER_IVL_CAP_S = 9.5  # whatever a neighbour announces, it is down after 3 x thi
 PROBE_LEGACY_S = 60.0  # a configured peer that never said HELLO: one probe a minute, no more
 PROBE_DOWN_S = 5.0
 ANSWER_EVERY_S = 0.5  # at most one immediate answer per neighbour per this long
-ANNOUNCE_WAIT_S = 1.0  # a neighbour proved by a bare challenge is announced once its full HELLO comes  # a configured HELLO speaker that is down: probed this often until it answers
+ANNOUNCE_WAIT_S = 1.0
+MAX_LEARNED_PER_HOST = 4  # learned neighbours from one (non-loopback) address
+FULL_NOTICE_S = 60.0  # tell the user at most this often that a node that found us was refused  # a neighbour proved by a bare challenge is announced once its full HELLO comes  # a configured HELLO speaker that is down: probed this often until it answers
 CHALLENGE_WINDOW_S = 60.0  # HELLOs to one unproven address: at most CHALLENGES_PER_ADDR in this long
 CHALLENGES_PER_ADDR = 3  # answers to its HELLOs (two nodes that beacon at once challenge each other twice)
 CHALLENGE_SLACK_BYTES = 16  # a challenge may outgrow what asked for it by this much (digits of ts)
@@ -95,6 +97,12 @@ class PeerDown(NamedTuple):
     label: str
     addr: Addr
     nick: str
+
+
+class Refused(NamedTuple):
+    """A node that proved itself was refused a place: the user is told (at most once a minute)."""
+
+    text: str
 
 
 class Originate(NamedTuple):
@@ -192,12 +200,13 @@ class Neighbour:
 
 
 class Member:
-    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at", "caps")
+    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at", "caps", "announced")
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.nick = ""
         self.caps: frozenset = frozenset()  # what it speaks, from its PRESENCE or HELLO
+        self.announced = False  # it sent a PRESENCE or a HELLO: /who lists it (any src can be forged)
         self.hops: Optional[int] = None
         self.last_seen = 0.0
         self.via: Optional[Addr] = None
@@ -229,6 +238,7 @@ class Hello(NamedTuple):
     tok: Optional[str]
     echo: Optional[str]
     ask: bool
+    bye: bool
     seq: Optional[int]
     ack: Optional[int]
     held_ms: float
@@ -255,6 +265,7 @@ def parse_hello(msg: Message) -> Hello:
         tok=_token_text(x.get("tok")),
         echo=_token_text(x.get("echo")),
         ask=x.get("ask") == 1,
+        bye=x.get("bye") == 1,
         seq=_int(x.get("seq"), 0, 2**53),
         ack=_int(x.get("ack"), 0, 2**53),
         held_ms=_num(x.get("held"), 0.0, 1e7) or 0.0,
@@ -291,6 +302,7 @@ class Membership:
         self._last_presence: Optional[float] = None
         self._known_since: Optional[float] = None  # when we first learned a distance
         self._beacon_due: Optional[float] = 0.0 if config.discover else None
+        self._full_told: Optional[float] = None
         self._beacons = 0
         self.counters = {"hello_sent": 0, "hello_received": 0, "challenges": 0, "peer_up": 0, "peer_down": 0}
         for addr in configured:
@@ -324,8 +336,16 @@ class Membership:
         n = self.neighbours.get(addr)
         return n is not None and n.speaks
 
-    def _room(self) -> bool:
-        return len(self.neighbours) < self.config.max_peers
+    def _room(self, addr: Optional[Addr] = None) -> bool:
+        """Room for one more learned neighbour (from ``addr``): under --max-peers, and, from another
+        machine, under MAX_LEARNED_PER_HOST from one address, so one host's many ports cannot take
+        every place (on loopback the nodes of one machine share an address)."""
+        if len(self.neighbours) >= self.config.max_peers:
+            return False
+        if addr is None or addr[0].startswith("127."):
+            return True
+        same = sum(1 for n in self.neighbours.values() if not n.configured and n.addr[0] == addr[0])
+        return same < MAX_LEARNED_PER_HOST
 
     # -- tokens ------------------------------------------------------------------------
 
@@ -375,6 +395,16 @@ class Membership:
         msg = Message(self._new_mid()[:12], round(wall, 2), 1, "HELLO", self.label, format_addr(addr), "", extra)
         self.counters["hello_sent"] += 1
         return Unicast(encode(msg), addr)
+
+    def goodbye(self, now: float, wall: float) -> list:
+        """HELLOs saying we are leaving, for every neighbour that is up (a clean stop)."""
+        out = []
+        for n in self.neighbours.values():
+            if n.up and n.their_tok:
+                hello = self._hello(n.addr, now, wall, ask=False, n=n, full=False)
+                msg = decode(hello.data)
+                out.append(Unicast(encode(msg._replace(extra=dict(msg.extra, bye=1))), n.addr))
+        return out
 
     def beacon(self, now: float, wall: float) -> bytes:
         """A beacon for the discovery group: a HELLO to nobody in particular, asking to be answered."""
@@ -449,8 +479,8 @@ class Membership:
                     self.counters["hello_sent"] -= 1
                     return [], "rate"
                 return [reply], ""
-            if not self._room():
-                return [], "unproven"  # no room: --max-peers
+            if not self._room(addr):
+                return self._refused(addr, now), "unproven"  # no room: --max-peers
             n = self.neighbours[addr] = Neighbour(addr, False, now)
             self._challenged.pop(addr, None)
         actions: list = []
@@ -474,6 +504,9 @@ class Membership:
         if proven and h.ack is not None and h.ack in n.sent:
             rtt = max(0.0, (now - n.sent.pop(h.ack)) * 1000.0 - h.held_ms)
             n.srtt_ms = rtt if n.srtt_ms is None else 0.875 * n.srtt_ms + 0.125 * rtt
+        if h.bye and proven:
+            # It is leaving cleanly: down now, not after 20 s of silence.
+            return (self._set_down(n, now) if n.up else []), ""
         if not n.up and (proven or n.configured):
             # A configured address is the user's word: its HELLO is enough (the handshake still runs).
             actions.extend(self._set_up(n, now))
@@ -487,6 +520,15 @@ class Membership:
         if msg.src and n.up:
             self._learn_member(msg.src, n.nick or None, 1, addr, now, n.caps or None)
         return actions, ""
+
+    def _refused(self, addr: Addr, now: float) -> list:
+        if self._full_told is not None and now - self._full_told < FULL_NOTICE_S:
+            return []
+        self._full_told = now
+        why = (f"{MAX_LEARNED_PER_HOST} already come from {addr[0]}" if len(self.neighbours) < self.config.max_peers
+               else f"--max-peers {self.config.max_peers} reached")
+        return [Refused(f"{format_addr(addr)} found us but was not taken as a neighbour ({why}); "
+                        "it can still reach us, but gets nothing from us")]
 
     def _count_seq(self, n: Neighbour, seq: int) -> None:
         if n.rx_seq is None or seq < n.rx_seq - LOSS_WINDOW or seq > n.rx_seq + LOSS_WINDOW:
@@ -589,6 +631,7 @@ class Membership:
             m.via, m.via_at = via, now
         if caps:
             m.caps = caps
+            m.announced = True
 
     # -- timers ---------------------------------------------------------------------------------
 
@@ -773,6 +816,8 @@ class Membership:
     def who(self, now: float) -> List[Dict[str, Any]]:
         rows: Dict[str, Dict[str, Any]] = {}
         for m in self.members.values():
+            if not m.announced:
+                continue  # a label seen only as a message's src: anyone can make those up by the thousand
             state = "alive" if now - m.last_seen < SILENT_AFTER_S else "silent"
             rows[m.label] = {"label": m.label, "nick": m.nick, "hops": m.hops,
                              "last_seen_s": round(now - m.last_seen, 1), "state": state}

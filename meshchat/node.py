@@ -239,7 +239,11 @@ class Node:
         return self
 
     def stop(self) -> bool:
-        """Stop the threads and close the socket; safe to call twice. False if a thread hung."""
+        """Stop the threads and close the socket; safe to call twice. False if a thread hung.
+
+        Once the threads are quiet, neighbours are told (a HELLO saying goodbye), so they leave
+        us out at once instead of after 20 s of silence."""
+        first = not self._stopping.is_set()
         self._stopping.set()
         self._wake()
         ok = True
@@ -249,6 +253,11 @@ class Node:
                 if t.is_alive():
                     log.warning("thread %s did not stop within %.1f s", t.name, JOIN_TIMEOUT_S)
                     ok = False
+        if first and ok and self.membership is not None and self._threads and not self._closed:
+            with self._lock:
+                byes = self.membership.goodbye(self._clock(), self._wall())
+            for bye in byes:
+                self._send(Send(bye.data, (bye.addr,)))
         self._close()
         if self.store is not None:
             with self._lock:

@@ -37,7 +37,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want, direct_key, stream_of
+from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want
 from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
 from .seen import SeenCache
 from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
@@ -268,16 +268,17 @@ class Relay:
     # -- receiving -----------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
-        actions = self._received(data, addr, now, wall)
         m = self.membership
-        if m is not None and addr in m.neighbours:
-            up = m.heard(addr, now)  # anything at all from a neighbour that was down brings it back
-            if self.delivery is not None:
-                label, caps = m.label_caps(addr)
-                up.extend(self.delivery.peer_heard(label, now, wall, caps))  # what waits for it goes now
-            if up:
-                return self._sends(up, now, wall) + actions
-        return actions
+        if m is None or addr not in m.neighbours:
+            return self._received(data, addr, now, wall)
+        # Before the datagram itself (which may be a goodbye): anything at all from a neighbour
+        # that was down brings it back, and what waits for it goes now.
+        heard = m.heard(addr, now)
+        if self.delivery is not None:
+            label, caps = m.label_caps(addr)
+            heard.extend(self.delivery.peer_heard(label, now, wall, caps))
+        actions = self._received(data, addr, now, wall)
+        return self._sends(heard, now, wall) + actions if heard else actions
 
     def _received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
         c = self.counters

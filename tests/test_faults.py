@@ -90,7 +90,7 @@ def test_a_dead_worker_thread_makes_the_cli_exit_nonzero(monkeypatch, capsys):
     monkeypatch.setattr(Node, "_datagrams_ready", explode)
     [port] = free_ports(1)
     result = []
-    runner = threading.Thread(target=lambda: result.append(cli.main(["--port", str(port), "--headless",
+    runner = threading.Thread(target=lambda: result.append(cli.main(["--no-discover", "--port", str(port), "--headless",
                                                                       "--json"])))
     runner.start()
     try:

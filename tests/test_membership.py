@@ -210,7 +210,9 @@ def test_who_lists_us_neighbours_and_far_nodes():
     net = Net(2, configured=[(1, 2), (2, 1)], nick="n")
     net.advance(2.0)
     m = net.ms[1]
-    m.learn(Message("x", WALL, 5, "CHAT", label(7), "", "", {"ttl0": 8, "nick": "far"}), addr(2), net.now)
+    m.learn(Message("x", WALL, 5, "PRESENCE", label(7), "", "", {"ttl0": 8, "nick": "far", "caps": ["HELLO"]}),
+            addr(2), net.now)
+    m.learn(Message("y", WALL, 5, "CHAT", "10.6.6.6:1", "", "", {"ttl0": 8}), addr(2), net.now)  # forgeable: not listed
     rows = m.who(net.now)
     assert rows[0]["state"] == "you"
     assert [(r["label"], r["hops"], r["state"]) for r in rows[1:]] == [

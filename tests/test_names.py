@@ -13,7 +13,7 @@ import time
 
 from meshchat.cli import run_command, shown_nick
 from meshchat.console import JsonConsole, TerminalConsole, parse_line
-from meshchat.membership import MembershipConfig, PeerUp, display_name, tag_of
+from meshchat.membership import MembershipConfig, display_name, tag_of
 from meshchat.relay import Display, Pong
 from meshchat.wire import Message
 
