@@ -24,7 +24,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 from . import __version__
 from .console import (
     MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
-    TerminalConsole, Who, History as HistoryCmd, nick_of, parse_line, part_of, readline_buffer,
+    TerminalConsole, Who, History as HistoryCmd, terminal_columns, nick_of, parse_line, part_of, readline_buffer,
 )
 from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, display_name, valid_nick
 from .node import Discovery, Failure, History, Node, start_without_signals
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DISCOVERY_GROUP = ("239.255.77.77", 9977)
+UNWRAPPED_COLUMNS = 1 << 20  # "columns" of a pipe or file: no line is ever wrapped
 HISTORY_AT_START = 5  # messages from history a terminal shows when the node starts
 DEFAULT_PORT = 9001
 DEFAULT_PORT_TRIES = 100  # without --port: 9001, else 9002, ... so that plain `meshchat` runs N times on one machine
@@ -552,8 +553,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 import readline  # noqa: F401  # line editing, and a prompt we can redraw
             except ImportError:
                 pass
+        # Lines are wrapped (continuation rows indented) for a terminal only: a log keeps them whole.
+        columns = terminal_columns if sys.stdout.isatty() else (lambda: UNWRAPPED_COLUMNS)
         console = TerminalConsole(sys.stdout, color=color, interactive=interactive,
-                                  on_broken=stop_reading, get_typed=readline_buffer())
+                                  on_broken=stop_reading, get_typed=readline_buffer(), columns=columns)
 
     unshown = [0]  # events dropped while the console was not keeping up
 

@@ -580,10 +580,10 @@ class TerminalConsole(Console):
 
     def pinged(self, messages: Iterable[Message]) -> None:
         for m in messages:
-            self.notice(f"ping sent to {m.dst or 'every node'}")
+            self.notice(f"ping sent to {self.name_of(m.dst) if m.dst else 'every node'}")
 
     def pong(self, p: Pong) -> None:
-        self.notice(f"pong from {p.src}: {p.rtt_ms:.1f} ms")
+        self.notice(f"pong from {self.name_of(p.src)}: {p.rtt_ms:.1f} ms")
 
     def peer_state(self, e: "Union[PeerUp, PeerDown]") -> None:
         name = sanitize(display_name(e.label, e.nick))

@@ -365,3 +365,20 @@ def test_without_port_a_node_takes_the_next_free_port_and_with_port_it_refuses()
         chosen = parse_args(["--no-discover", "--port", str(base)])
         with pytest.raises(OSError):
             open_node(chosen, RelayConfig(label=""), lambda e: None)
+
+
+def test_a_console_writing_to_a_pipe_keeps_each_message_on_one_line():
+    with Proc("--port", "0") as node:
+        ready = node.lines.get(timeout=10)
+        port = int(ready.rsplit(":", 1)[1].split(".")[0].split()[0])
+        body = "word " * 60
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            msg = {"mid": "long-1", "ts": time.time(), "ttl": 3, "kind": "CHAT", "src": "127.0.0.1:9",
+                   "dst": "", "body": body}
+            s.sendto(json.dumps(msg).encode(), ("127.0.0.1", port))
+            deadline = time.monotonic() + 10
+            while True:
+                line = node.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+                if "word" in line:
+                    break
+        assert body.strip() in line, "a log or a pipe gets whole lines, not rows of 80 columns"
