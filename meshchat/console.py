@@ -651,6 +651,16 @@ def stats_lines(c: dict) -> List[str]:
         lines.append(f"dropped: {reasons}")
     lines.append(f"sent {c['sent']} datagrams; send errors {c['send_errors']}, receive errors {c['recv_errors']}")
     lines.append(f"seen ids {c['seen_size']}; receive buffer {c['rcvbuf_bytes'] // 1024} KiB")
+    if "neighbours_up" in c:
+        lines.append(f"neighbours up {c['neighbours_up']}; HELLOs sent {c.get('hello_sent', 0)}, "
+                     f"received {c.get('hello_received', 0)}")
+    if "delivered" in c:
+        lines.append(f"direct: delivered {c['delivered']}, waiting {c['outbox']}, retries {c['retries']}, "
+                     f"acks sent {c['acks_sent']}, held for others {c['relay_holding']}")
+        lines.append(f"repair: repaired {c['repaired']}, served {c['served']}, asked {c['wants_sent']}, "
+                     f"given up {c['gaps_given_up']}")
+    if "history_written" in c:
+        lines.append(f"history: written {c['history_written']}, not written {c['history_dropped']}")
     return [row for line in lines for row in _fold(line)]
 
 

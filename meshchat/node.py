@@ -46,7 +46,10 @@ RECV_BUFFER_BYTES = 65535  # read every datagram whole, whatever its size
 RCVBUF_WANTED_BYTES = 1 << 20
 DRAIN_BATCH = 256  # datagrams per wake-up before the waker gets a look in
 JOIN_TIMEOUT_S = 1.0
-MIN_TIMER_S = 0.005  # a timer already due still lets the selector look at the sockets
+MIN_TIMER_S = 0.005
+DELIVERY_STATS = ("acks_sent", "acks_received", "retries", "delivered", "undelivered", "held", "outbox",
+                  "relay_holding", "relay_handed_over", "repaired", "late", "served", "wants_sent", "haves_sent",
+                  "gaps_given_up")  # a timer already due still lets the selector look at the sockets
 
 
 MAX_LOGGED_CAUSES = 64  # distinct internal errors logged; any beyond are only counted
@@ -575,8 +578,21 @@ class Node:
             return self.membership.peer_rows(self._clock())
 
     def stats(self) -> dict:
+        """The relay's counters, and the capabilities' (membership, delivery, the store) beside them."""
         with self._lock:
             out = self.relay.stats()
+            m, d = self.membership, self.delivery
+            if m is not None:
+                out.update(m.counters)
+                out["neighbours_up"] = sum(1 for n in m.neighbours.values() if n.up)
+            if d is not None:
+                ds = d.stats()
+                out.update({k: ds[k] for k in DELIVERY_STATS})
+                # Named apart from the relay's drops, which add up to what was received.
+                out["delivery_malformed"] = sum(v for k, v in ds.items() if k.startswith("dropped_"))
+        if self.store is not None:
+            st = self.store.stats()
+            out["history_written"], out["history_dropped"] = st.get("written", 0), st.get("dropped", 0)
         out["rcvbuf_bytes"] = self.rcvbuf_bytes
         return out
 

@@ -1,5 +1,6 @@
 """Acknowledged direct messages, the outbox and gap repair on real sockets, with and without history."""
 
+from meshchat.console import stats_lines
 from meshchat.delivery import Delivered, Undelivered
 from meshchat.membership import MembershipConfig, PeerDown, PeerUp
 from meshchat.node import History
@@ -20,6 +21,9 @@ def test_a_direct_message_is_acknowledged():
         c[3].wait_for_body("are you there?")
         done = c[1].next(Delivered)
         assert done.mid == msg.mid and done.dst == c[3].label and done.tries == 1 and done.rtt_ms >= 0
+        stats = c[1].node.stats()
+        assert stats["delivered"] == 1 and stats["outbox"] == 0 and c[3].node.stats()["acks_sent"] >= 1
+        assert any(line.startswith("direct: delivered 1") for line in stats_lines(stats))
 
 
 def test_a_message_to_a_node_that_is_down_is_held_then_delivered_when_it_returns(tmp_path):
