@@ -381,9 +381,8 @@ class Store:
                     os.replace(side, self.dir / (target.name + suffix))
         except OSError as exc:
             raise StoreError(f"{self.db_path} is {problem} and cannot be moved aside: {exc.strerror or exc}") from None
-        warning = f"{self.db_path} was {problem}: moved aside to {target.name}, starting a new history"
-        log.warning("%s", warning)
-        self.warnings.append(warning)
+        # Said once, by whoever opened the store (the CLI prints its warnings), not logged as well.
+        self.warnings.append(f"{self.db_path} was {problem}: moved aside to {target.name}, starting a new history")
 
     def _after_open(self) -> None:
         db = self._db
