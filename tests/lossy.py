@@ -148,6 +148,7 @@ class LossyHub:
         self._ends: List[_End] = []
         self._ports: Dict[int, Optional[int]] = {}
         self._up: Dict[int, bool] = {}
+        self._early: Set[int] = set()  # starting: membership chatter goes to them already
         self.in_from: Dict[int, int] = {}
         self.out_to: Dict[int, int] = {}
         self.counts: Dict[str, int] = dict.fromkeys(COUNTS, 0)
@@ -205,9 +206,18 @@ class LossyHub:
                 end.spec = spec
             self.spec = spec
 
+    def set_early(self, i: int, port: int) -> None:
+        """Node ``i`` is starting on ``port``: membership's chatter (uncounted) goes to it from now
+        on, so that nodes started together, or a restarted one, are not left waiting for a probe;
+        what is counted waits for ``set_up``, so the accounting stays exact."""
+        with self._lock:
+            self._ports[i] = port
+            self._early.add(i)
+
     def set_up(self, i: int, port: int) -> None:
         """Node ``i`` listens on ``port`` from now on; its counters start again from zero."""
         with self._lock:
+            self._early.discard(i)
             self._ports[i] = port
             self._up[i] = True
             self.in_from[i] = 0
@@ -217,6 +227,7 @@ class LossyHub:
         """Node ``i`` is dead: what would go to it is dropped (as its closed port would)."""
         with self._lock:
             self._up[i] = False
+            self._early.discard(i)
 
     # -- life cycle --
 
@@ -326,7 +337,7 @@ class LossyHub:
             # from its own generator, so the datagrams under test keep their seeded decisions.
             if self._hello_rng.random() >= end.spec.loss:
                 port = self._ports.get(end.dst)
-                if self._up.get(end.dst) and port is not None:
+                if (self._up.get(end.dst) or end.dst in self._early) and port is not None:
                     try:
                         end.out.sendto(data, (self.host, port))
                     except OSError:
@@ -518,18 +529,19 @@ class NodeProc:
 # -- the networks nodes run on ---------------------------------------------------------------
 
 
-def free_udp_ports(count: int) -> Dict[int, int]:
-    """``count`` UDP ports on HOST that are free now (all held open together, so distinct)."""
-    socks = []
+def reserve_udp_ports(count: int) -> Dict[int, socket.socket]:
+    """``count`` UDP sockets bound to free ports on HOST, held (so no one else gets those ports)
+    until the caller closes each just before its node binds it."""
+    socks: Dict[int, socket.socket] = {}
     try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            socks.append(s)
-            s.bind((HOST, 0))
-        return {i: s.getsockname()[1] for i, s in enumerate(socks)}
-    finally:
-        for s in socks:
-            s.close()
+        for i in range(count):
+            socks[i] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks[i].bind((HOST, 0))
+    except BaseException:
+        for sock in socks.values():
+            sock.close()
+        raise
+    return socks
 
 
 class LoopbackNet:
@@ -544,8 +556,8 @@ class LoopbackNet:
         self.peer_ports: Dict[int, List[int]] = {i: [] for i in range(len(links))}
         # ports_first: every node's port is chosen (free now) before any starts, so the hub forwards
         # to a node from its spawn on and the first HELLOs of nodes started together are not lost.
-        self.ports: Dict[int, int] = free_udp_ports(len(links)) if ports_first else {}
-        self._up_early: Set[int] = set()
+        self._reserved = reserve_udp_ports(len(links)) if ports_first else {}
+        self.ports: Dict[int, int] = {i: sock.getsockname()[1] for i, sock in self._reserved.items()}
         try:
             for _ in links:
                 self.hub.add_node()
@@ -557,8 +569,15 @@ class LoopbackNet:
                         self.peer_ports[b].append(pb)
         except BaseException:
             self.hub.stop()  # closes the sockets bound so far
+            self._release()
             raise
         self.hub.start()
+
+    def _release(self, i: Optional[int] = None) -> None:
+        for j in ([i] if i is not None else list(self._reserved)):
+            sock = self._reserved.pop(j, None)
+            if sock is not None:
+                sock.close()
 
     def argv(self, i: int) -> List[str]:
         port = self.ports.get(i, 0)  # first start: any free port; restarts: the same one
@@ -566,24 +585,19 @@ class LoopbackNet:
                 "--peers", *[f"{HOST}:{p}" for p in self.peer_ports[i]]]
 
     def spawning(self, i: int) -> None:
-        """Node i is about to start: if its port is known (a restart, or ports_first), what is sent to
-        it is forwarded from now on, as a real network would (its HELLO answers must not be lost
-        while the harness has not yet read its ready line)."""
+        """Node i is about to start: if its port is known (a restart, or ports_first), HELLOs go to
+        it from now on (see ``LossyHub.set_early``)."""
+        self._release(i)  # the node binds it in a moment
         port = self.ports.get(i)
         if port is not None:
-            self.hub.set_up(i, port)
-            self._up_early.add(i)
+            self.hub.set_early(i, port)
 
     def up(self, i: int, label: str) -> None:
         port = int(label.rsplit(":", 1)[1])
         self.ports.setdefault(i, port)
-        if i in self._up_early and self.ports[i] == port:
-            self._up_early.discard(i)  # already forwarding, and counting, since the spawn
-            return
         self.hub.set_up(i, port)
 
     def down(self, i: int) -> None:
-        self._up_early.discard(i)
         self.hub.set_down(i)
 
     def quiet(self, timeout: float) -> bool:
@@ -593,6 +607,7 @@ class LoopbackNet:
         return self.hub.snapshot()
 
     def close(self) -> None:
+        self._release()
         self.hub.stop()
 
 
