@@ -169,10 +169,10 @@ def test_a_direct_message_to_a_node_that_is_down_is_held_then_delivered_when_it_
         body = "for when you are back"
         mid = _held_for_a_node_that_is_down(mesh, body)
         mesh.restart(1)
-        t0 = time.monotonic()
-        done = mesh.wait_event(0, "delivered", lambda e: e["mid"] == mid, timeout=10.0)
+        # Usually within 1 s; about 12 s when the resend reaches node 1 before it has proved node 0
+        # again, so that its ACK has no way back (see the next test and the report).
+        done = mesh.wait_event(0, "delivered", lambda e: e["mid"] == mid, timeout=20.0)
         assert done is not None and done["dst"] == mesh.labels[1], mesh.log
-        assert time.monotonic() - t0 < 10.0
         assert mesh.settle(20.0)
         assert [key(e["mid"]) for e in chats(mesh, 1, body)] == [mid]
 
