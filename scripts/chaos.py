@@ -10,7 +10,8 @@ second; nodes are killed with SIGKILL at random (``--kills-per-minute``) and
 restarted on the same port with the same command line after ``--down``
 seconds. At the end every node is up, the mesh settles, and this prints the
 delivery (node x message pairs where the node was up while the message
-flooded), duplicates shown, and memory per node (VmRSS; "n/a" where
+flooded), both on the first flood (shown within 1 s, not late) and in the end
+(after repair, late included), duplicates shown, and memory per node (VmRSS; "n/a" where
 /proc/PID/status does not exist).
 
 ``--netns`` (Linux, root, ``ip`` and ``nft``): one network namespace per node

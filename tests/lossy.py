@@ -51,6 +51,7 @@ READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
 RECV_BATCH = 256
 PROXY_RCVBUF_BYTES = 1 << 20
+GRACE_S = 1.0  # a node counts for a message if up from its writing to this long after it was sent
 
 
 # -- topology ------------------------------------------------------------------------------
@@ -147,6 +148,7 @@ class LossyHub:
         self._ends: List[_End] = []
         self._ports: Dict[int, Optional[int]] = {}
         self._up: Dict[int, bool] = {}
+        self._early: Set[int] = set()  # starting: membership chatter goes to them already
         self.in_from: Dict[int, int] = {}
         self.out_to: Dict[int, int] = {}
         self.counts: Dict[str, int] = dict.fromkeys(COUNTS, 0)
@@ -197,9 +199,25 @@ class LossyHub:
         self._wake()
         return s_ab.getsockname()[1], s_ba.getsockname()[1]
 
+    def set_spec(self, spec: LinkSpec) -> None:
+        """Every link does ``spec`` from now on (e.g. lossy only once the neighbours know each other)."""
+        with self._lock:
+            for end in self._ends:
+                end.spec = spec
+            self.spec = spec
+
+    def set_early(self, i: int, port: int) -> None:
+        """Node ``i`` is starting on ``port``: membership's chatter (uncounted) goes to it from now
+        on, so that nodes started together, or a restarted one, are not left waiting for a probe;
+        what is counted waits for ``set_up``, so the accounting stays exact."""
+        with self._lock:
+            self._ports[i] = port
+            self._early.add(i)
+
     def set_up(self, i: int, port: int) -> None:
         """Node ``i`` listens on ``port`` from now on; its counters start again from zero."""
         with self._lock:
+            self._early.discard(i)
             self._ports[i] = port
             self._up[i] = True
             self.in_from[i] = 0
@@ -209,6 +227,7 @@ class LossyHub:
         """Node ``i`` is dead: what would go to it is dropped (as its closed port would)."""
         with self._lock:
             self._up[i] = False
+            self._early.discard(i)
 
     # -- life cycle --
 
@@ -318,7 +337,7 @@ class LossyHub:
             # from its own generator, so the datagrams under test keep their seeded decisions.
             if self._hello_rng.random() >= end.spec.loss:
                 port = self._ports.get(end.dst)
-                if self._up.get(end.dst) and port is not None:
+                if (self._up.get(end.dst) or end.dst in self._early) and port is not None:
                     try:
                         end.out.sendto(data, (self.host, port))
                     except OSError:
@@ -510,16 +529,35 @@ class NodeProc:
 # -- the networks nodes run on ---------------------------------------------------------------
 
 
+def reserve_udp_ports(count: int) -> Dict[int, socket.socket]:
+    """``count`` UDP sockets bound to free ports on HOST, held (so no one else gets those ports)
+    until the caller closes each just before its node binds it."""
+    socks: Dict[int, socket.socket] = {}
+    try:
+        for i in range(count):
+            socks[i] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks[i].bind((HOST, 0))
+    except BaseException:
+        for sock in socks.values():
+            sock.close()
+        raise
+    return socks
+
+
 class LoopbackNet:
     """Nodes on 127.0.0.1, every link through a ``LossyHub`` proxy."""
 
     name = "loopback proxies"
     exact_settle = True
 
-    def __init__(self, links: List[Set[int]], seed: int, spec: LinkSpec, max_life_s: float) -> None:
+    def __init__(self, links: List[Set[int]], seed: int, spec: LinkSpec, max_life_s: float,
+                 ports_first: bool = False) -> None:
         self.hub = LossyHub(seed, spec, max_life_s=max_life_s)
         self.peer_ports: Dict[int, List[int]] = {i: [] for i in range(len(links))}
-        self.ports: Dict[int, int] = {}
+        # ports_first: every node's port is chosen (free now) before any starts, so the hub forwards
+        # to a node from its spawn on and the first HELLOs of nodes started together are not lost.
+        self._reserved = reserve_udp_ports(len(links)) if ports_first else {}
+        self.ports: Dict[int, int] = {i: sock.getsockname()[1] for i, sock in self._reserved.items()}
         try:
             for _ in links:
                 self.hub.add_node()
@@ -531,13 +569,28 @@ class LoopbackNet:
                         self.peer_ports[b].append(pb)
         except BaseException:
             self.hub.stop()  # closes the sockets bound so far
+            self._release()
             raise
         self.hub.start()
+
+    def _release(self, i: Optional[int] = None) -> None:
+        for j in ([i] if i is not None else list(self._reserved)):
+            sock = self._reserved.pop(j, None)
+            if sock is not None:
+                sock.close()
 
     def argv(self, i: int) -> List[str]:
         port = self.ports.get(i, 0)  # first start: any free port; restarts: the same one
         return [sys.executable, "-m", "meshchat", "--host", HOST, "--port", str(port),
                 "--peers", *[f"{HOST}:{p}" for p in self.peer_ports[i]]]
+
+    def spawning(self, i: int) -> None:
+        """Node i is about to start: if its port is known (a restart, or ports_first), HELLOs go to
+        it from now on (see ``LossyHub.set_early``)."""
+        self._release(i)  # the node binds it in a moment
+        port = self.ports.get(i)
+        if port is not None:
+            self.hub.set_early(i, port)
 
     def up(self, i: int, label: str) -> None:
         port = int(label.rsplit(":", 1)[1])
@@ -554,6 +607,7 @@ class LoopbackNet:
         return self.hub.snapshot()
 
     def close(self) -> None:
+        self._release()
         self.hub.stop()
 
 
@@ -682,6 +736,9 @@ class NetnsNet:
         return ["ip", "netns", "exec", self.ns(i), sys.executable, "-m", "meshchat",
                 "--host", self.address(i), "--port", str(NETNS_PORT), "--peers", *peers]
 
+    def spawning(self, i: int) -> None:
+        pass
+
     def up(self, i: int, label: str) -> None:
         pass
 
@@ -761,6 +818,8 @@ class Report:
     per_node: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # node -> (delivered, expected)
     kills: int = 0
     restarts: int = 0
+    first_flood: int = 0  # pairs shown within grace_s of being sent and not late: delivered without repair
+    late: int = 0  # pairs shown marked late (repaired or caught up)
     net: dict = field(default_factory=dict)
     rss_kib: Dict[int, Optional[int]] = field(default_factory=dict)
     exits: Dict[int, Optional[int]] = field(default_factory=dict)
@@ -771,9 +830,14 @@ class Report:
     def delivery(self) -> float:
         return self.delivered / self.pairs if self.pairs else 1.0
 
+    @property
+    def first_flood_delivery(self) -> float:
+        return self.first_flood / self.pairs if self.pairs else 1.0
+
     def as_dict(self) -> dict:
         out = dict(self.__dict__)
         out["delivery"] = self.delivery
+        out["first_flood_delivery"] = self.first_flood_delivery
         out["per_node"] = {str(k): list(v) for k, v in self.per_node.items()}
         out["rss_kib"] = {str(k): v for k, v in self.rss_kib.items()}
         out["exits"] = {str(k): v for k, v in self.exits.items()}
@@ -790,13 +854,16 @@ class Mesh:
 
     def __init__(self, n: int, degree: int = 4, seed: int = 1, loss: float = 0.2, dup: float = 0.0,
                  delay: Tuple[float, float] = (0.0, 0.0), reorder: float = 0.0, netns: bool = False,
-                 grace_s: float = 1.0, max_life_s: float = 600.0, history: bool = True) -> None:
+                 grace_s: float = GRACE_S, max_life_s: float = 600.0, history: bool = True,
+                 links: Optional[List[Set[int]]] = None, ports_first: bool = False,
+                 more_peers: Optional[Dict[int, List[str]]] = None) -> None:
         self.n = n
+        self.more_peers = more_peers or {}  # node -> extra HOST:PORT peers (e.g. a seed-design node)
         self.history = history
         self.data_dir = tempfile.mkdtemp(prefix="meshchat-chaos-")
         self.seed = seed
         self.grace_s = grace_s
-        self.links = regular_links(n, degree, seed)
+        self.links = regular_links(n, degree, seed) if links is None else [set(near) for near in links]
         self.events: "queue.Queue" = queue.Queue()
         self.procs: Dict[int, NodeProc] = {}
         self.all_procs: List[NodeProc] = []
@@ -807,6 +874,8 @@ class Mesh:
         self.ended: Set[Tuple[int, int]] = set()
         self.killed: Set[Tuple[int, int]] = set()
         self.shown: Dict[Tuple[int, int], Counter] = {}
+        self.first_shown: Dict[Tuple[int, str], Tuple[float, bool]] = {}  # (node, mid) -> (when, late)
+        self.log: Dict[Tuple[int, int], List[dict]] = {}  # every JSON event of every process, in order
         self.sent: Dict[str, Sent] = {}  # mid -> message
         self._writing: Dict[str, Sent] = {}  # body -> message not yet reported sent
         self.stats: Dict[Tuple[int, int], dict] = {}
@@ -820,7 +889,7 @@ class Mesh:
         self.exits: Dict[int, Optional[int]] = {}
         self._deadline = time.monotonic() + max_life_s
         self.net = (NetnsNet(self.links, loss) if netns
-                    else LoopbackNet(self.links, seed, LinkSpec(loss, dup, delay, reorder), max_life_s))
+                    else LoopbackNet(self.links, seed, LinkSpec(loss, dup, delay, reorder), max_life_s, ports_first))
 
     # -- life cycle --
 
@@ -839,7 +908,9 @@ class Mesh:
         # History in a folder of this mesh's own: a restarted node catches up from it, and nothing
         # is left in the user's data folder.
         history = ["--data-dir", self.data_dir] if self.history else ["--no-history"]
-        p = NodeProc(i, self.incarnation[i], self.net.argv(i) + ["--json", *history], self.events)
+        self.net.spawning(i)
+        argv = self.net.argv(i) + list(self.more_peers.get(i, ()))  # argv ends with the --peers list
+        p = NodeProc(i, self.incarnation[i], argv + ["--json", *history], self.events)
         self.procs[i] = p
         self.all_procs.append(p)
 
@@ -904,11 +975,13 @@ class Mesh:
         except (ValueError, KeyError, TypeError):
             self.bad_lines.append(line)
             return True
+        self.log.setdefault(key, []).append(obj)
         if event == "ready":
             self.labels[i] = obj["node"]
             self.ready.add(key)
         elif event == "chat":
             self.shown.setdefault(key, Counter())[obj["mid"]] += 1
+            self.first_shown.setdefault((i, obj["mid"]), (time.monotonic(), obj.get("late") is True))
         elif event == "sent":
             msg = self._writing.pop(obj.get("body", ""), None)
             if msg is not None and msg.origin == i:
@@ -953,6 +1026,24 @@ class Mesh:
     def round(self, senders: Optional[Sequence[int]] = None) -> List[str]:
         """One message from each of ``senders`` (default: every live node)."""
         return [self.say(i) for i in (self.live() if senders is None else senders)]
+
+    def sent_by(self, body: str) -> Optional[int]:
+        """Which node wrote ``body`` (through ``say``)."""
+        msg = self._writing.get(body) or next((m for m in self.sent.values() if m.body == body), None)
+        return msg.origin if msg is not None else None
+
+    def events_of(self, i: int, name: str, incarnation: Optional[int] = None) -> List[dict]:
+        """The ``name`` events node i printed so far (in its current incarnation unless told)."""
+        inc = self.incarnation[i] if incarnation is None else incarnation
+        return [e for e in self.log.get((i, inc), []) if e["event"] == name]
+
+    def wait_event(self, i: int, name: str, match: Callable[[dict], bool] = lambda e: True,
+                   timeout: float = 10.0) -> Optional[dict]:
+        """The first ``name`` event of node i's current incarnation that ``match``es, waiting up to ``timeout``."""
+        def found() -> Optional[dict]:
+            return next((e for e in self.events_of(i, name) if match(e)), None)
+        self.wait_until(lambda: found() is not None, timeout)
+        return found()
 
     def wait_sent(self, bodies: Sequence[str], timeout: float = 10.0) -> bool:
         return self.wait_until(lambda: not any(b in self._writing for b in bodies), timeout)
@@ -1043,15 +1134,22 @@ class Mesh:
         for j, across in per_node_mids.items():
             reshown += sum(c - 1 for c in across.values() if c > 1)
         per_node = {}
-        pairs = delivered = 0
+        pairs = delivered = first_flood = late = 0
         for j in range(self.n):
             want = [m for m in chosen if self.expected(m, j)]
             got = sum(1 for m in want if m.mid in shown_by[j])
             per_node[j] = (got, len(want))
             pairs += len(want)
             delivered += got
+            for m in want:
+                when, was_late = self.first_shown.get((j, m.mid), (None, False))
+                if when is not None and was_late:
+                    late += 1
+                elif when is not None and m.t_sent is not None and when <= m.t_sent + self.grace_s:
+                    first_flood += 1
         return Report(nodes=self.n, network=self.net.name, messages=len(chosen), pairs=pairs,
                       delivered=delivered, duplicates=duplicates, reshown=reshown, per_node=per_node,
+                      first_flood=first_flood, late=late,
                       kills=self.kills, restarts=self.restarts, net=self.net.counters(), settled=settled)
 
     def rss(self) -> Dict[int, Optional[int]]:
@@ -1075,7 +1173,7 @@ def run_chaos(nodes: int = 12, degree: int = 4, loss: float = 0.2, duration_s: f
     max_down = max(1, nodes // 4) if max_down is None else max_down
     started = time.monotonic()
     mesh = Mesh(nodes, degree, seed, loss, dup, delay, reorder, netns=netns,
-                max_life_s=duration_s + 120.0 + nodes * 2.0)
+                max_life_s=duration_s + 120.0 + nodes * 2.0, ports_first=True)
     exits: Dict[int, Optional[int]] = {}
     try:
         mesh.start()
@@ -1131,6 +1229,10 @@ def format_report(r: Report, args_line: str = "") -> str:
     lines.append(f"network: {r.network}; settled: {'yes' if r.settled else 'NO (timed out)'}; "
                  f"{r.seconds:.1f} s")
     lines.append(f"messages: {r.messages}; node x message pairs expected: {r.pairs}; delivered: {r.delivered}")
+    lines.append(f"delivered on first flood (shown within {GRACE_S:g} s, not late): {r.first_flood} "
+                 f"({100.0 * r.first_flood_delivery:.2f}%)")
+    lines.append(f"delivered in the end (late included): {r.delivered} ({100.0 * r.delivery:.2f}%); "
+                 f"shown late: {r.late}")
     lines.append(f"delivery: {100.0 * r.delivery:.2f}%")
     lines.append(f"duplicates shown: {r.duplicates} (shown again after a restart: {r.reshown})")
     lines.append(f"kills: {r.kills}; restarts: {r.restarts}")
