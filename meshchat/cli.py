@@ -632,9 +632,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if isinstance(item, Display):
                 if node.store is not None and not saved_through(item):
                     # What is shown is in history first, so that a restart never shows it again;
-                    # one commit covers every message already queued behind it.
+                    # one commit covers every message already queued behind it (taken before the
+                    # commit: what is queued during it may have been saved after it).
+                    queued = _saved_marker(lines)
                     node.store.flush(STORE_WAIT_S)
-                    saved_through = _saved_marker(lines)
+                    saved_through = queued
                 item = shown_nick(item, node.nick_of)
             console.show(item)
             if isinstance(item, Failure):

@@ -534,7 +534,8 @@ class Delivery:
             return self._hold(o, now)
         self._trying[msg.mid] = o
         self._retry_due = min(self._retry_due, o.due)
-        return []
+        # On disk from the first try: a crash while it is being retried must not lose it.
+        return [Store(OutboxPut(o.mid, o.dst, encode(o.msg), o.msg.ts, o.tries))]
 
     def _retry_message(self, o: _Out, wall: float) -> Message:
         o.tries += 1
@@ -595,7 +596,7 @@ class Delivery:
             return []
         self.counters["acks_received"] += 1
         o = self._trying.pop(mid, None)
-        actions: list = []
+        actions: list = [Store(OutboxDrop(mid))] if o is not None else []
         if o is None:
             box = self._outbox.get(msg.src) if msg.src else None
             o = box.pop(mid, None) if box is not None else None

@@ -37,7 +37,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want
+from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want, direct_key
 from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
 from .seen import SeenCache
 from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
@@ -132,7 +132,9 @@ if TYPE_CHECKING:
     from .membership import Membership
 
 _ONE_HOP = (Unicast, Want, Have, Since, Serve)
-RECENTLY_HEARD_S = 60.0  # a direct message for a node silent longer than this is kept to hand over
+RECENTLY_HEARD_S = 60.0
+MAX_ACKS_WAITING = 256  # acks with no neighbour to take them yet
+ACK_WAIT_S = 30.0  # how long such an ack waits for one  # a direct message for a node silent longer than this is kept to hand over
 
 # Link-local kinds that make us send (repair answers): taken only from neighbours that proved themselves.
 _NEIGHBOURS_ONLY = frozenset(("WANT", "HAVE", "SINCE"))
@@ -224,6 +226,7 @@ class Relay:
             {} if membership is None else {"HELLO": membership.hello_received})
         # Acks, retries, the outbox and gap repair, when there is a delivery layer (it needs membership).
         self.delivery = delivery if membership is not None else None
+        self._acks_waiting: List[Tuple[Any, float]] = []
         if self.delivery is not None:
             d = self.delivery
             self._link_kinds.update(WANT=d.want_received, HAVE=d.have_received, SINCE=d.since_received)
@@ -367,12 +370,18 @@ class Relay:
             elif d is None:
                 out.append(a)
             elif kind is Ack:
-                out.extend(self.originate("ACK", a.mid, a.dst, now, wall)[1])
+                sends = self.originate("ACK", a.mid, a.dst, now, wall)[1]
+                if not sends and len(self._acks_waiting) < MAX_ACKS_WAITING:
+                    # No neighbour takes it yet (we have just restarted, say): it goes with the next one up.
+                    self._acks_waiting.append((a, now))
+                out.extend(sends)
             elif kind is Resend or kind is Forward:
                 out.extend(self._send_direct(a.message, now))
             elif kind is PeerUp:
                 out.append(a)
-                out.extend(self._sends(d.neighbour_up(a.addr, a.label, now, wall), now, wall))
+                waiting = [ack for ack, when in self._acks_waiting if now - when < ACK_WAIT_S]
+                self._acks_waiting.clear()
+                out.extend(self._sends(d.neighbour_up(a.addr, a.label, now, wall) + waiting, now, wall))
             else:
                 out.append(a)
         return out
@@ -401,10 +410,11 @@ class Relay:
         shown = kind == "CHAT" and (to_me or msg.dst == "") and self.config.display
         late = False
         d = self.delivery
+        shown_msg = msg
         if d is not None:
-            shown, late = self._deliver(msg, addr, data, now, wall, to_me, shown, actions)
+            shown, late, shown_msg = self._deliver(msg, addr, data, now, wall, to_me, shown, actions)
         if shown:
-            actions.append(Display(msg, late))
+            actions.append(Display(shown_msg, late))
             c.displayed += 1
         if kind == "PING":
             if to_me or (msg.dst == "" and self._may_answer(msg.src, now)):
@@ -432,10 +442,11 @@ class Relay:
         return actions
 
     def _deliver(self, msg: Message, addr: Addr, data: bytes, now: float, wall: float, to_me: bool,
-                 shown: bool, actions: list) -> Tuple[bool, bool]:
+                 shown: bool, actions: list) -> Tuple[bool, bool, Message]:
         """Hand a first copy to the delivery layer: acks, gap tracking, what waits for its origin.
 
-        Returns whether it is still to be shown (not a retry of one shown before), and whether late."""
+        Returns whether it is still to be shown (not a retry of one shown before), whether late, and
+        the message to show (a retry under its original id)."""
         d, m = self.delivery, self.membership
         kind = msg.kind
         late = False
@@ -449,6 +460,8 @@ class Relay:
             elif to_me:
                 show, out = d.direct_received(msg, now)
                 shown = shown and show
+                if shown and "~" in msg.mid:  # a retry: shown under the id its sender knows
+                    msg = msg._replace(mid=direct_key(msg))
             else:
                 out = d.relayed_direct(msg, data, now, wall, m.heard_within(msg.dst, now, RECENTLY_HEARD_S))
         elif kind == "ACK":
@@ -457,7 +470,7 @@ class Relay:
             out.extend(d.peer_heard(msg.src, now, wall, m.caps_of(msg.src)))
         if out:
             actions.extend(self._sends(out, now, wall))
-        return shown, late
+        return shown, late, msg
 
     def _shown_before(self, mid: str) -> bool:
         return self.delivery is not None and self.delivery.in_history(mid)

@@ -258,8 +258,6 @@ def test_a_corrupt_database_is_moved_aside_with_one_warning_and_the_node_runs(tm
     assert len(aside) == 1 and (folder / aside[0]).read_bytes().startswith(b"garbage, not sqlite")
 
 
-@pytest.mark.xfail(strict=True, reason="the warning is printed twice: store.py Store._move_aside logs it "
-                   "(log.warning, line 385) and cli.main prints store.warnings again ('meshchat: warning: ...')")
 def test_a_corrupt_database_is_reported_in_exactly_one_line(tmp_path):
     reserved = reserve_udp_ports(1)
     port = reserved[0].getsockname()[1]
@@ -275,9 +273,6 @@ def test_a_corrupt_database_is_reported_in_exactly_one_line(tmp_path):
     assert len([line for line in err if "history.db" in line]) == 1, err
 
 
-@pytest.mark.xfail(strict=True, reason="Node.stats() returns Relay.stats() only (relay.py stats, node.py "
-                   "stats): Delivery.stats() (delivery.py) is never called, so /stats has no retries, acks, "
-                   "held, repaired or served")
 def test_stats_count_retries_acks_held_repaired_and_served():
     with Proc("--json") as a:
         a.ready()
