@@ -23,10 +23,10 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 
 from . import __version__
 from .console import (
-    MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nothing, Peers, Ping, Quit, Say, Stats, TerminalConsole,
-    parse_line, part_of, readline_buffer,
+    MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
+    TerminalConsole, Who, nick_of, parse_line, part_of, readline_buffer,
 )
-from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, valid_nick
+from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, display_name, valid_nick
 from .node import Discovery, Failure, Node, start_without_signals
 from .relay import PONG_INTERVAL_S, Display, Notice, RelayConfig
 from .wire import Addr, WireError, format_addr, parse_addr
@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: meshchat --port 9001 --peers 127.0.0.1:9002 127.0.0.1:9003",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_number(int, 0, 65535, "a port"), default=9001,
-                   help="UDP port to bind (default 9001; 0 picks a free one)")
+    p.add_argument("--port", type=_number(int, 0, 65535, "a port"), default=None,
+                   help=f"UDP port to bind (default {DEFAULT_PORT}, or the next free one after it; 0 picks any free one)")
     p.add_argument("--peers", nargs="*", default=[], metavar="HOST:PORT",
                    help="neighbours, space- or comma-separated")
     p.add_argument("--advertise", metavar="HOST",
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DISCOVERY_GROUP = ("239.255.77.77", 9977)
+DEFAULT_PORT = 9001
+DEFAULT_PORT_TRIES = 100  # without --port: 9001, else 9002, ... so that plain `meshchat` runs N times on one machine
 
 
 def _ttl(text: str) -> int:
@@ -167,8 +169,51 @@ def discovery_interfaces(args: argparse.Namespace) -> tuple:
         return (args.discover_iface,)
     if args.host not in _WILDCARD_HOSTS:
         return (args.host,)
-    found = [_guess_address(), "127.0.0.1"]
+    found = [_guess_address(), *_interface_addresses(), "127.0.0.1"]
     return tuple(dict.fromkeys(found))
+
+
+def _interface_addresses() -> List[str]:
+    """Every interface's IPv4 address, where the OS tells it without a package (Linux); else none."""
+    if not sys.platform.startswith("linux") or not hasattr(socket, "if_nameindex"):
+        return []
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:
+                req = struct.pack("256s", name.encode()[:15])
+                out.append(socket.inet_ntoa(fcntl.ioctl(probe.fileno(), siocgifaddr, req)[20:24]))
+            except OSError:
+                continue  # no IPv4 address, or down
+    return out
+
+
+def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[[object], None]) -> Node:
+    """The node bound to --port; without --port, to the first free port from the default on
+    (so that `meshchat` run in three terminals gives three nodes). OSError if none is free."""
+    tries = 1 if args.port_chosen else DEFAULT_PORT_TRIES
+    for i in range(tries):
+        try:
+            return Node(config, args.host, args.port, args.peers, on_event, advertise=args.advertise,
+                        membership=MembershipConfig(label="", mesh=args.mesh, nick=args.nick or "",
+                                                    max_peers=args.max_peers),
+                        discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover
+                        else None)
+        except OSError as e:
+            if not _in_use(e) or i == tries - 1 or args.port >= 65535:
+                raise
+            args.port += 1
+    raise AssertionError("unreachable")
+
+
+def _in_use(e: OSError) -> bool:
+    import errno
+
+    return e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1))
 
 
 def resolve_host(host: str) -> str:
@@ -200,6 +245,9 @@ def no_peers_hint(label: str, args: Optional[argparse.Namespace] = None) -> str:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.port_chosen = args.port is not None
+    if args.port is None:
+        args.port = DEFAULT_PORT  # or the next free one, when the node binds
     if args.host not in _WILDCARD_HOSTS:
         # Bound by address, so that the label is the address others type after @ (names are resolved).
         try:
@@ -353,15 +401,47 @@ def _wait(get):
             continue
 
 
-def _resolved(cmd: object) -> object:
-    """A Say or Ping to ``name:port`` made one to ``address:port``, as --peers are: labels are
-    addresses. A name that does not resolve is an error, and nothing is sent."""
+def _resolved(cmd: object, node: Node) -> object:
+    """A Say or Ping to a typed name made one to a label. ``host:port`` becomes
+    ``address:port``, as --peers do (labels are addresses); anything else is a
+    nick or nick#tag, which the node's membership knows or not. A name that does
+    not resolve, or names several nodes, is an error, and nothing is sent."""
     if not isinstance(cmd, (Say, Ping)) or not cmd.dst:
         return cmd
-    try:
-        return cmd._replace(dst=format_addr(resolve_peer(cmd.dst)))
-    except WireError as e:
-        return Bad(f"{e}; nothing was sent")
+    if ":" in cmd.dst:  # a nick never has one
+        try:
+            return cmd._replace(dst=format_addr(resolve_peer(cmd.dst)))
+        except WireError as e:
+            return Bad(f"{e}; nothing was sent")
+    if node.membership is None:
+        return Bad(f"{cmd.dst!r}: this node knows no nicks; use HOST:PORT; nothing was sent")
+    label, error = node.resolve(cmd.dst)
+    if label is None:
+        if re.fullmatch(r"[0-9.]+|localhost", cmd.dst):
+            error += "; an address needs its port: HOST:PORT"
+        return Bad(f"{error}; nothing was sent")
+    return cmd._replace(dst=label)
+
+
+def shown_nick(event: Display, nick_of_label: Callable[[str], str]) -> Display:
+    """``event`` with the sender's nick in its extra fields: the one it carries, else the one
+    the mesh knows its sender by (a message that crossed a seed-design node has lost it)."""
+    m = event.message
+    if nick_of(m):
+        return event
+    nick = nick_of_label(m.src)
+    if not valid_nick(nick):
+        return event
+    return Display(m._replace(extra=dict(m.extra or {}, nick=nick)))
+
+
+def peer_rows(node: Node) -> List[dict]:
+    """/peers: each neighbour's state, last heard, rtt and loss; without membership, the relay's
+    own table (address, configured, last heard), whose keys every row keeps."""
+    if node.membership is not None:
+        return node.neighbour_rows()
+    return [{"addr": addr, "configured": configured, "last_heard_s": None if ago is None else round(ago, 1)}
+            for addr, configured, ago in node.peer_table()]
 
 
 def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = True) -> bool:
@@ -369,11 +449,12 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
 
     ``typed``: the line as entered at the prompt, whose echo our own lines
     replace; ``echo`` False (--quiet) shows none of our own lines."""
-    cmd = _resolved(cmd)
+    cmd = _resolved(cmd, node)
     if isinstance(cmd, Say):
         messages = node.say(cmd.body, cmd.dst)
         if echo and isinstance(console, TerminalConsole):
-            console.sent(messages, replace_typed=typed)
+            to = display_name(cmd.dst, node.nick_of(cmd.dst)) if cmd.dst else ""
+            console.sent(messages, replace_typed=typed, to=to)
         elif echo:
             console.sent(messages)
     elif isinstance(cmd, Ping):
@@ -386,8 +467,20 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
         console.error(cmd.error)
     elif isinstance(cmd, Help):
         console.help()
+    elif isinstance(cmd, Nick):
+        if node.membership is None:
+            console.error("this node has no membership, so no nick")
+        elif cmd.nick:
+            node.set_nick(cmd.nick)
+            console.notice(f"you are now {display_name(node.label, cmd.nick)}; the mesh is told")
+        elif node.membership.nick:  # one attribute read: only this thread ever sets it
+            console.notice(f"you are {display_name(node.label, node.membership.nick)}")
+        else:
+            console.notice("you have no nick: /nick NAME sets one")
+    elif isinstance(cmd, Who):
+        console.who(node.who())
     elif isinstance(cmd, Peers):
-        console.peers(node.peer_table())
+        console.peers(peer_rows(node))
     elif isinstance(cmd, Stats):
         console.stats(node.stats())
     elif isinstance(cmd, Quit):
@@ -428,9 +521,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         elif lines.qsize() < MAX_PENDING_EVENTS:
             if isinstance(event, Display) and event.message.extra:
-                # Unknown fields are relayed, never shown (but a valid "part"): do not keep them waiting.
-                part = part_of(event.message)
-                event = Display(event.message._replace(extra={"part": part} if part else {}))
+                # Unknown fields are relayed, never shown (but a valid "part" and "nick"): do not keep them waiting.
+                part, nick = part_of(event.message), nick_of(event.message)
+                kept = {"part": part} if part else {}
+                if nick:
+                    kept["nick"] = nick
+                event = Display(event.message._replace(extra=kept))
             lines.put(event)
         else:
             unshown[0] += 1
@@ -439,15 +535,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
                          rate_limit=args.rate_limit, rate_limit_total=args.rate_limit_total,
                          peers_only=args.peers_only, display=not args.quiet)
+    first = args.port
     try:
-        node = Node(config, args.host, args.port, args.peers, on_event, advertise=args.advertise,
-                    membership=MembershipConfig(label="", mesh=args.mesh, nick=args.nick or "", max_peers=args.max_peers),
-                    discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover else None)
+        node = open_node(args, config, on_event)
     except OSError as e:
-        import errno
-
-        if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
-            print(f"meshchat: port {args.port} on {args.host} is already in use", file=sys.stderr)
+        if _in_use(e):
+            if args.port_chosen:
+                print(f"meshchat: port {args.port} on {args.host} is already in use", file=sys.stderr)
+            else:
+                print(f"meshchat: ports {first} to {args.port} on {args.host} are all in use; pass --port",
+                      file=sys.stderr)
         elif args.discover and e.errno is None:
             print(f"meshchat: {e}; use --no-discover and --peers, or --discover-iface ADDRESS", file=sys.stderr)
         else:
@@ -476,6 +573,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if item.done is not None:
                     item.done.set()
                 continue
+            if isinstance(item, Display):
+                item = shown_nick(item, node.nick_of)
             console.show(item)
             if isinstance(item, Failure):
                 break

@@ -1,6 +1,9 @@
 """What the user types and what the user sees.
 
-- ``parse_line`` turns a typed line into a command; pure, no I/O.
+- ``parse_line`` turns a typed line into a command; pure, no I/O. A name
+  after ``@``, ``/msg`` or ``/ping`` is only checked for its form here; the
+  CLI resolves it (a nick through the node's membership, a host name to an
+  address).
 - ``TerminalConsole`` prints for people: colour per sender, a timestamp,
   text from the network made harmless, the prompt redrawn under each line.
 - ``JsonConsole`` prints one JSON object per line for scripts and tests.
@@ -22,7 +25,7 @@ import unicodedata
 import zlib
 from typing import Callable, Iterable, List, NamedTuple, Optional, TextIO, Tuple, Union
 
-from .membership import PeerDown, PeerUp, display_name
+from .membership import MAX_NICK_CHARS, PeerDown, PeerUp, display_name, valid_nick
 from .relay import MAX_PARTS, Display, Notice, Pong
 from .wire import Message, WireError, parse_addr
 
@@ -33,9 +36,13 @@ PROMPT = "> "
 
 HELP = """\
 Type a line to send it to everyone.
-  @HOST:PORT text    send text to one node only (others relay it unseen)
-  /ping [HOST:PORT]  round-trip time to one node, or to every node that answers
-  /peers             configured peers and everyone heard from
+  @NAME text         send text to one node only (others relay it unseen);
+                     NAME is a nick, nick#tag (when two share a nick) or HOST:PORT
+  /msg NAME text     the same
+  /nick NAME         the name others see you by
+  /who               every node known in the mesh: name, hops away, last seen
+  /ping [NAME]       round-trip time to one node, or to every node that answers
+  /peers             neighbours: state, last heard, round-trip time, loss
   /stats             what this node received, relayed and dropped
   /help              this text
   /quit              leave (so do Ctrl-C and Ctrl-D)
@@ -49,6 +56,14 @@ class Say(NamedTuple):
 
 class Ping(NamedTuple):
     dst: str = ""
+
+
+class Nick(NamedTuple):
+    nick: str = ""  # empty: say which nick we have
+
+
+class Who(NamedTuple):
+    pass
 
 
 class Help(NamedTuple):
@@ -75,17 +90,25 @@ class Bad(NamedTuple):
     error: str
 
 
-Command = Union[Say, Ping, Help, Peers, Stats, Quit, Nothing, Bad]
+Command = Union[Say, Ping, Nick, Who, Help, Peers, Stats, Quit, Nothing, Bad]
 
-_SIMPLE_COMMANDS = {"help": Help(), "peers": Peers(), "stats": Stats(), "quit": Quit(), "exit": Quit()}
+_SIMPLE_COMMANDS = {"help": Help(), "peers": Peers(), "stats": Stats(), "who": Who(), "quit": Quit(),
+                    "exit": Quit()}
+NICK_RULE = f"1 to {MAX_NICK_CHARS} printable characters, no spaces and none of @ # : / \\"
 
 
-def _check_addr(text: str) -> Optional[str]:
-    try:
-        parse_addr(text)
-    except WireError as e:
-        return f"bad address: {e}; use HOST:PORT, for example @127.0.0.1:9002"
-    return None
+def _check_name(text: str) -> Optional[str]:
+    """Whether ``text`` can name a node: HOST:PORT (a nick never has a colon), nick or nick#tag."""
+    if ":" in text:
+        try:
+            parse_addr(text)
+        except WireError as e:
+            return f"bad address: {e}; use HOST:PORT, for example @127.0.0.1:9002, or a nick"
+        return None
+    nick, hash_, tag = text.partition("#")
+    if valid_nick(nick) and (not hash_ or (tag.isascii() and tag.isalnum())):
+        return None
+    return f"bad name {text!r}: use a nick, nick#tag or HOST:PORT; /who lists the nodes"
 
 
 def parse_line(line: str) -> Command:
@@ -102,22 +125,35 @@ def parse_line(line: str) -> Command:
         rest = rest.strip()
         if word == "ping":
             if rest:
-                error = _check_addr(rest)
+                error = _check_name(rest)
                 if error:
                     return Bad(error)
             return Ping(rest)
+        if word == "msg":
+            if not rest:
+                return Bad("/msg needs a name and a text: /msg NAME text")
+            return _addressed(rest)
+        if word == "nick":
+            if rest and not valid_nick(rest):
+                return Bad(f"{rest!r} is not a nick: {NICK_RULE}")
+            return Nick(rest)
         if word in _SIMPLE_COMMANDS and not rest:
             return _SIMPLE_COMMANDS[word]
         return Bad(f"unknown command /{word}; /help lists the commands")
     if line.startswith("@"):
-        target, _, body = line[1:].partition(" ")
-        error = _check_addr(target)
-        if error:
-            return Bad(error)
-        if not body.strip():
-            return Bad(f"nothing to send to {target}")
-        return Say(body, target)
+        return _addressed(line[1:])
     return Say(line)
+
+
+def _addressed(text: str) -> Command:
+    """``NAME text`` (after ``@`` or ``/msg``) to a Say for NAME, as typed."""
+    target, _, body = text.partition(" ")
+    error = _check_name(target)
+    if error:
+        return Bad(error)
+    if not body.strip():
+        return Bad(f"nothing to send to {target}")
+    return Say(body, target)
 
 
 MAX_COMBINING = 3  # combining marks kept after one character; more would pile up over other lines
@@ -256,6 +292,20 @@ def part_of(m: Message) -> Optional[Tuple[int, int]]:
     return i, n
 
 
+def _encodable(text: str, encoding: Optional[str]) -> str:
+    """``text`` with what ``encoding`` cannot write as backslash escapes (ASCII if unknown)."""
+    try:
+        return text.encode(encoding or "ascii", "backslashreplace").decode(encoding or "ascii")
+    except (LookupError, UnicodeError):
+        return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def nick_of(m: Message) -> str:
+    """The nick ``m`` carries (its sender's, as it says), or "" if none or not a valid one."""
+    nick = m.extra.get("nick") if m.extra else None
+    return nick if valid_nick(nick) else ""
+
+
 class Console:
     """Shared by both consoles: one lock, and a stream that may break under us."""
 
@@ -270,7 +320,12 @@ class Console:
             if self.broken:
                 return
             try:
-                self._stream.write(text)
+                try:
+                    self._stream.write(text)
+                except UnicodeEncodeError:
+                    # A lone surrogate, or a character the stream's encoding lacks (an
+                    # ASCII or cp1252 stdout): shown as escapes, never a broken console.
+                    self._stream.write(_encodable(text, getattr(self._stream, "encoding", None)))
                 self._stream.flush()
             except (OSError, ValueError) as e:  # closed or broken pipe
                 self.broken = True
@@ -306,7 +361,8 @@ class JsonConsole(Console):
     def chat(self, m: Message) -> None:
         part = part_of(m)
         extra = {"part": list(part)} if part else {}
-        self.emit("chat", mid=m.mid, src=m.src, dst=m.dst, body=m.body, ts=m.ts, ttl=m.ttl, **extra)
+        self.emit("chat", mid=m.mid, src=m.src, nick=nick_of(m), dst=m.dst, body=m.body, ts=m.ts, ttl=m.ttl,
+                  **extra)
 
     def sent(self, messages: Iterable[Message]) -> None:
         for m in messages:
@@ -333,8 +389,11 @@ class JsonConsole(Console):
     def stats(self, counters: dict) -> None:
         self.emit("stats", **counters)
 
-    def peers(self, rows: list) -> None:
-        self.emit("peers", peers=[{"addr": a, "configured": c, "last_heard_s": s} for a, c, s in rows])
+    def peers(self, rows: List[dict]) -> None:
+        self.emit("peers", peers=rows)
+
+    def who(self, rows: List[dict]) -> None:
+        self.emit("who", nodes=rows)
 
 
 # Sender colours: never the magenta of "(private)", the yellow of notices or the
@@ -418,8 +477,10 @@ class TerminalConsole(Console):
                 tail += " \r"  # as readline does: onto the next row, where it counts the cursor
         self._write((f"\x1b[{up}A" if up else "") + "\r\x1b[J" + text + "\n" + tail)
 
-    def _who(self, label: str) -> str:
-        return f"{self._color_of(label)}{self._style.BRIGHT}<{sanitize(label)}>{self._style.RESET_ALL}"
+    def _who(self, label: str, nick: str = "") -> str:
+        # The colour and the tag follow the label: two "alice"s differ in both.
+        name = sanitize(display_name(label, nick))
+        return f"{self._color_of(label)}{self._style.BRIGHT}<{name}>{self._style.RESET_ALL}"
 
     def _part(self, m: Message) -> str:
         part = part_of(m)
@@ -436,18 +497,19 @@ class TerminalConsole(Console):
         body = sanitize(m.body)
         if m.dst:
             mark = f"{self._fore.MAGENTA}{self._style.BRIGHT}(private){self._style.RESET_ALL}"
-            self._line(f"{self._who(m.src)} {mark} {self._part(m)}",
+            self._line(f"{self._who(m.src, nick_of(m))} {mark} {self._part(m)}",
                        f"{self._fore.MAGENTA}{body}{self._style.RESET_ALL}")
         else:
-            self._line(f"{self._who(m.src)} {self._part(m)}", body)
+            self._line(f"{self._who(m.src, nick_of(m))} {self._part(m)}", body)
 
-    def sent(self, messages: Iterable[Message], replace_typed: str = "") -> None:
-        """Our own messages; ``replace_typed`` is the typed line whose echo they replace."""
+    def sent(self, messages: Iterable[Message], replace_typed: str = "", to: str = "") -> None:
+        """Our own messages; ``replace_typed`` is the typed line whose echo they replace; ``to``
+        the name of a direct message's destination (nick#tag), if the mesh knows its nick."""
         for i, m in enumerate(messages):
             you = f"{self._style.BRIGHT}<you>{self._style.RESET_ALL}"
             body = sanitize(m.body)
             if m.dst:
-                mark = (f"{self._fore.MAGENTA}{self._style.BRIGHT}(private to {sanitize(m.dst)})"
+                mark = (f"{self._fore.MAGENTA}{self._style.BRIGHT}(private to {sanitize(to or m.dst)})"
                         f"{self._style.RESET_ALL}")
                 lead, text = f"{you} {mark} {self._part(m)}", f"{self._fore.MAGENTA}{body}{self._style.RESET_ALL}"
             else:
@@ -480,8 +542,12 @@ class TerminalConsole(Console):
         for line in stats_lines(c):
             self.notice(line)
 
-    def peers(self, rows: list) -> None:
+    def peers(self, rows: List[dict]) -> None:
         for line in peer_lines(rows):
+            self.notice(line)
+
+    def who(self, rows: List[dict]) -> None:
+        for line in who_lines(rows):
             self.notice(line)
 
 
@@ -531,16 +597,57 @@ def stats_text(c: dict) -> str:
     return "\n".join(stats_lines(c))
 
 
-def peer_lines(rows: list) -> List[str]:
-    """``/peers`` for people: (address, configured, seconds since heard or None) a line each."""
+def table(header: List[str], rows: List[List[str]]) -> List[str]:
+    """Rows of cells in aligned columns, two spaces apart, the header first; cells are
+    sanitized here and measured in terminal columns (a nick may hold wide characters)."""
+    cells = [[sanitize(c) for c in row] for row in [header] + rows]
+    widths = [max(text_width(row[k]) for row in cells) for k in range(len(header))]
+    return ["  ".join(c + " " * (widths[k] - text_width(c)) for k, c in enumerate(row)).rstrip()
+            for row in cells]
+
+
+def _ago(seconds: Optional[float], unit: str = " s ago") -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 0.05:
+        return "now"
+    return f"{seconds:.1f}{unit}" if seconds < 10 else f"{seconds:.0f}{unit}"
+
+
+def peer_lines(rows: List[dict]) -> List[str]:
+    """``/peers`` for people: a row per neighbour (``Node.neighbour_rows``), in columns that fit
+    80 with the time and mark for a nick of six and an address of up to 17 characters.
+
+    Rows with only the old keys (address, configured, last heard: a node
+    without membership) get the old lines."""
     if not rows:
-        return ["no peers configured and nobody heard from yet"]
-    lines = []
-    for addr, configured, ago in rows:
-        heard = "never heard from" if ago is None else f"last heard {ago:.1f} s ago"
-        kind = "peer" if configured else "heard"
-        lines.append(f"{kind:5} {sanitize(addr)}  {heard}")
-    return lines
+        return ["no neighbours yet"]
+    if "state" not in rows[0]:
+        lines = []
+        for r in rows:
+            heard = "never heard from" if r["last_heard_s"] is None else f"last heard {r['last_heard_s']:.1f} s ago"
+            lines.append(f"{'peer' if r['configured'] else 'heard':5} {sanitize(r['addr'])}  {heard}")
+        return lines
+    body = []
+    for r in rows:
+        where = r["addr"] if r["label"] == r["addr"] else f"{r['addr']} ({r['label']})"
+        rtt = r["rtt_ms"]
+        body.append([display_name(r["label"], r["nick"]) if r["nick"] else "-", where,
+                     "peer" if r["configured"] else "found", r["state"], _ago(r["last_heard_s"], " s"),
+                     "-" if rtt is None else f"{rtt:.1f} ms" if rtt < 10 else f"{rtt:.0f} ms",
+                     "-" if r["loss"] is None else f"{r['loss']:.0%}"])
+    return table(["name", "address", "kind", "state", "heard", "rtt", "loss"], body)
+
+
+def who_lines(rows: List[dict]) -> List[str]:
+    """``/who`` for people: every node known in the mesh (``Node.who``), in columns, us first."""
+    if not rows:
+        return ["nobody known: this node has no membership"]
+    body = [[display_name(r["label"], r["nick"]), r["label"], "?" if r["hops"] is None else str(r["hops"]),
+             "-" if r["state"] == "you" else _ago(r["last_seen_s"]), r["state"]] for r in rows]
+    others = len(rows) - 1
+    head = f"{others} other node{'' if others == 1 else 's'} known in the mesh"
+    return [head] + table(["name", "label", "hops", "last seen", "state"], body)
 
 
 def readline_buffer() -> Callable[[], str]:

@@ -48,7 +48,8 @@ DOWN_MARGIN_S = 0.5
 PEER_IVL_CAP_S = 9.5  # whatever a neighbour announces, it is down after 3 x this of silence (< 30 s)
 PROBE_LEGACY_S = 60.0  # a configured peer that never said HELLO: one probe a minute, no more
 PROBE_DOWN_S = 5.0
-ANSWER_EVERY_S = 0.5  # at most one immediate answer per neighbour per this long  # a configured HELLO speaker that is down: probed this often until it answers
+ANSWER_EVERY_S = 0.5  # at most one immediate answer per neighbour per this long
+ANNOUNCE_WAIT_S = 1.0  # a neighbour proved by a bare challenge is announced once its full HELLO comes  # a configured HELLO speaker that is down: probed this often until it answers
 CHALLENGE_WINDOW_S = 60.0  # HELLOs to one unproven address: at most CHALLENGES_PER_ADDR in this long
 CHALLENGES_PER_ADDR = 3  # answers to its HELLOs (two nodes that beacon at once challenge each other twice)
 CHALLENGE_SLACK_BYTES = 16  # a challenge may outgrow what asked for it by this much (digits of ts)
@@ -148,7 +149,7 @@ def display_name(label: str, nick: str) -> str:
 class Neighbour:
     __slots__ = ("addr", "configured", "speaks", "up", "label", "nick", "caps", "last_heard", "since",
                  "interval", "next_hello", "peer_ivl", "seq_out", "sent", "their_tok", "rx_seq",
-                 "rx_expected", "rx_got", "srtt_ms", "rx_at", "answered_at")
+                 "rx_expected", "rx_got", "srtt_ms", "rx_at", "answered_at", "untold")
 
     def __init__(self, addr: Addr, configured: bool, now: float) -> None:
         self.addr = addr
@@ -172,6 +173,7 @@ class Neighbour:
         self.srtt_ms: Optional[float] = None
         self.rx_at = 0.0  # when their latest HELLO arrived, for the "held" of our answer
         self.answered_at = float("-inf")
+        self.untold = False  # up, but its PeerUp waits for a HELLO that says its nick (at most ANNOUNCE_WAIT_S)
 
     @property
     def state(self) -> str:
@@ -189,11 +191,12 @@ class Neighbour:
 
 
 class Member:
-    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at")
+    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at", "caps")
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.nick = ""
+        self.caps: frozenset = frozenset()  # what it speaks, from its PRESENCE or HELLO
         self.hops: Optional[int] = None
         self.last_seen = 0.0
         self.via: Optional[Addr] = None
@@ -233,16 +236,18 @@ class Hello(NamedTuple):
     caps: frozenset
 
 
+def parse_caps(caps: object) -> frozenset:
+    if isinstance(caps, list) and len(caps) <= MAX_CAPS and all(isinstance(c, str) and len(c) <= 16 for c in caps):
+        return frozenset(caps)
+    return frozenset()
+
+
 def parse_hello(msg: Message) -> Hello:
     x = msg.extra
     mesh = x.get("mesh")
     if not (isinstance(mesh, str) and len(mesh) <= MAX_MESH_CHARS):
         mesh = None
-    caps = x.get("caps")
-    if isinstance(caps, list) and len(caps) <= MAX_CAPS and all(isinstance(c, str) and len(c) <= 16 for c in caps):
-        capset = frozenset(caps)
-    else:
-        capset = frozenset()
+    capset = parse_caps(x.get("caps"))
     nick = x.get("nick")
     return Hello(
         mesh=mesh,
@@ -362,8 +367,9 @@ class Membership:
                     extra["ack"] = n.rx_seq
                     extra["held"] = round((now - n.rx_at) * 1000.0, 1)
                 if gap is None:
-                    gap = min(max(n.next_hello - now, 0.0), self.config.hello_max_s)
-                extra["ivl"] = round(gap + DOWN_MARGIN_S, 2)
+                    gap = max(n.next_hello - now, 0.0)
+                # A probe's next HELLO comes as soon as it is answered: never promise more than a link's longest gap.
+                extra["ivl"] = round(min(gap, self.config.hello_max_s) + DOWN_MARGIN_S, 2)
         # Short mids and rounded times: a HELLO to a stranger must not outgrow the one that asked (rule 2).
         msg = Message(self._new_mid()[:12], round(wall, 2), 1, "HELLO", self.label, format_addr(addr), "", extra)
         self.counters["hello_sent"] += 1
@@ -443,7 +449,7 @@ class Membership:
                     return [], "rate"
                 return [reply], ""
             if not self._room():
-                return [], "full"
+                return [], "unproven"  # no room: --max-peers
             n = self.neighbours[addr] = Neighbour(addr, False, now)
             self._challenged.pop(addr, None)
         actions: list = []
@@ -474,8 +480,10 @@ class Membership:
             # They want proof that we are here, or we want theirs: answer now (not in a loop).
             n.answered_at = now
             actions.append(self._hello(addr, now, wall, ask=not proven, n=n))
+        if n.untold and h.caps:
+            actions.extend(self._announce(n))
         if msg.src and n.up:
-            self._learn_member(msg.src, n.nick, 1, addr, now)
+            self._learn_member(msg.src, n.nick, 1, addr, now, n.caps)
         return actions, ""
 
     def _count_seq(self, n: Neighbour, seq: int) -> None:
@@ -495,13 +503,23 @@ class Membership:
         n.up = True
         n.since = now
         n.interval = min(HELLO_MIN_S, self.config.hello_max_s)
-        n.next_hello = min(n.next_hello, now + n.interval)
+        # A full HELLO at once: a neighbour that proved us by a bare challenge learns our nick now.
+        n.next_hello = now
         self._changed()
         self.counters["peer_up"] += 1
         self._schedule_presence(now)
+        if not n.caps:  # nothing but a bare challenge from it yet: announce it with its nick, shortly
+            n.untold = True
+            return []
         return [PeerUp(n.label, n.addr, n.nick)]
 
+    def _announce(self, n: Neighbour) -> list:
+        n.untold = False
+        return [PeerUp(n.label, n.addr, n.nick)] if n.up else []
+
     def _set_down(self, n: Neighbour, now: float) -> list:
+        told = not n.untold  # never announced up: nothing to take back
+        n.untold = False
         n.up = False
         n.since = now
         n.interval = PROBE_DOWN_S
@@ -516,7 +534,7 @@ class Membership:
                 m.via = None
         self._changed()
         self.counters["peer_down"] += 1
-        return [PeerDown(n.label, n.addr, n.nick)]
+        return [PeerDown(n.label, n.addr, n.nick)] if told else []
 
     def heard(self, addr: Addr, now: float) -> list:
         """Anything at all arrived from ``addr``: a neighbour that was down is up again."""
@@ -532,21 +550,26 @@ class Membership:
 
     def learn(self, msg: Message, addr: Addr, now: float) -> None:
         """The first copy of a flooded message: its origin is alive, this far, and reached through ``addr``."""
-        if msg.src == self.label:
+        src = msg.src
+        if src == self.label:
             return
         x = msg.extra
-        hops = None
-        if x:
-            ttl0 = _int(x.get("ttl0"), 1, 255)
-            if ttl0 is not None and ttl0 >= msg.ttl:
+        hops = nick = None
+        if x:  # once per message: kept short
+            ttl0 = x.get("ttl0")
+            if type(ttl0) is int and msg.ttl <= ttl0 <= 255:
                 hops = ttl0 - msg.ttl + 1
-        nick = x.get("nick") if x else None
+            nick = x.get("nick")
+            if nick is not None:
+                known = self.members.get(src)
+                if (known is None or nick != known.nick) and not valid_nick(nick):
+                    nick = None
+        caps = parse_caps(x.get("caps")) if x and msg.kind == "PRESENCE" else None
         n = self.neighbours.get(addr)
-        via = addr if n is not None and n.up else None
-        self._learn_member(msg.src, nick if valid_nick(nick) else None, hops, via, now)
+        self._learn_member(src, nick, hops, addr if n is not None and n.up else None, now, caps)
 
     def _learn_member(self, label: str, nick: Optional[str], hops: Optional[int], via: Optional[Addr],
-                      now: float) -> None:
+                      now: float, caps: Optional[frozenset] = None) -> None:
         m = self.members.pop(label, None)  # re-inserted at the end: the dict stays least recent first
         if m is None:
             if len(self.members) >= MAX_MEMBERS:
@@ -562,12 +585,16 @@ class Membership:
                 self._known_since = now
         if via is not None:
             m.via, m.via_at = via, now
+        if caps:
+            m.caps = caps
 
     # -- timers ---------------------------------------------------------------------------------
 
     def tick(self, now: float, wall: float) -> list:
         actions: list = []
         for n in list(self.neighbours.values()):
+            if n.untold and now >= n.since + ANNOUNCE_WAIT_S:
+                actions.extend(self._announce(n))
             if n.up and n.last_heard is not None and now >= n.last_heard + DOWN_AFTER_INTERVALS * n.peer_ivl:
                 actions.extend(self._set_down(n, now))
                 if n.addr not in self.neighbours:
@@ -598,6 +625,8 @@ class Membership:
         times = []
         for n in self.neighbours.values():
             times.append(n.next_hello)
+            if n.untold:
+                times.append(n.since + ANNOUNCE_WAIT_S)
             if n.up and n.last_heard is not None:
                 times.append(n.last_heard + DOWN_AFTER_INTERVALS * n.peer_ivl)
         if self._presence_due is not None:
@@ -628,7 +657,7 @@ class Membership:
     def _presence(self, now: float) -> Originate:
         self._last_presence = now
         self._presence_due = now + self._presence_interval() * self._rng.uniform(0.8, 1.0)
-        extra: Dict[str, Any] = {}
+        extra: Dict[str, Any] = {"caps": list(CAPS)}
         if self.nick:
             extra["nick"] = self.nick
         return Originate("PRESENCE", "", extra, self.config.max_ttl)
@@ -694,7 +723,18 @@ class Membership:
 
     def nick_of(self, label: str) -> str:
         m = self.members.get(label)
-        return m.nick if m is not None else ""
+        if m is not None and m.nick:
+            return m.nick
+        addr = self.addr_by_label.get(label)
+        n = self.neighbours.get(addr) if addr is not None else None
+        return n.nick if n is not None else ""
+
+    def speaks(self, label: str, cap: str) -> Optional[bool]:
+        """Whether the node ``label`` said it speaks ``cap``; None if we know nothing of what it speaks."""
+        m = self.members.get(label)
+        if m is None or not m.caps:
+            return None
+        return cap in m.caps
 
     def who(self, now: float) -> List[Dict[str, Any]]:
         rows: Dict[str, Dict[str, Any]] = {}

@@ -4,6 +4,9 @@ Threads:
 - ``meshchat-net`` blocks in ``select()`` on the socket and a waker socket,
   drains every datagram that is ready, asks the relay what to do with each,
   and sends the copies. ``stop()`` wakes it through the waker; it never polls.
+  Whatever one datagram makes raise is contained to it: the datagram is
+  counted as ``dropped_internal``, logged once per cause, and the thread
+  goes on (the last line of defence: validation should have caught it).
 - ``meshchat-reaper`` expires old ids every ``REAP_INTERVAL_S``.
 - The caller's thread (the CLI's main thread, or a test) calls ``say``,
   ``ping``, ``stats``, ``peer_table`` and ``stop``.
@@ -13,7 +16,9 @@ guarded by ``self._lock``. Events for the user (``Display``, ``Pong``,
 ``Notice``, ``Failure``) go to ``on_event``, called from ``meshchat-net``.
 """
 
+import hashlib
 import logging
+import operator
 import os
 import selectors
 import signal
@@ -21,11 +26,12 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from dataclasses import replace
-from typing import Any, Callable, Iterable, List, NamedTuple, Optional
+from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from .membership import Beacon, Membership, MembershipConfig, Originate
-from .relay import Relay, RelayConfig, Send
+from .relay import COUNTERS, Relay, RelayConfig, Send
 from .wire import Addr, Message
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,16 @@ RCVBUF_WANTED_BYTES = 1 << 20
 DRAIN_BATCH = 256  # datagrams per wake-up before the waker gets a look in
 JOIN_TIMEOUT_S = 1.0
 MIN_TIMER_S = 0.005  # a timer already due still lets the selector look at the sockets
+
+
+MAX_LOGGED_CAUSES = 64  # distinct internal errors logged; any beyond are only counted
+LOGGED_HEAD_BYTES = 64  # of a datagram that raised, enough to recognise it, never all of it
+
+# What handling a datagram may count before it fails: put back if it does. The
+# drops are left alone (one is only ever counted as a datagram's last step), and
+# so is ``received``.
+_UNDONE = tuple(n for n in COUNTERS if n != "received" and not n.startswith("dropped_"))
+_counts = operator.attrgetter(*_UNDONE)
 
 
 class Discovery(NamedTuple):
@@ -156,6 +172,7 @@ class Node:
         if self._group_sock is not None:
             self._selector.register(self._group_sock, selectors.EVENT_READ, self._beacons_ready)
         self._closed = False
+        self._causes_logged: Set[Tuple[str, str, int]] = set()
 
     def _grow_rcvbuf(self) -> int:
         try:
@@ -308,10 +325,46 @@ class Node:
                 with lock:
                     relay.counters.recv_errors += 1
                 continue
+            failed = None
             with lock:
-                actions = relay.datagram_received(data, addr, clock(), wall())
-            if actions:
-                self._act(actions)
+                before = _counts(relay.counters)
+                try:
+                    actions = relay.datagram_received(data, addr, clock(), wall())
+                except Exception as e:  # one datagram must never stop the socket thread
+                    self._count_internal_drop(before)
+                    failed = e
+            if failed is not None:
+                self._log_internal(data, failed, "dropped")
+                continue
+            for action in actions:
+                try:
+                    self._act((action,))
+                except Exception as e:  # counted as handled: the relay did decide; the rest still go
+                    self._log_internal(data, e, "handled, but handing on one of its actions failed")
+
+    def _count_internal_drop(self, before: tuple) -> None:
+        """Under the lock: undo what the failed datagram counted, and count it dropped."""
+        c = self.relay.counters
+        for name, value in zip(_UNDONE, before):
+            setattr(c, name, value)
+        outcomes = c.handled + sum(getattr(c, n) for n in COUNTERS if n.startswith("dropped_"))
+        if outcomes < c.received:
+            c.dropped_internal += 1
+
+    def _log_internal(self, data: bytes, error: Exception, what: str) -> None:
+        """Log an internal error once per cause (type and place), with enough to reproduce it."""
+        tb = traceback.extract_tb(error.__traceback__)
+        name = type(error).__name__
+        cause = (name, tb[-1].filename, tb[-1].lineno or 0) if tb else (name, "", 0)
+        if cause in self._causes_logged or len(self._causes_logged) >= MAX_LOGGED_CAUSES:
+            return
+        self._causes_logged.add(cause)
+        log.error(
+            "internal error on a datagram (%s); later ones with the same cause are counted, not logged: "
+            "%d bytes, sha256 %s, first bytes %r",
+            what, len(data), hashlib.sha256(data).hexdigest()[:12], data[:LOGGED_HEAD_BYTES],
+            exc_info=(type(error), error, error.__traceback__),
+        )
 
     def _reap_loop(self) -> None:
         while not self._stopping.wait(REAP_INTERVAL_S):
@@ -367,6 +420,13 @@ class Node:
             return name, ""
         with self._lock:
             return self.membership.resolve(name)
+
+    def nick_of(self, label: str) -> str:
+        """The nick the mesh knows ``label`` by, or ""."""
+        if self.membership is None:
+            return ""
+        with self._lock:
+            return self.membership.nick_of(label)
 
     def who(self) -> list:
         if self.membership is None:

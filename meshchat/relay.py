@@ -73,6 +73,7 @@ COUNTERS = (
     "dropped_other_mesh",
     "dropped_unproven",
     "dropped_own",
+    "dropped_internal",  # handling it raised: a bug, contained to that datagram by the node
     "sent",
     "link_received",
     "link_sent",
@@ -156,11 +157,17 @@ def _peek(data: bytes) -> "Tuple[Optional[str], Optional[re.Match[bytes]]]":
         return None, None
 
 
+# Any later key that JSON could read as "ttl": written plainly, with escapes
+# ("\u0074tl"), or with whitespace before its colon.
+_TTL_KEY = re.compile(rb'"(?:t|\\u0074)(?:t|\\u0074)(?:l|\\u006[cC])"[ \t\n\r]*:')
+
+
 def _with_ttl(data: bytes, head: "Optional[re.Match[bytes]]", msg: Message, ttl: int) -> bytes:
     """``data`` with ``ttl``: the digits rewritten in place when that is exact, else encoded anew."""
     # Exact only if the head's ttl is the one JSON decoded and no other "ttl" key
-    # (a duplicate key, or one in a nested unknown field) could be taken for it.
-    if head is not None and int(head.group(2)) == msg.ttl and data.count(b'"ttl":') == 1:
+    # (a duplicate key, escaped or not, or one in a nested unknown field) could be
+    # taken for it. Otherwise encode what decode validated, which always encodes.
+    if head is not None and int(head.group(2)) == msg.ttl and _TTL_KEY.search(data, head.end()) is None:
         start, end = head.span(2)
         return b"%s%d%s" % (data[:start], ttl, data[end:])
     return encode(msg._replace(ttl=ttl))

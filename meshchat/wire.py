@@ -5,8 +5,12 @@ Rules, so that every node agrees:
    design: mid, ts, ttl, kind, src, dst, body.
 2. Fields this version does not know are kept in ``Message.extra`` and sent
    on unchanged, so newer nodes can add fields without breaking older ones.
-3. Anything else is a ``WireError`` whose text names the field at fault;
-   decoding never raises anything but ``WireError``.
+3. Validation is total: everything a node may have to encode again, known
+   field or not, is checked once here (finite numbers, integers of at most
+   30 digits, at most 32 levels of nesting, strings of Unicode scalar values,
+   ports of at most 5 digits), so any Message that ``decode`` returns encodes.
+4. Anything else is a ``WireError`` whose text names the field at fault;
+   the codec (decode and encode) never raises anything but ``WireError``.
 
 Pure functions, no I/O: called from the socket thread and the main thread.
 """
@@ -22,10 +26,15 @@ FIELDS = ("mid", "ts", "ttl", "kind", "src", "dst", "body")
 MAX_MID_CHARS = 64
 MAX_HOST_CHARS = 253
 MAX_INT_DIGITS = 30  # a longer integer is an attack on int(), not a value
+MAX_PORT_DIGITS = 5  # int() refuses some longer digit strings (Python 3.11+) with a ValueError
+MAX_DEPTH = 32  # arrays and objects nested in a datagram, the message itself counted as one
 
 # An unknown kind is still relayed, so that newer kinds cross older nodes.
 _KIND_RE = re.compile(r"[A-Z][A-Z0-9_]{0,15}\Z")
 _HOST_RE = re.compile(r"[A-Za-z0-9._-]+\Z")
+# JSON's \uXXXX escapes can make a lone surrogate, which is no character and no
+# encoder but ours takes (a UTF-8 terminal raises on it).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Addr = Tuple[str, int]
 
@@ -55,12 +64,17 @@ def parse_addr(text: str) -> Addr:
         raise WireError("address must be a string")
     host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise WireError(f"{text!r} is not HOST:PORT")
+        raise WireError(f"{_shown(text)} is not HOST:PORT")
     if len(host) > MAX_HOST_CHARS or not _HOST_RE.match(host):
-        raise WireError(f"{text!r} has an invalid host")
-    if not port.isdigit() or not port.isascii() or not 0 < int(port) < 65536:
-        raise WireError(f"{text!r} needs a port from 1 to 65535")
+        raise WireError(f"{_shown(text)} has an invalid host")
+    if not (0 < len(port) <= MAX_PORT_DIGITS and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise WireError(f"{_shown(text)} needs a port from 1 to 65535")
     return host, int(port)
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for an error message, cut so that the message stays one short line."""
+    return repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
 
 
 def format_addr(addr: Addr) -> str:
@@ -87,7 +101,9 @@ _valid_addr = functools.lru_cache(maxsize=4096)(parse_addr)
 
 
 def encode(msg: Message) -> bytes:
-    """The datagram for ``msg``: compact JSON, ASCII-only so any str encodes."""
+    """The datagram for ``msg``: compact JSON, ASCII-only so any str encodes.
+
+    Raises only WireError (a Message made by hand may hold what JSON cannot)."""
     obj = {
         "mid": msg.mid,
         "ts": msg.ts,
@@ -99,7 +115,10 @@ def encode(msg: Message) -> bytes:
     }
     if msg.extra:
         obj.update(msg.extra)
-    return _ENCODER.encode(obj).encode("ascii")
+    try:
+        return _ENCODER.encode(obj).encode("ascii")
+    except (ValueError, TypeError, RecursionError) as e:
+        raise WireError(f"cannot encode: {e}") from None
 
 
 def decode(data: bytes) -> Message:
@@ -161,5 +180,47 @@ def message_from_dict(obj: Dict[str, Any]) -> Message:
         _valid_addr(dst)
     if not isinstance(body, str):
         raise WireError("body must be a string")
-    extra = {k: v for k, v in obj.items() if k not in FIELDS} if len(obj) > len(FIELDS) else {}
+    if not body.isascii() and _SURROGATE.search(body):  # isascii() is O(1) in CPython
+        raise WireError("body has a lone surrogate")
+    if len(obj) > len(FIELDS):
+        extra = {k: v for k, v in obj.items() if k not in FIELDS}
+        _check_extra(extra)
+    else:
+        extra = {}
     return Message(mid, ts, ttl, kind, src, dst, body, extra)
+
+
+def _check_extra(extra: Dict[str, Any]) -> None:
+    """Unknown fields are relayed as they are: what could not be encoded again is malformed."""
+    for key, value in extra.items():
+        try:
+            _check_value(value, 2)
+            _check_str(key)
+        except WireError as e:
+            raise WireError(f"field {key[:20]!r}: {e}") from None
+
+
+def _check_str(text: str) -> None:
+    if not text.isascii() and _SURROGATE.search(text):
+        raise WireError("lone surrogate")
+
+
+def _check_value(value: Any, depth: int) -> None:
+    """``value`` as JSON decoded it, ``depth`` containers deep (the message is 1)."""
+    kind = type(value)
+    if kind is str:
+        _check_str(value)
+    elif kind is float:
+        if not math.isfinite(value):  # json takes 1e999 as inf, which it will not write
+            raise WireError("number out of range")
+    elif kind is list or kind is dict:
+        if depth > MAX_DEPTH:
+            raise WireError(f"nested over {MAX_DEPTH} deep")
+        if kind is dict:
+            for key, item in value.items():
+                _check_str(key)
+                _check_value(item, depth + 1)
+        else:
+            for item in value:
+                _check_value(item, depth + 1)
+    # int (at most MAX_INT_DIGITS, see _parse_int), bool and None always encode

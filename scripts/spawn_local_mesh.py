@@ -2,7 +2,11 @@
 """Open N meshchat nodes on this machine, for demos and manual testing.
 
     python scripts/spawn_local_mesh.py -n 5 --topology ring
+    python scripts/spawn_local_mesh.py -n 5 --discover
 
+Nodes are called n1, n2, ... (``--nick-prefix`` for other names). With
+``--discover`` they get no --peers and find each other by multicast beacons,
+in a mesh named after the base port, so that two demos never merge.
 By default every node is a child process and their output is merged here,
 each line prefixed with the node's coloured name. Type ``3: hello`` to send
 from node 3 (an index, or a port), a plain line to send from node 1,
@@ -34,10 +38,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from meshchat.cli import parse_args as parse_node_args, stdin_lines  # noqa: E402
-from meshchat.console import peer_lines, sanitize, stats_text  # noqa: E402
+from meshchat.console import peer_lines, sanitize, stats_lines, who_lines  # noqa: E402
+from meshchat.membership import display_name, valid_nick  # noqa: E402
 
 TOPOLOGIES = ("full", "ring", "line", "star", "random")
 READY_TIMEOUT_S = 15.0
+JOIN_TIMEOUT_S = 15.0  # for the nodes to see each other's links up (to find each other, with --discover)
 STOP_TIMEOUT_S = 3.0
 MAX_STDERR_LINES = 20  # of a node's stderr kept until the mesh is up, to say why it did not start
 _ROUTE = re.compile(r"\s*(\d+):\s*(.*)\Z")
@@ -83,11 +89,34 @@ def neighbours(n: int, topology: str, degree: int = 4, seed: int = 1) -> List[Se
 
 
 def node_args(i: int, args: argparse.Namespace, links: List[Set[int]]) -> List[str]:
+    out = ["--port", str(args.base_port + i), "--nick", nick(i, args)]
+    if args.discover:
+        # A mesh name of this demo's own: another demo on the LAN (or this machine) stays apart.
+        return out + ["--discover", "--mesh", mesh_name(args)] + args.extra
     peers = [f"127.0.0.1:{args.base_port + j}" for j in sorted(links[i])]
-    out = ["--port", str(args.base_port + i)]
     if peers:
         out += ["--peers", *peers]
     return out + args.extra
+
+
+def nick(i: int, args: argparse.Namespace) -> str:
+    return f"{args.nick_prefix}{i + 1}"
+
+
+def mesh_name(args: argparse.Namespace) -> str:
+    return f"demo-{args.base_port}"
+
+
+def effective_nicks(args: argparse.Namespace) -> List[str]:
+    """Each node's nick: ours, unless a --nick after -- gives them all another."""
+    given = argparse.ArgumentParser(add_help=False)
+    given.add_argument("--nick")
+    override = given.parse_known_args(args.extra)[0].nick
+    return [override or nick(i, args) for i in range(args.nodes)]
+
+
+def how_linked(args: argparse.Namespace) -> str:
+    return f"found by discovery, mesh {mesh_name(args)}" if args.discover else args.topology
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description=__doc__.split("\n\n")[0],
                                 epilog="Arguments after -- go to every node, e.g. -- --ttl 3")
     p.add_argument("-n", "--nodes", type=int, default=3, help="how many nodes (default 3)")
-    p.add_argument("--topology", choices=TOPOLOGIES, default="full", help="how they are linked (default full)")
+    p.add_argument("--topology", choices=TOPOLOGIES, help="how they are linked (default full)")
+    p.add_argument("--discover", action="store_true",
+                   help="no --peers: the nodes find each other by multicast (mesh demo-BASEPORT)")
+    p.add_argument("--nick-prefix", default="n", metavar="P", help="nodes are called P1, P2, ... (default n)")
     p.add_argument("--degree", type=int, help="links per node for --topology random (default 4)")
     p.add_argument("--seed", type=int, default=1, help="random seed for --topology random (default 1)")
     p.add_argument("--base-port", type=int, default=9001, help="port of node 1; the others follow (default 9001)")
@@ -182,15 +214,15 @@ def run_tmux(args: argparse.Namespace, links: List[Set[int]]) -> int:
         return 1
     # Labels and the way out; older tmux versions lack some of these options, and the mesh runs anyway.
     for i, pane in enumerate(panes):
-        subprocess.run(["tmux", "select-pane", "-t", pane, "-T", f"node {i + 1} 127.0.0.1:{args.base_port + i}"],
-                       capture_output=True)
+        subprocess.run(["tmux", "select-pane", "-t", pane, "-T",
+                        f"node {i + 1} {nick(i, args)} 127.0.0.1:{args.base_port + i}"], capture_output=True)
     for verb, option, value in (
             ("set-window-option", "pane-border-status", "top"),
             ("set-window-option", "pane-border-format", " #{pane_title} "),
             ("set-option", "status-right-length", "60"),
             ("set-option", "status-right", f" stop: tmux kill-session -t {session} ")):
         subprocess.run(["tmux", verb, "-t", session, option, value], capture_output=True)
-    print(f"tmux session {session}: {args.nodes} nodes ({args.topology}); {how}", flush=True)
+    print(f"tmux session {session}: {args.nodes} nodes ({how_linked(args)}); {how}", flush=True)
     if not sys.stdout.isatty():
         return 0
     verb = "switch-client" if os.environ.get("TMUX") else "attach-session"
@@ -210,9 +242,12 @@ class Mesh:
         self.inbox: "queue.Queue[object]" = queue.Queue()
         self.children: List[subprocess.Popen] = []
         self.names: List[str] = []
+        self.nicks = effective_nicks(args)
         self.ports: Dict[int, int] = {}
+        self.discover = args.discover
         self.errors: List[List[str]] = []  # each node's stderr until the mesh is up
         self.asked_to_quit: Set[int] = set()
+        self.links: Set[Tuple[int, int]] = set()  # (i, j): node i has node j up as a neighbour
         self.gone: Set[int] = set()
         self.up = threading.Event()
         self.stopping = threading.Event()
@@ -241,6 +276,8 @@ class Mesh:
                 event = json.loads(line)
             except ValueError:
                 continue
+            if event.get("event") in ("peer_up", "peer_down"):
+                self._note_link(i, event)
             self.events.put((i, event))
             self.show(i, event)
         self.events.put((i, None))
@@ -256,6 +293,40 @@ class Mesh:
                    f"{len(left)} node{'' if len(left) == 1 else 's'} left{names}")
         if not left:
             self.inbox.put(_ALL_STOPPED)
+
+    def _note_link(self, i: int, e: dict) -> None:
+        """Node i says another of ours is up or down (as its neighbour): the links --discover waits for."""
+        j = self.index_of(str(e.get("peer", "")))
+        if j is None:
+            return
+        with self._print_lock:
+            if e["event"] == "peer_up":
+                self.links.add((i, j))
+            else:
+                self.links.discard((i, j))
+
+    def joined(self) -> bool:
+        """Every node reaches every other over links both ends see up."""
+        with self._print_lock:
+            both = {(a, b) for a, b in self.links if (b, a) in self.links}
+        reached, todo = {0}, [0]
+        while todo:
+            a = todo.pop()
+            for b in range(len(self.children)):
+                if (a, b) in both and b not in reached:
+                    reached.add(b)
+                    todo.append(b)
+        return len(reached) == len(self.children)
+
+    def wait_joined(self) -> bool:
+        """Wait until the nodes have found each other; False if they did not in time."""
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while not self.joined():
+            try:
+                self.events.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                return False
+        return True
 
     def _pump_stderr(self, i: int) -> None:
         """Kept until the mesh is up (to say why a node did not start), passed on after."""
@@ -278,12 +349,13 @@ class Mesh:
         kind = e.get("event")
         if kind == "ready":
             self.names[i] = f"node {i + 1} {e['node']}"
-            text = "ready"
+            text = f"ready: {display_name(e['node'], self.nicks[i])}"
         elif kind == "chat":
             private = " (private)" if e.get("dst") else ""
-            text = f"<{sanitize(e['src'])}>{private} {sanitize(e['body'])}"
+            who = display_name(e["src"], e["nick"] if valid_nick(e.get("nick")) else "")
+            text = f"<{sanitize(who)}>{private} {sanitize(e['body'])}"
         elif kind == "sent":
-            to = f" (private to {e['dst']})" if e.get("dst") else ""
+            to = f" (private to {sanitize(self.name_of(e['dst']))})" if e.get("dst") else ""
             text = f"<you>{to} {sanitize(e['body'])}"
         elif kind == "ping":
             text = f"* ping sent to {e.get('dst') or 'every node'}"
@@ -291,16 +363,31 @@ class Mesh:
             text = f"* pong from {e['src']}: {e['rtt_ms']:.1f} ms"
         elif kind in ("notice", "error"):
             mark = "*" if kind == "notice" else "!"
-            text = "\n".join(f"{mark} {line}" for line in str(e.get("text") or e.get("error")).splitlines())
+            text = "\n".join(f"{mark} {sanitize(line)}"
+                              for line in str(e.get("text") or e.get("error")).splitlines())
         elif kind == "stats":
-            text = "* " + stats_text(e)
+            text = "\n".join("* " + line for line in stats_lines(e))
         elif kind == "peers":
-            rows = [(p["addr"], p["configured"], p["last_heard_s"]) for p in e["peers"]]
-            text = "\n".join("* " + line for line in peer_lines(rows))
+            text = "\n".join("* " + line for line in peer_lines(e["peers"]))
+        elif kind == "who":
+            text = "\n".join("* " + line for line in who_lines(e["nodes"]))
+        elif kind in ("peer_up", "peer_down"):
+            name = sanitize(display_name(e["peer"], e["nick"] if valid_nick(e.get("nick")) else ""))
+            text = f"* neighbour {name} is {kind[len('peer_'):]}"
         else:
             text = "* " + ", ".join(f"{k} {v}" for k, v in e.items() if k != "event")
         self.print("\n".join(f"{self.paint(i, '[' + self.names[i] + ']')} {line}"
                              for line in text.splitlines() or [""]))
+
+    def index_of(self, label: str) -> Optional[int]:
+        """Which of our nodes has ``label`` (they are all 127.0.0.1:PORT), if any."""
+        host, _, port = label.rpartition(":")
+        return self.ports.get(int(port)) if host == "127.0.0.1" and port.isdigit() else None
+
+    def name_of(self, label: str) -> str:
+        """``nick#tag`` for the label of one of our nodes, else the label."""
+        j = self.index_of(label)
+        return label if j is None else display_name(label, self.nicks[j])
 
     def print(self, text: str) -> None:
         with self._print_lock:
@@ -479,7 +566,11 @@ def run_children(args: argparse.Namespace, links: List[Set[int]]) -> int:
             status, why = failed
             fail(why)
             return status
-        mesh.print(f"{args.nodes} nodes up ({args.topology}). Type a line to send it from node 1, "
+        # Until their links are up, a node knows no other's nick (and with --discover, no other at all).
+        if not mesh.wait_joined():
+            why = " (is multicast blocked here? try without --discover)" if args.discover else ""
+            fail(f"the nodes have not all found each other within {JOIN_TIMEOUT_S:g} s{why}; carrying on")
+        mesh.print(f"{args.nodes} nodes up ({how_linked(args)}). Type a line to send it from node 1, "
                    f"'2: hello' to send from node 2, '/help' for commands, /quit or Ctrl-C to stop them all.")
         mesh.start_reading()
         mesh.serve(args.linger)
@@ -497,8 +588,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("argument -n/--nodes: must be at least 1")
     if not 1 <= args.base_port <= 65535 - args.nodes + 1:
         parser.error("argument --base-port: the ports must fit below 65536")
+    if args.discover and (args.topology or args.degree is not None):
+        parser.error(f"argument --discover: not with --{'topology' if args.topology else 'degree'} "
+                     "(the nodes find their own links)")
+    if args.topology is None:
+        args.topology = "full"
     if args.degree is not None and args.topology != "random":
         parser.error(f"argument --degree: only for --topology random (not {args.topology})")
+    for name in (nick(0, args), nick(args.nodes - 1, args)):
+        if not valid_nick(name):
+            parser.error(f"argument --nick-prefix: {name!r} is not a nick (at most 32 printable characters, "
+                         "no spaces and none of @ # : / \\)")
     if args.degree is None:
         args.degree = 4
     if args.degree < 1:

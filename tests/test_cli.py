@@ -346,3 +346,22 @@ def test_output_nobody_reads_does_not_stop_the_relaying():
             proc.stdout.close()
         src.close()
         sink.close()
+
+
+def test_without_port_a_node_takes_the_next_free_port_and_with_port_it_refuses():
+    from meshchat.cli import open_node
+    from meshchat.relay import RelayConfig
+
+    base = free_ports(3)[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", base))
+        args = parse_args(["--no-discover"])
+        args.port = base  # as if it were the default
+        node = open_node(args, RelayConfig(label=""), lambda e: None)
+        try:
+            assert node.addr[1] == base + 1 and args.port == base + 1
+        finally:
+            node.stop()
+        chosen = parse_args(["--no-discover", "--port", str(base)])
+        with pytest.raises(OSError):
+            open_node(chosen, RelayConfig(label=""), lambda e: None)

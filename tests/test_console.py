@@ -7,8 +7,9 @@ import unicodedata
 import colorama
 import pytest
 
-from meshchat.console import (HELP, MAX_LINE_BYTES, Bad, Help, JsonConsole, Nothing, Peers, Ping,
-                              Quit, Say, Stats, TerminalConsole, parse_line, sanitize)
+from meshchat.console import (HELP, MAX_LINE_BYTES, Bad, Help, JsonConsole, Nick, Nothing, Peers, Ping,
+                              Quit, Say, Stats, TerminalConsole, Who, parse_line, peer_lines, sanitize, who_lines)
+from meshchat.membership import display_name, tag_of
 from meshchat.relay import Display, Notice, Pong
 from meshchat.wire import Message
 
@@ -29,18 +30,44 @@ UNSAFE = ("Cc", "Cf", "Zl", "Zp", "Co", "Cn", "Cs")
     ("", Nothing()),
     ("   \r\n", Nothing()),
     ("what's up mesh?", Say("what's up mesh?")),
+    # Names are only checked for their form here; the CLI resolves them (or refuses them).
+    ("@alice hi there", Say("hi there", "alice")),
+    ("@alice#k3f9 hi", Say("hi", "alice#k3f9")),
+    ("@127.0.0.1 hi", Say("hi", "127.0.0.1")),
+    ("/msg alice hello there", Say("hello there", "alice")),
+    ("/msg 127.0.0.1:9002 hi", Say("hi", "127.0.0.1:9002")),
+    ("/ping alice", Ping("alice")),
+    ("/ping bob#ab12", Ping("bob#ab12")),
+    ("/nick bob", Nick("bob")),
+    ("/nick  ünï ", Nick("ünï")),
+    ("/nick", Nick()),
+    ("/who", Who()),
 ])
 def test_parse_line(line, command):
     assert parse_line(line) == command
 
 
 @pytest.mark.parametrize("line, error", [
-    ("@127.0.0.1 hi", "HOST:PORT"),
     ("@127.0.0.1:99999 hi", "port"),
     ("@:9001 hi", "HOST:PORT"),
+    ("@al:ice hi", "HOST:PORT"),
     ("@127.0.0.1:9002", "nothing to send"),
     ("@127.0.0.1:9002    ", "nothing to send"),
-    ("/ping nowhere", "HOST:PORT"),
+    ("@alice", "nothing to send"),
+    ("@ hi", "bad name"),
+    ("@alice#k-3 hi", "bad name"),
+    ("@al/ice hi", "bad name"),
+    ("/msg", "/msg NAME text"),
+    ("/msg alice   ", "nothing to send"),
+    ("/msg a\\b hi", "bad name"),
+    ("/ping al/ice", "bad name"),
+    ("/ping ::1", "HOST:PORT"),
+    ("/nick bob smith", "not a nick"),
+    ("/nick a@b", "not a nick"),
+    ("/nick a#b", "not a nick"),
+    ("/nick " + "x" * 33, "not a nick"),
+    ("/nick \x1b[2J", "not a nick"),
+    ("/who is there", "unknown command"),
     ("/frobnicate", "unknown command /frobnicate"),
     ("/quit now", "unknown command"),
     ("x" * (MAX_LINE_BYTES + 1), "64 KiB"),
@@ -126,8 +153,8 @@ def test_json_console_writes_one_object_per_line():
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [e["event"] for e in events] == ["ready", "chat", "sent", "pong", "error", "notice", "stats",
                                             "notice"]
-    assert events[1] == {"event": "chat", "mid": "m1", "src": "127.0.0.1:9002", "dst": "", "body": "\x1b[2J",
-                         "ts": 1.0, "ttl": 7}
+    assert events[1] == {"event": "chat", "mid": "m1", "src": "127.0.0.1:9002", "nick": "", "dst": "",
+                         "body": "\x1b[2J", "ts": 1.0, "ttl": 7}
     assert events[3]["rtt_ms"] == 1.5 and events[7]["text"] == HELP
     assert "\x1b" not in out.getvalue()
 
@@ -343,3 +370,139 @@ def test_notices_and_errors_are_sanitized_too():
     con.notice("clock of \x1b[2Jx\u202e")
     con.error("bad \u2028 thing")
     assert "\x1b" not in out.getvalue() and "\\x1b[2Jx\\u202e" in out.getvalue() and "\\u2028" in out.getvalue()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii", "cp1252"])
+@pytest.mark.parametrize("interactive", [False, True])
+def test_a_string_the_stream_cannot_encode_is_written_as_escapes_not_a_broken_console(encoding, interactive):
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding=encoding, errors="strict", write_through=True)
+    calls = []
+    con = TerminalConsole(out, color=False, interactive=interactive, on_broken=lambda: calls.append(1))
+    con.notice("lone \ud800 surrogate, é, ☃")
+    con.show(Display(chat(src="127.0.0.1:9002", body="body \udfff here")))
+    con.show(Pong("127.0.0.1:9003", 1.5, "m9"))
+    con.notice("after")
+    assert not con.broken and calls == []
+    text = raw.getvalue().decode(encoding)
+    assert "lone \\ud800 surrogate" in text and "\\udfff" in text and "pong from" in text and "after" in text
+    # What the stream can write is written as it is.
+    assert ("é" in text) == (encoding != "ascii") and ("☃" in text) == (encoding == "utf-8")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_json_console_writes_any_string_to_any_stream(encoding):
+    raw = io.BytesIO()
+    con = JsonConsole(io.TextIOWrapper(raw, encoding=encoding, write_through=True))
+    con.show(Display(chat(body="\ud800 é \U0001f600")))
+    con.notice("\udfff")
+    assert not con.broken
+    events = [json.loads(line) for line in raw.getvalue().decode(encoding).splitlines()]
+    assert events[0]["body"] == "\ud800 é \U0001f600" and events[1]["text"] == "\udfff"
+
+
+def test_senders_are_shown_by_nick_and_tag_so_two_alices_differ():
+    one, two = "10.0.0.1:9001", "10.0.0.2:9001"
+    out, jout = io.StringIO(), io.StringIO()
+    con, jcon = TerminalConsole(out, color=False, interactive=False), JsonConsole(jout)
+    for src, dst in ((one, ""), (two, ""), (one, "10.0.0.3:9001")):
+        m = chat(src=src, dst=dst)._replace(extra={"nick": "alice"})
+        con.chat(m)
+        jcon.chat(m)
+    rows = lines_of(out)
+    assert tag_of(one) != tag_of(two)
+    assert rows[0].endswith(f"<alice#{tag_of(one)}> hi") and rows[1].endswith(f"<alice#{tag_of(two)}> hi")
+    assert rows[2].endswith(f"<alice#{tag_of(one)}> (private) hi")
+    events = [json.loads(line) for line in lines_of(jout)]
+    assert [(e["src"], e["nick"]) for e in events] == [(one, "alice"), (two, "alice"), (one, "alice")]
+
+
+@pytest.mark.parametrize("nick", ["", "bad nick", "a@b", "x" * 33, 7, ["alice"], None, "\u202ealice"])
+def test_a_missing_or_invalid_nick_falls_back_to_the_label(nick):
+    m = chat()._replace(extra={"nick": nick})
+    out, jout = io.StringIO(), io.StringIO()
+    TerminalConsole(out, color=False, interactive=False).chat(m)
+    JsonConsole(jout).chat(m)
+    assert out.getvalue().endswith("<127.0.0.1:9002> hi\n")
+    assert json.loads(jout.getvalue())["nick"] == ""
+
+
+WHO = [
+    {"label": "127.0.0.1:9001", "nick": "me", "hops": 0, "last_seen_s": 0.0, "state": "you"},
+    {"label": "127.0.0.1:9002", "nick": "alice", "hops": 1, "last_seen_s": 0.4, "state": "neighbour up"},
+    {"label": "127.0.0.1:9003", "nick": "", "hops": None, "last_seen_s": 12.25, "state": "alive"},
+    {"label": "127.0.0.1:9004", "nick": "日本", "hops": 3, "last_seen_s": None, "state": "neighbour unknown"},
+]
+
+
+def test_who_is_an_aligned_table_in_the_terminal_and_the_rows_in_json():
+    out, jout = io.StringIO(), io.StringIO()
+    TerminalConsole(out, color=False, interactive=False, columns=lambda: 100).who(WHO)
+    JsonConsole(jout).who(WHO)
+    rows = [row.split(" * ", 1)[1] for row in lines_of(out)]
+    assert rows[0] == "3 other nodes known in the mesh"
+    assert rows[1].split() == ["name", "label", "hops", "last", "seen", "state"]
+    assert rows[2].split() == [display_name("127.0.0.1:9001", "me"), "127.0.0.1:9001", "0", "-", "you"]
+    assert rows[3].split() == [f"alice#{tag_of('127.0.0.1:9002')}", "127.0.0.1:9002", "1", "0.4", "s", "ago",
+                               "neighbour", "up"]
+    assert rows[4].split() == ["127.0.0.1:9003", "127.0.0.1:9003", "?", "12", "s", "ago", "alive"]
+    assert rows[5].split()[:4] == [f"日本#{tag_of('127.0.0.1:9004')}", "127.0.0.1:9004", "3", "never"]
+    from meshchat.console import text_width
+    starts = {text_width(row[:row.index("127.0.0.1", 1)]) for row in rows[2:]}
+    assert len(starts) == 1, "the label column starts at one place, wide characters counted twice"
+    assert json.loads(jout.getvalue()) == {"event": "who", "nodes": WHO}
+
+
+PEERS = [
+    {"addr": "127.0.0.1:9002", "label": "127.0.0.1:9002", "nick": "alice", "configured": True, "state": "up",
+     "last_heard_s": 0.3, "rtt_ms": 0.42, "loss": 0.0},
+    {"addr": "127.0.0.1:9003", "label": "127.0.0.1:9003", "nick": "", "configured": True, "state": "legacy",
+     "last_heard_s": 4.0, "rtt_ms": None, "loss": None},
+    {"addr": "192.168.1.5:9004", "label": "lab.lan:9004", "nick": "bob", "configured": False, "state": "down",
+     "last_heard_s": 21.5, "rtt_ms": None, "loss": 0.25},
+]
+
+
+def test_peers_show_state_last_heard_rtt_and_loss_in_columns():
+    out, jout = io.StringIO(), io.StringIO()
+    TerminalConsole(out, color=False, interactive=False, columns=lambda: 120).peers(PEERS)
+    JsonConsole(jout).peers(PEERS)
+    rows = [row.split(" * ", 1)[1] for row in lines_of(out)]
+    assert rows[0].split() == ["name", "address", "kind", "state", "heard", "rtt", "loss"]
+    assert rows[1].split() == [f"alice#{tag_of('127.0.0.1:9002')}", "127.0.0.1:9002", "peer", "up", "0.3", "s",
+                               "0.4", "ms", "0%"]
+    assert rows[2].split() == ["-", "127.0.0.1:9003", "peer", "legacy", "4.0", "s", "-", "-"]
+    assert rows[3].split() == [f"bob#{tag_of('lab.lan:9004')}", "192.168.1.5:9004", "(lab.lan:9004)", "found",
+                               "down", "22", "s", "-", "25%"]
+    assert len({row.index("peer") if "peer" in row else row.index("found") for row in rows[1:]}) == 1
+    assert json.loads(jout.getvalue())["peers"] == PEERS
+
+
+def test_peers_and_who_of_a_small_mesh_fit_80_columns_a_row_each():
+    rows = [dict(PEERS[0], addr=f"192.168.1.{i}:9001", label=f"192.168.1.{i}:9001", nick="alice1",
+                 configured=False, state="unknown", last_heard_s=100.25, rtt_ms=1234.5, loss=0.125)
+            for i in range(10, 13)]
+    who = [dict(WHO[1], label=r["label"], nick="alice1", state="neighbour unknown", last_seen_s=100.25) for r in rows]
+    out = io.StringIO()
+    con = TerminalConsole(out, color=False, interactive=False, columns=lambda: 80)
+    con.peers(rows)
+    con.who(who)
+    assert len(lines_of(out)) == 1 + len(rows) + 2 + len(who), "no row wrapped"
+
+
+def test_peers_without_membership_keep_the_old_lines_and_an_empty_table_says_so():
+    old = [{"addr": "127.0.0.1:9002", "configured": True, "last_heard_s": None},
+           {"addr": "127.0.0.1:9005", "configured": False, "last_heard_s": 2.0}]
+    assert peer_lines(old) == ["peer  127.0.0.1:9002  never heard from", "heard 127.0.0.1:9005  last heard 2.0 s ago"]
+    assert peer_lines([]) == ["no neighbours yet"]
+    assert who_lines([]) == ["nobody known: this node has no membership"]
+
+
+def test_a_nick_from_the_network_is_made_harmless_in_tables():
+    rows = [dict(WHO[1], nick="a\u0301\u0301\u0301\u0301\u0301")]
+    assert all("\\u0301" in line for line in who_lines(rows)[2:])
+
+
+def test_help_names_the_new_commands():
+    for command in ("/nick NAME", "/who", "/msg NAME text", "@NAME text", "nick#tag"):
+        assert command in HELP

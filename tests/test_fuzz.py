@@ -1,18 +1,32 @@
-"""Seeded fuzzing: malformed input never raises anything but WireError, and a live node survives it."""
+"""Seeded fuzzing: malformed input never raises anything but WireError, and a live node survives it.
 
+The structure-aware part builds valid messages and damages them on purpose, one
+class of hostile value at a time, then runs each through the whole path: decode,
+a relaying and a displaying relay, the encoded copies, and both consoles. CI runs
+a short share; ``MESHCHAT_SLOW=1`` adds the full run of 100,000 cases.
+"""
+
+import io
 import json
+import os
 import queue
 import random
 import socket
+import sys
 import threading
 import time
+from typing import List, NamedTuple, Optional, Tuple
 
 import pytest
 
-from meshchat.relay import COUNTERS
+from meshchat.console import JsonConsole, TerminalConsole
+from meshchat.relay import COUNTERS, Display, Relay, RelayConfig, Send
 from meshchat.wire import Message, WireError, decode, encode
 
+from meshsim import addr_of, label_of
 from nodes import Cluster
+
+SLOW = pytest.mark.skipif(os.environ.get("MESHCHAT_SLOW") != "1", reason="full fuzzing run; set MESHCHAT_SLOW=1")
 
 GOOD = {"mid": "fuzz", "ts": 0.0, "ttl": 8, "kind": "CHAT", "src": "127.0.0.1:9001", "dst": "", "body": "hi"}
 WRONG_VALUES = [None, True, False, 0, -1, 1.5, 10 ** 40, -(10 ** 40), "", "x" * 70, "\x00", "\ud800", [],
@@ -134,3 +148,323 @@ def test_counters_add_up_at_every_read_under_load():
                 t.join()
         final = c[1].node.stats()
         assert reads > 100 and final["dropped_rate"] > 0 and final["dropped_malformed"] > 0
+
+
+# -- structure-aware: valid messages with one thing made hostile -------------------------------
+
+WALL = 1_000_000.0
+LIMIT = sys.getrecursionlimit()
+
+
+class Hostile(NamedTuple):
+    """A raw JSON value, and when it must make the datagram malformed."""
+
+    name: str
+    raw: bytes
+    # "always": wherever it is, even under a key given again later; "kept": if it is the
+    # value that counts (the last of its key); "addr": if kept in src or dst; "": no rule.
+    rule: str
+
+
+def _nest(depth: int, shape: str, leaf: bytes = b"0") -> bytes:
+    opens = {"array": [b"["], "object": [b'{"a":'], "mixed": [b"[", b'{"a":']}[shape]
+    closes = {b"[": b"]", b'{"a":': b"}"}
+    seq = [opens[i % len(opens)] for i in range(depth)]
+    return b"".join(seq) + leaf + b"".join(closes[o] for o in reversed(seq))
+
+
+def _hostile_values() -> List[Hostile]:
+    out = [
+        Hostile("1e999", b"1e999", "kept"), Hostile("-1e999", b"-1e999", "kept"),
+        Hostile("1E400", b"1E400", "kept"), Hostile("400 digits.5", b"1" + b"0" * 400 + b".5", "kept"),
+        Hostile("NaN", b"NaN", "always"), Hostile("Infinity", b"Infinity", "always"),
+        Hostile("-Infinity", b"-Infinity", "always"),
+        Hostile("int 30 digits", b"9" * 30, ""), Hostile("int 31 digits", b"9" * 31, "always"),
+        Hostile("int -31 digits", b"-" + b"9" * 31, "always"), Hostile("int 5000 digits", b"9" * 5000, "always"),
+        Hostile("float of 5000 digits", b"0." + b"1" * 5000, ""),
+        Hostile("lone high surrogate", b'"\\ud800"', "kept"), Hostile("lone low surrogate", b'"\\uDFFF"', "kept"),
+        Hostile("surrogate inside", b'"x\\udbffy"', "kept"),
+        Hostile("reversed pair", b'"\\ude00\\ud83d"', "kept"),
+        Hostile("surrogate pair", b'"\\ud83d\\ude00"', ""),
+        Hostile("surrogate in a nested key", b'{"ok":{"\\udc00":1}}', "kept"),
+        Hostile("surrogate deep", _nest(5, "mixed", b'"\\ud800"'), "kept"),
+        Hostile("1e999 deep", _nest(5, "mixed", b"1e999"), "kept"),
+        Hostile("NaN deep", _nest(5, "array", b"NaN"), "always"),
+        Hostile("encoded surrogate", b'"\xed\xa0\x80"', "always"), Hostile("byte ff", b'"\xff"', "always"),
+        Hostile("overlong", b'"\xc0\xaf"', "always"), Hostile("above U+10FFFF", b'"\xf4\x90\x80\x80"', "always"),
+        Hostile("cut sequence", b'"\xe2\x82"', "always"),
+        Hostile("controls and bidi", b'"\\u001b[2J\\u0000\\u202e\\u2066\\ufeff\\u200b\\u2028"', ""),
+        Hostile("combining marks", b'"e' + b"\\u0301" * 200 + b'"', ""),
+    ]
+    for digits in ("123456", "9" * 4300, "1" * 4301, "1" * 5000, "0" * 4999 + "1", "65536", "0", ""):
+        out.append(Hostile(f"port of {len(digits)} digits", b'"127.0.0.1:%s"' % digits.encode(), "addr"))
+    out.append(Hostile("port 00001", b'"127.0.0.1:00001"', ""))
+    # Depth counts the value's own arrays and objects; an unknown field's value sits
+    # inside the message, so 31 is the most it may have.
+    for depth in (30, 31, 32, 33, 34, 1000, LIMIT - 50, LIMIT - 10, LIMIT - 1, LIMIT, LIMIT + 1, LIMIT + 50, 100_000):
+        for shape in ("array", "object", "mixed"):
+            out.append(Hostile(f"{shape} {depth} deep", _nest(depth, shape), "kept" if depth > 31 else ""))
+    return out
+
+
+HOSTILE = _hostile_values()
+KNOWN = ("mid", "ts", "ttl", "kind", "src", "dst", "body")
+BODIES = ["hi", "", "é☃\U0001f600", "\x1b]0;title\x07", "\u202eevil", "a\u0301" * 50, "x" * 300, "\\\"ttl\":9"]
+
+
+def _escaped_key(rng: random.Random, key: str) -> bytes:
+    """``key`` as JSON, with some of its characters (at least one) written as \\u escapes."""
+    pick = [rng.random() < 0.5 for _ in key]
+    if key and not any(pick):
+        pick[rng.randrange(len(key))] = True
+    return b'"' + b"".join(b"\\u%04x" % ord(c) if p else json.dumps(c)[1:-1].encode() for c, p in zip(key, pick)) + b'"'
+
+
+class Case(NamedTuple):
+    data: bytes
+    what: str  # what was done to it, for the failure message
+    must_reject: bool
+    must_accept: bool
+    used: Tuple[str, ...]  # classes of damage and hostile values in it
+
+
+class _Builder:
+    def __init__(self, rng: random.Random, serial: int) -> None:
+        self.rng = rng
+        ttl = rng.choice([1, 2, 3, 8, 16, 40])
+        kind = rng.choice(["CHAT", "CHAT", "CHAT", "PING", "PONG", "FILE_X"])
+        dst = rng.choice(["", "", label_of(1), label_of(5), label_of(8)])
+        values = {"mid": "f%d" % serial, "ts": WALL + rng.choice([0.0, 0.5, -3.25]), "ttl": ttl, "kind": kind,
+                  "src": label_of(rng.choice([7, 8, 9])), "dst": dst, "body": rng.choice(BODIES)}
+        # [decoded key, key as written, value as written, rule of the value, rule of the key]
+        self.pairs: List[Tuple[str, bytes, bytes, str, str]] = [
+            (k, json.dumps(k).encode(), json.dumps(values[k]).encode(), "", "") for k in KNOWN]
+        self.what: List[str] = []
+        self.hostile = False  # a value or key from the hostile lists was put in
+        self.used: List[str] = []
+        self.lead, self.trail, self.colon = b"", b"", b":"
+
+    def valid_value(self, key: str) -> bytes:
+        if key not in KNOWN:
+            return self.rng.choice([b"1", b"1.5", b'"v"', b"null", b'[1,{"a":[]}]', b"true", b'{"ttl":3}'])
+        return {"mid": b'"dup%d"' % self.rng.randrange(10**9), "ts": b"%r" % WALL, "ttl": b"%d" % self.rng.randrange(1, 9),
+                "kind": b'"CHAT"', "src": b'"10.0.0.7:9000"', "dst": b'""', "body": b'"again"'}[key]
+
+    def mutate(self) -> None:
+        rng = self.rng
+        step = rng.randrange(100)
+        self.hostile = self.hostile or step < 66
+        if step < 30:  # a known field replaced by a hostile value
+            i = rng.randrange(len(KNOWN))
+            h = rng.choice(HOSTILE)
+            k, kraw, _, _, krule = self.pairs[i]
+            self.pairs[i] = (k, kraw, h.raw, h.rule, krule)
+            self.what.append(f"{k}={h.name}")
+            self.used += ["known field", h.name]
+        elif step < 60:  # an unknown field holding a hostile value
+            h = rng.choice(HOSTILE)
+            key = rng.choice(["x", "sig", "hops", "tt"])
+            self.pairs.append((key, json.dumps(key).encode(), h.raw, h.rule, ""))
+            self.what.append(f"extra {key}={h.name}")
+            self.used += ["unknown field", h.name]
+        elif step < 66:  # a hostile key
+            key, raw, rule = rng.choice([("\ud800", b'"\\ud800"', "kept"), ("k\udfff", b'"k\\udfff"', "kept"),
+                                         ("?", b'"\xed\xa0\x80"', "always"), ("?", b'"\xff"', "always")])
+            self.pairs.append((key, raw, b"1", "", rule))
+            self.what.append(f"key {raw!r}")
+            self.used.append("hostile key")
+        elif step < 86:  # a key given twice: hostile or valid, written plainly, escaped or spaced
+            key = rng.choice(KNOWN + ("x",))
+            kraw = _escaped_key(rng, key) if rng.random() < 0.5 else json.dumps(key).encode()
+            if rng.random() < 0.3:
+                kraw += b" "
+            if rng.random() < 0.5:
+                h = rng.choice(HOSTILE)
+                self.hostile = True
+                self.pairs.append((key, kraw, h.raw, h.rule, ""))
+                self.what.append(f"again {kraw!r}={h.name}")
+                self.used += ["key given twice", h.name]
+            else:
+                self.pairs.append((key, kraw, self.valid_value(key), "", ""))
+                self.what.append(f"again {kraw!r}=valid")
+                self.used.append("key given twice")
+        elif step < 94:  # a known key written with escapes
+            i = rng.randrange(len(KNOWN))
+            k, _, v, vrule, _ = self.pairs[i]
+            self.pairs[i] = (k, _escaped_key(rng, k), v, vrule, "")
+            self.what.append(f"escaped {k}")
+            self.used.append("escaped key")
+        else:  # whitespace where compact JSON has none
+            self.lead = rng.choice([b" ", b"\n", b"\t \r\n"])
+            self.trail = rng.choice([b"", b" ", b"\r\n"])
+            self.colon = rng.choice([b" :", b": ", b" : "])
+            self.what.append("whitespace")
+            self.used.append("whitespace")
+
+    def build(self) -> Case:
+        if self.rng.random() < 0.15:
+            self.lead = self.rng.choice([self.lead, b" "])
+            self.trail = self.rng.choice([self.trail, b"\n"])
+        data = self.lead + b"{" + b",".join(k + self.colon + v for _, k, v, _, _ in self.pairs) + b"}" + self.trail
+        last = {}
+        for key, _, _, vrule, krule in self.pairs:
+            last[key] = (vrule, krule)
+        always = any(v == "always" or k == "always" for _, _, _, v, k in self.pairs)
+        kept = any(v == "kept" or k == "kept" or (v == "addr" and key in ("src", "dst"))
+                   for key, (v, k) in last.items())
+        return Case(data, "; ".join(self.what), always or kept, not self.hostile, tuple(self.used))
+
+
+def structured(rng: random.Random, serial: int) -> Case:
+    b = _Builder(rng, serial)
+    for _ in range(rng.choice([1, 1, 1, 2, 3])):
+        b.mutate()
+    return b.build()
+
+
+def _adds_up(r: Relay) -> bool:
+    s = r.stats()
+    return s["handled"] + sum(v for k, v in s.items() if k.startswith("dropped_")) == s["received"]
+
+
+class WholePath:
+    """Decode, two relays (relaying and displaying, with peers), their copies, and every console."""
+
+    def __init__(self) -> None:
+        # Node 1 shows what is sent to it; node 5 relays it. Both have peers, so copies are encoded.
+        self.relays = [Relay(RelayConfig(label=label_of(i), rate_limit=0, seen_max=1_000_000),
+                             [addr_of(2), addr_of(3), addr_of(4)]) for i in (1, 5)]
+        self.counts = {"rejected": 0, "accepted": 0, "displayed": 0, "copies": 0, "copies_encoded_anew": 0}
+        self.new_consoles()
+
+    def new_consoles(self) -> None:
+        self.json_out = io.StringIO()
+        streams = [io.TextIOWrapper(io.BytesIO(), encoding=e, errors="strict", write_through=True)
+                   for e in ("ascii", "utf-8", "cp1252")]
+        self.consoles = [TerminalConsole(streams[0], color=False, interactive=True),
+                         TerminalConsole(streams[1], color=True, interactive=False),
+                         TerminalConsole(streams[2], color=False, interactive=False),
+                         JsonConsole(streams[0]), JsonConsole(self.json_out)]
+
+    def check_json_output(self) -> None:
+        for line in self.json_out.getvalue().splitlines():
+            assert "event" in json.loads(line)
+
+    def run(self, case: Case) -> None:
+        data = case.data
+        try:
+            msg: Optional[Message] = decode(data)
+        except WireError:
+            msg = None
+        except Exception as e:  # pragma: no cover - the failure itself
+            raise AssertionError(f"decode raised {e!r} on {case.what}: {data[:200]!r}") from e
+        assert not (case.must_reject and msg is not None), f"accepted {case.what}: {data[:200]!r}"
+        assert not (case.must_accept and msg is None), f"rejected {case.what}: {data[:200]!r}"
+        if msg is None:
+            self.counts["rejected"] += 1
+        else:
+            self.counts["accepted"] += 1
+            assert decode(encode(msg)) == msg, case.what
+        for r in self.relays:
+            actions = r.datagram_received(data, addr_of(9), 100.0, WALL)
+            assert _adds_up(r), case.what
+            for action in actions:
+                if type(action) is Send:
+                    copy = decode(action.data)  # a copy must decode again
+                    if copy.mid == getattr(msg, "mid", None):
+                        self.counts["copies"] += 1
+                        if not action.data.startswith(b'{"mid"') or len(action.data) != len(data.strip()):
+                            self.counts["copies_encoded_anew"] += 1
+                        assert copy == msg._replace(ttl=min(msg.ttl, r.config.max_ttl) - 1), case.what
+                    continue
+                if type(action) is Display:
+                    self.counts["displayed"] += 1
+                for con in self.consoles:
+                    con.show(action)
+        for con in self.consoles:
+            assert not con.broken, case.what
+
+
+def run_structured(cases: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    path = WholePath()
+    used = set()
+    for i in range(cases):
+        case = structured(rng, i)
+        used.update(case.used)
+        path.run(case)
+        if i % 2000 == 1999:
+            path.check_json_output()
+            path.new_consoles()
+    path.check_json_output()
+    missing = {h.name for h in HOSTILE} | {"known field", "unknown field", "hostile key", "key given twice",
+                                            "escaped key", "whitespace"}
+    assert not missing - used, f"never generated: {missing - used}"
+    return path.counts
+
+
+def test_structured_hostile_datagrams_through_the_whole_path_short():
+    counts = run_structured(8000, seed=8)
+    assert counts["rejected"] > 4000 and counts["accepted"] > 1500 and counts["displayed"] > 800
+    assert counts["copies"] > 2000 and counts["copies_encoded_anew"] > 700
+
+
+@pytest.mark.slow
+@SLOW
+def test_structured_hostile_datagrams_through_the_whole_path_100k():
+    counts = run_structured(100_000, seed=20261125)
+    assert counts["rejected"] > 60_000 and counts["accepted"] > 18_000 and counts["copies_encoded_anew"] > 8000
+
+
+# -- membership's kinds and fields -------------------------------------------------------------
+
+MEMBER_FIELDS = {
+    "HELLO": ("mesh", "tok", "echo", "ask", "caps", "nick", "seq", "ack", "held", "ivl"),
+    "PRESENCE": ("nick", "ttl0", "caps"),
+    "CHAT": ("nick", "ttl0", "part"),
+}
+MEMBER_VALUES = WRONG_VALUES + [
+    10 ** 20, -(10 ** 20), 2 ** 53 + 1, 1e308, -1e308, 0.0, 1e-300, "a" * 5000, ["HELLO"] * 10_000,
+    [["x"]], [1, "a"], {"k": "v"}, "meshchat", "0123456789abcdef", "g" * 16, "alice", "a#b", "@x", " x",
+    [1, 2], [2, 1], [0, 0], [1, 1001],
+]
+
+
+def _member_relay():
+    from meshchat.membership import Membership, MembershipConfig
+
+    m = Membership(MembershipConfig(label=label_of(1), max_peers=4), secret=b"fuzz")
+    r = Relay(RelayConfig(label=label_of(1), rate_limit=0), [addr_of(2), addr_of(3)], membership=m)
+    return r, m
+
+
+def test_membership_fields_with_hostile_values_never_raise_and_keep_the_bounds():
+    rng = random.Random(20261126)
+    r, m = _member_relay()
+    out = io.StringIO()
+    consoles = [TerminalConsole(out, color=True, interactive=False), JsonConsole(out)]
+    for i in range(6000):
+        kind = rng.choice(list(MEMBER_FIELDS))
+        sender = rng.choice([addr_of(2), addr_of(3), ("10.7.%d.%d" % (i >> 8 & 255, i & 255), 9000)])
+        extra = {"mesh": "meshchat", "tok": "%016x" % rng.randrange(16 ** 16), "ttl0": 8}
+        if rng.random() < 0.5:
+            extra["echo"] = m._token_now(sender, 1.0 + i * 0.01)  # proved: the deeper path
+        extra[rng.choice(MEMBER_FIELDS[kind])] = rng.choice(MEMBER_VALUES)
+        ttl = 1 if kind == "HELLO" else rng.choice([1, 3, 8])
+        src = "%s:%d" % sender if rng.random() < 0.8 else label_of(rng.randrange(4, 200))
+        obj = dict(mid="mf%d" % i, ts=WALL, ttl=ttl, kind=kind, src=src, dst=rng.choice(["", label_of(1)]),
+                   body="hi", **extra)
+        data = json.dumps(obj).encode()
+        now = 1.0 + i * 0.01
+        for action in r.datagram_received(data, sender, now, WALL):
+            if isinstance(action, Send):
+                decode(action.data)  # whatever we send is valid
+            for c in consoles:
+                c.show(action) if not isinstance(action, Send) else None
+        if i % 500 == 0:
+            for action in r.timers_due(now, WALL):
+                if isinstance(action, Send):
+                    decode(action.data)
+    assert _adds_up(r)
+    assert len(m.neighbours) <= 4 and len(m.members) <= 4096 and len(m._challenged) <= 4096
+    assert not any(c.broken for c in consoles)

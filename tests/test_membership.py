@@ -199,11 +199,11 @@ def test_names_resolve_and_ambiguity_is_refused():
 def test_presence_is_announced_once_links_settle_and_on_a_new_nick():
     net = Net(2, configured=[(1, 2), (2, 1)], nick="n")
     net.advance(3.0)
-    assert [e for e in net.events[1] if isinstance(e, Originate)] == [Originate("PRESENCE", "", {"nick": "n"}, 16)]
+    assert [e for e in net.events[1] if isinstance(e, Originate)] == [Originate("PRESENCE", "", {"caps": list(CAPS), "nick": "n"}, 16)]
     net.events[1].clear()
     net.ms[1].set_nick("alice", net.now)
     net.advance(0.25)
-    assert Originate("PRESENCE", "", {"nick": "alice"}, 16) in net.events[1]
+    assert Originate("PRESENCE", "", {"caps": list(CAPS), "nick": "alice"}, 16) in net.events[1]
 
 
 def test_who_lists_us_neighbours_and_far_nodes():
@@ -215,3 +215,38 @@ def test_who_lists_us_neighbours_and_far_nodes():
     assert rows[0]["state"] == "you"
     assert [(r["label"], r["hops"], r["state"]) for r in rows[1:]] == [
         (label(2), 1, "neighbour up"), (label(7), 4, "alive")]
+
+
+def test_a_flood_of_forged_presence_keeps_the_tables_bounded_and_peers_in_place():
+    from meshchat.membership import MAX_MEMBERS
+    net = Net(2, configured=[(1, 2), (2, 1)])
+    net.advance(2.0)
+    m = net.ms[1]
+    for i in range(3 * MAX_MEMBERS):
+        fake = Message("p%d" % i, WALL, 1, "PRESENCE", "10.%d.%d.%d:9" % (i >> 16 & 255, i >> 8 & 255, i & 255),
+                       "", "", {"ttl0": 16, "nick": "x%d" % i})
+        m.learn(fake, ("10.66.0.1", 9), net.now)
+    assert len(m.members) <= MAX_MEMBERS and len(m.neighbours) == 1
+    assert m.neighbours[addr(2)].up and m.flood_targets("CHAT") == (addr(2),)
+    assert m.ttl_for("") == 16  # a forged far node can stretch our ttl only up to --max-ttl
+
+
+def test_what_a_far_node_speaks_comes_from_its_presence():
+    m = Membership(MembershipConfig(label=label(1)), secret=b"k")
+    assert m.speaks(label(9), "ACK") is None
+    m.learn(Message("p", WALL, 5, "PRESENCE", label(9), "", "", {"caps": ["HELLO", "ACK"]}), addr(2), 1.0)
+    assert m.speaks(label(9), "ACK") is True and m.speaks(label(9), "FILE") is False
+    m.learn(Message("q", WALL, 5, "PRESENCE", label(8), "", "", {"caps": [1, 2]}), addr(2), 1.0)
+    assert m.speaks(label(8), "ACK") is None
+
+
+def test_nodes_that_find_each_other_by_a_beacon_announce_each_other_with_nicks():
+    net = Net(2)
+    net.ms[1].nick, net.ms[2].nick = "ann", "bob"
+    beacon = decode(net.ms[1].beacon(net.now, WALL))
+    out, why = net.ms[2].hello_received(beacon, addr(1), len(net.ms[1].beacon(net.now, WALL)), net.now, WALL)
+    assert why == ""
+    net.deliver(2, out)
+    net.advance(1.0)
+    ups = {i: [e for e in net.events[i] if isinstance(e, PeerUp)] for i in (1, 2)}
+    assert ups[1] == [PeerUp(label(2), addr(2), "bob")] and ups[2] == [PeerUp(label(1), addr(1), "ann")]

@@ -5,10 +5,11 @@ import time
 
 from meshchat.membership import MembershipConfig, PeerDown, PeerUp
 from meshchat.node import Discovery
-from meshchat.relay import Display
+from meshchat.relay import Display, Pong
 
 from nodes import Cluster, Probe
 from ports import free_ports
+from seednode import SeedNode
 
 FAST = MembershipConfig(label="", hello_max_s=0.4)  # a dead neighbour is down in about 3 x 0.9 s
 
@@ -76,3 +77,30 @@ def test_a_killed_neighbour_is_reported_down_left_out_and_back_up_when_it_return
             assert c[1].next(PeerUp, timeout=10).label == back.label
         finally:
             back.node.stop()
+
+
+def test_a_seed_design_peer_gets_only_chat_and_ping_and_the_first_probe():
+    # seed -- meshchat 1 -- meshchat 2: HELLOs, presence floods, PONGs and roll calls all around it.
+    with Cluster(2, [(1, 2)], membership=FAST) as c, SeedNode([c[1].node.addr]) as seed:
+        c[1].node.add_peer(seed.addr)
+        c[1].next(PeerUp)
+        c[2].node.say("to all")
+        assert seed.shown.get(timeout=5)["body"] == "to all"
+        c[1].node.ping()
+        c[2].node.ping()
+        c[2].next(Pong)
+        seed.send("from the seed")
+        c[2].wait_for_body("from the seed")
+        c[2].node.set_nick("two")  # a presence flood
+        c.wait_until(lambda: c[1].node.membership.nick_of(c[2].label) == "two")
+        seed.send("", kind="PING")  # the seed's heartbeat: no PONG may go back to it
+        seed.send("after")
+        c[2].wait_for_body("after")
+        c[2].node.say("final")  # reaches the seed after anything node 1 sent it before
+        while seed.shown.get(timeout=5)["body"] != "final":
+            pass
+        kinds = []
+        while not seed.received.empty():
+            kinds.append(seed.received.get_nowait()["kind"])
+        assert set(kinds) <= {"CHAT", "PING", "HELLO"} and kinds.count("HELLO") <= 1, kinds
+        assert kinds.count("CHAT") >= 1 and kinds.count("PING") >= 2

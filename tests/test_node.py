@@ -1,5 +1,7 @@
 """Real UDP sockets on 127.0.0.1, several nodes in this process."""
 
+import logging
+import queue
 import socket
 import threading
 import time
@@ -7,7 +9,7 @@ import time
 import pytest
 
 from meshchat.node import Failure, Node
-from meshchat.relay import Display, Pong, RelayConfig
+from meshchat.relay import Display, Pong, Relay, RelayConfig
 from meshchat.wire import Message, encode
 
 from meshsim import full, line
@@ -118,14 +120,22 @@ def test_label_uses_advertised_host():
         assert node.label == f"chat.example:{node.addr[1]}"
 
 
-def test_a_crashing_thread_stops_the_node_loudly():
-    p = Probe()
-    node = p.node
+class _ExplodingSocket:
+    """A socket whose recvfrom has a bug: outside what one datagram's handling contains."""
 
-    def explode(*args):
+    def __init__(self, sock):
+        self._sock = sock
+
+    def recvfrom(self, size):
         raise RuntimeError("boom")
 
-    node.relay.datagram_received = explode
+    def sendto(self, data, addr):
+        return self._sock.sendto(data, addr)
+
+
+def test_a_crashing_thread_stops_the_node_loudly():
+    p = Probe(wrap_socket=_ExplodingSocket)
+    node = p.node
     node.start()
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -135,3 +145,83 @@ def test_a_crashing_thread_stops_the_node_loudly():
         assert node.stopping
     finally:
         node.stop()
+
+
+class _BuggyRelay(Relay):
+    """A relay with a bug in making copies of "poison" messages, after it has counted them."""
+
+    processed: "queue.Queue[bytes]"
+
+    def _copy(self, msg, *args):
+        if msg.body.startswith("poison"):
+            raise RuntimeError("bug in the copy")
+        return super()._copy(msg, *args)
+
+    def datagram_received(self, data, *args):
+        try:
+            return super().datagram_received(data, *args)
+        finally:
+            self.processed.put(data)
+
+
+def _counters_add_up(stats):
+    return stats["handled"] + sum(v for k, v in stats.items() if k.startswith("dropped_")) == stats["received"]
+
+
+def test_a_datagram_whose_handling_raises_is_dropped_counted_and_logged_once(caplog):
+    caplog.set_level(logging.ERROR, logger="meshchat.node")
+    processed: "queue.Queue[bytes]" = queue.Queue()
+    _BuggyRelay.processed = processed
+    b = Probe()
+    events: "queue.Queue[object]" = queue.Queue()
+    a = Node(RelayConfig(label=""), "127.0.0.1", 0, peers=[b.node.addr], on_event=events.put,
+             relay_factory=_BuggyRelay)
+    with a, b.node:
+        a.start()
+        b.node.start()
+        poison = [encode(Message(f"p{i}", time.time(), 5, "CHAT", "127.0.0.1:1", "", f"poison {i} " + "z" * 500))
+                  for i in range(5)]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for data in poison:
+                s.sendto(data, a.addr)
+            for _ in poison:
+                processed.get(timeout=5)
+            stats = a.stats()
+            assert stats["received"] == 5 and stats["dropped_internal"] == 5 and _counters_add_up(stats)
+            # What the failed datagrams had counted before the bug struck is undone.
+            assert stats["handled"] == stats["displayed"] == stats["relayed"] == stats["sent"] == 0
+            assert a.failure is None and events.empty()
+            # Logged once for the one cause, with a hash and the first bytes, never the whole datagram.
+            records = [r for r in caplog.records if "internal error" in r.getMessage()]
+            assert len(records) == 1
+            text = records[0].getMessage()
+            assert "sha256 " in text and repr(poison[0][:64]) in text and "z" * 100 not in text
+            # The node goes on: a normal message is shown and relayed.
+            s.sendto(encode(Message("ok", time.time(), 5, "CHAT", "127.0.0.1:1", "", "still here")), a.addr)
+            assert processed.get(timeout=5) and events.get(timeout=5).message.body == "still here"
+            b.wait_for_body("still here")
+        stats = a.stats()
+        assert stats["handled"] == 1 and stats["relayed"] == 1 and _counters_add_up(stats)
+
+
+def test_an_event_handler_that_raises_does_not_stop_the_copies_or_the_thread(caplog):
+    caplog.set_level(logging.ERROR, logger="meshchat.node")
+
+    def on_event(event):
+        if isinstance(event, Display) and event.message.body == "bad event":
+            raise ValueError("bug in the handler")
+        shown.put(event)
+
+    shown: "queue.Queue[object]" = queue.Queue()
+    b = Probe()
+    a = Node(RelayConfig(label=""), "127.0.0.1", 0, peers=[b.node.addr], on_event=on_event)
+    with a, b.node:
+        a.start()
+        b.node.start()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for body in ("bad event", "good event"):
+                s.sendto(encode(Message(body, time.time(), 5, "CHAT", "127.0.0.1:1", "", body)), a.addr)
+        assert b.shown(2) == ["bad event", "good event"]  # the copy went on after the handler raised
+        assert shown.get(timeout=5).message.body == "good event"
+        assert a.failure is None and _counters_add_up(a.stats())
+        assert sum("internal error" in r.getMessage() for r in caplog.records) == 1

@@ -365,6 +365,14 @@ def test_relayed_copy_keeps_every_other_byte_as_it_came():
     b'{"mid":"k3","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","ttl":5}' % WALL,
     # A nested "ttl" in an unknown field is not the message's.
     b'{"mid":"k4","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","x":{"ttl":9}}' % WALL,
+    # A second "ttl" key written with escapes, or with a space before its colon, equal to the first:
+    # rewriting only the first would leave the copy with ttl 5 for ever.
+    b'{"mid":"k5","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","\\u0074tl":5}' % WALL,
+    b'{"mid":"k6","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi",'
+    b'"\\u0074\\u0074\\u006Cx":1,"tt\\u006c":5}' % WALL,
+    b'{"mid":"k7","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi","ttl" :5}' % WALL,
+    # Leading whitespace: no head to rewrite.
+    b' {"mid":"k8","ts":%r,"ttl":5,"kind":"CHAT","src":"10.0.0.9:9000","dst":"","body":"hi"}' % WALL,
 ])
 def test_relayed_copy_is_encoded_anew_when_rewriting_in_place_could_be_wrong(data):
     r = relay()
@@ -600,3 +608,6 @@ def test_the_user_is_told_once_a_minute_that_young_ids_are_being_forgotten():
     [again] = r.expire(1.0 + SEEN_FULL_NOTICE_S)
     assert "flood" in again.text
     assert r.expire(2.0 + SEEN_FULL_NOTICE_S) == [], "nothing forgotten young since"
+
+
+    check_accounting(r)

@@ -1,13 +1,17 @@
 """scripts/spawn_local_mesh.py: topologies, --print, and a real piped run."""
 
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
+
+from meshchat.membership import display_name
 
 from meshsim import connected
 from ports import free_port_run
@@ -45,9 +49,26 @@ def spawn(*args, input=None, timeout=60):
 
 def test_print_gives_one_command_per_node():
     out = spawn("-n", "3", "--topology", "line", "--base-port", "20001", "--print").stdout.splitlines()
-    assert out == ["meshchat --port 20001 --peers 127.0.0.1:20002",
-                   "meshchat --port 20002 --peers 127.0.0.1:20001 127.0.0.1:20003",
-                   "meshchat --port 20003 --peers 127.0.0.1:20002"]
+    assert out == ["meshchat --port 20001 --nick n1 --peers 127.0.0.1:20002",
+                   "meshchat --port 20002 --nick n2 --peers 127.0.0.1:20001 127.0.0.1:20003",
+                   "meshchat --port 20003 --nick n3 --peers 127.0.0.1:20002"]
+
+
+def test_print_with_discover_names_no_peers_and_a_mesh_of_the_demos_own():
+    out = spawn("-n", "2", "--discover", "--nick-prefix", "bot", "--base-port", "20001", "--print").stdout
+    assert out.splitlines() == ["meshchat --port 20001 --nick bot1 --discover --mesh demo-20001",
+                                "meshchat --port 20002 --nick bot2 --discover --mesh demo-20001"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--discover", "--topology", "ring"], "--discover: not with --topology"),
+    (["--discover", "--degree", "3"], "--discover: not with --degree"),
+    (["--nick-prefix", "a b"], "--nick-prefix: 'a b1' is not a nick"),
+    (["-n", "10", "--nick-prefix", "x" * 31], "is not a nick"),
+])
+def test_discover_with_a_topology_or_a_bad_nick_prefix_is_refused(args, says):
+    result = spawn(*args, "--print")
+    assert result.returncode == 2 and says in result.stderr and one_line(result.stderr)
 
 
 def test_bad_arguments_exit_2():
@@ -59,17 +80,52 @@ def test_piped_lines_reach_the_whole_mesh_then_everything_stops():
     for attempt in range(3):  # the ports were free a moment ago; another program may take one
         base = free_port_run(3)
         result = spawn("-n", "3", "--topology", "line", "--base-port", str(base),
-                       input=f"hello all\n3: from three\n{base + 1}: @127.0.0.1:{base} psst\n")
+                       input=f"hello all\n3: from three\n{base + 1}: @127.0.0.1:{base} psst\n2: @n3 by nick\n")
         if result.returncode != 1:
             break
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert f"[node 2 127.0.0.1:{base + 1}] <127.0.0.1:{base}> hello all" in out
-    assert f"[node 3 127.0.0.1:{base + 2}] <127.0.0.1:{base}> hello all" in out
-    assert f"[node 1 127.0.0.1:{base}] <127.0.0.1:{base + 2}> from three" in out
-    assert f"[node 1 127.0.0.1:{base}] <127.0.0.1:{base + 1}> (private) psst" in out
-    assert out.count("psst") == 2, "shown at its target and as sent, nowhere else"
+    n1, n2, n3 = (display_name(f"127.0.0.1:{base + i}", f"n{i + 1}") for i in range(3))
+    assert f"[node 1 127.0.0.1:{base}] ready: {n1}" in out
+    assert f"[node 2 127.0.0.1:{base + 1}] <{n1}> hello all" in out
+    assert f"[node 3 127.0.0.1:{base + 2}] <{n1}> hello all" in out
+    assert f"[node 1 127.0.0.1:{base}] <{n3}> from three" in out
+    assert f"[node 1 127.0.0.1:{base}] <{n2}> (private) psst" in out
+    assert f"[node 2 127.0.0.1:{base + 1}] <you> (private to {n1}) psst" in out
+    assert f"[node 3 127.0.0.1:{base + 2}] <{n2}> (private) by nick" in out
+    assert out.count("psst") == 2 and out.count("by nick") == 2, "shown at its target and as sent, nowhere else"
     assert "\x1b" not in out
+
+
+def test_discover_nodes_find_each_other_and_chat_and_the_tables_read_well():
+    rng = random.Random(time.monotonic_ns())
+    group = "239.255.%d.%d:%d" % (rng.randrange(256), rng.randrange(1, 255), free_port_run(1))
+    for attempt in range(3):  # the ports were free a moment ago; another program may take one
+        base = free_port_run(3)
+        result = spawn("-n", "3", "--discover", "--nick-prefix", "ann", "--base-port", str(base), "--",
+                       "--discover-group", group,
+                       input=f"hello all\n3: from three\n2: @127.0.0.1:{base} psst\n2: /who\n1: /peers\n1: /stats\n")
+        if result.returncode != 1:
+            break
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "found each other" not in result.stderr
+    assert f"3 nodes up (found by discovery, mesh demo-{base})" in out
+    a1, a2, a3 = (display_name(f"127.0.0.1:{base + i}", f"ann{i + 1}") for i in range(3))
+    for node in (2, 3):
+        assert f"[node {node} 127.0.0.1:{base + node - 1}] <{a1}> hello all" in out
+    assert f"[node 1 127.0.0.1:{base}] <{a3}> from three" in out
+    assert f"[node 1 127.0.0.1:{base}] <{a2}> (private) psst" in out and out.count("psst") == 2
+    who = [line for line in out.splitlines() if line.startswith(f"[node 2 127.0.0.1:{base + 1}] * ")]
+    assert any(a2 in line and line.rstrip().endswith("you") for line in who)
+    # Right after the handshake one side may not know the other's nick yet (it comes with the next HELLO).
+    assert any(f"127.0.0.1:{base + 2}" in line and "neighbour up" in line for line in who)
+    peers = [line for line in out.splitlines() if line.startswith(f"[node 1 127.0.0.1:{base}] * ")]
+    assert any(line.split("] * ")[1].split() == ["name", "address", "kind", "state", "heard", "rtt", "loss"]
+               for line in peers)
+    assert any(f"127.0.0.1:{base + 1}" in line and " found " in line and " up " in line for line in peers)
+    assert any("] * received " in line and "handled" in line for line in peers)
+    assert any("] * sent " in line and "datagrams" in line for line in peers), "/stats: each of its lines marked"
 
 
 def one_line(text):
@@ -109,7 +165,7 @@ def test_quit_in_the_demo_stops_every_node_and_n_quit_stops_node_n():
     assert "node 2 stopped; 2 nodes left: 1, 3" in out
     assert "node 2 has stopped; nothing was sent" in err and "are you there" not in out
     assert "N: text" in out and "N: /quit" in out, "the demo's /help tells its own commands"
-    assert f"[node 3 127.0.0.1:{base + 2}] <127.0.0.1:{base}> from one" in out
+    assert f"[node 3 127.0.0.1:{base + 2}] <{display_name(f'127.0.0.1:{base}', 'n1')}> from one" in out
     assert "stopping every node" in out and "not sent" not in out
     assert "not running" not in err
 
@@ -167,7 +223,7 @@ def test_tmux_labels_panes_says_how_to_stop_and_refuses_a_second_run(tmux_env):
     assert f"tmux kill-session -t {session}" in first.stdout and f"tmux attach -t {session}" in first.stdout
     titles = subprocess.run(["tmux", "list-panes", "-t", session, "-F", "#{pane_title}"], env=tmux_env,
                             capture_output=True, text=True).stdout.splitlines()
-    assert titles == [f"node {i + 1} 127.0.0.1:{base + i}" for i in range(3)]
+    assert titles == [f"node {i + 1} n{i + 1} 127.0.0.1:{base + i}" for i in range(3)]
     second = spawn_tmux(tmux_env, "-n", "3", "--base-port", str(base))
     assert second.returncode == 1 and one_line(second.stderr)
     assert "already exists" in second.stderr and f"tmux kill-session -t {session}" in second.stderr

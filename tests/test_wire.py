@@ -112,9 +112,59 @@ def test_huge_float_literal_is_rejected():
         decode(raw().replace(b"1730563200.123", b"1e999"))
 
 
-def test_lone_surrogate_in_body_still_encodes():
-    msg = decode(raw().replace(b"hello mesh", b"\\ud800"))
-    assert decode(encode(msg)).body == "\ud800"
+@pytest.mark.parametrize("escape", [b"\\ud800", b"\\uDFFF", b"x\\udc00y", b"\\ude00\\ud83d"])
+def test_lone_surrogate_in_body_is_malformed(escape):
+    with pytest.raises(WireError, match="body has a lone surrogate"):
+        decode(raw().replace(b"hello mesh", escape))
+
+
+def test_a_surrogate_pair_is_one_character_and_valid():
+    assert decode(raw().replace(b"hello mesh", b"\\ud83d\\ude00")).body == "\U0001f600"
+
+
+def _with_extra(value: bytes, key: bytes = b"x") -> bytes:
+    return raw()[:-1] + b',"' + key + b'":' + value + b"}"
+
+
+def _nest(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize("value, why", [
+    (b"1e999", "out of range"),
+    (b"-1e999", "out of range"),
+    (b"[1, {\"a\": 1e400}]", "out of range"),
+    (b'"\\ud800"', "surrogate"),
+    (b'{"k": ["\\udfff"]}', "surrogate"),
+    (b'{"\\ud800": 1}', "surrogate"),
+    (_nest(32), "nested over 32"),
+    (_nest(900), "nested over 32"),
+    (b"9" * 31, "digits"),
+])
+def test_unknown_fields_that_could_not_be_encoded_again_are_malformed(value, why):
+    with pytest.raises(WireError, match=why):
+        decode(_with_extra(value))
+
+
+def test_a_lone_surrogate_in_an_unknown_key_is_malformed():
+    with pytest.raises(WireError, match="surrogate"):
+        decode(_with_extra(b"1", key=b"\\ud800"))
+
+
+def test_nesting_up_to_32_levels_counting_the_message_is_valid():
+    msg = decode(_with_extra(_nest(31)))
+    assert decode(encode(msg)) == msg
+
+
+def test_encode_raises_only_wire_error():
+    for extra in ({"x": float("inf")}, {"x": object()}, {"x": {1j: 2}}):
+        with pytest.raises(WireError, match="cannot encode"):
+            encode(Message("m", 1.0, 1, "CHAT", "h:1", "", "b", extra))
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(WireError, match="cannot encode"):
+        encode(Message("m", 1.0, 1, "CHAT", "h:1", "", "b", {"x": deep}))
 
 
 @pytest.mark.parametrize("text, addr", [("127.0.0.1:9001", ("127.0.0.1", 9001)),
@@ -126,10 +176,23 @@ def test_parse_addr(text, addr):
 
 
 @pytest.mark.parametrize("text", ["9001", ":9001", "host:", "host:abc", "host:-1", "host:65536",
-                                  "ho st:1", "host:１２", "a" * 300 + ":1"])
+                                  "ho st:1", "host:１２", "a" * 300 + ":1", "host:000001", "host:" + "1" * 5000,
+                                  "host:" + "0" * 4999 + "1", "host:\ud800"])
 def test_parse_addr_rejects(text):
-    with pytest.raises(WireError):
+    with pytest.raises(WireError) as e:
         parse_addr(text)
+    assert len(str(e.value)) < 150
+
+
+def test_ports_of_five_digits_with_leading_zeros_are_accepted():
+    assert parse_addr("host:09001") == ("host", 9001)
+
+
+@pytest.mark.parametrize("field", ["src", "dst"])
+def test_a_port_of_5000_digits_is_malformed_not_a_crash(field):
+    # int() raises ValueError on more than 4,300 digits (Python 3.11+): it must never be reached.
+    with pytest.raises(WireError, match="port"):
+        decode(raw(**{field: "127.0.0.1:" + "1" * 5000}))
 
 
 @pytest.mark.parametrize("field", [b'"ttl":8', b'"ts":1730563200.123'])
