@@ -83,9 +83,11 @@ def test_quick_benchmark_runs_and_reports_every_section():
     assert 0 < direct["routed_vs_broadcast"] < 0.5
 
     (idle,) = r["idle"]
-    assert idle["nodes"] == 10 and idle["stats_from"] == 10 and idle["seconds"] > 1
-    # Every node has at least two neighbours and greets each of them at least every 7 s.
-    assert 10 * 2 / 7.0 <= idle["hello_sent_per_s"] < 10 * 4 * 3, idle
+    assert idle["nodes"] == 10 and idle["stats_from"] == 10 and idle["seconds"] > 2
+    # HELLOs go on in an idle mesh, backed off: a 10-node mesh with 20 links sends far fewer than 1 a link a second
+    # each way (the mesh started at once, so they come in waves: no lower bound in a 3-second window but some).
+    assert 0 < idle["hello_sent_per_s"] < 2 * flood["edges"], idle
+    assert idle["hello_received_per_s"] <= idle["hello_sent_per_s"] * 1.5 + 2, idle
     assert idle["other_datagrams_per_s"] >= 0
     if have_proc:
         assert 0 <= idle["cpu_pct_of_core"] < 100
