@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""Benchmark meshchat on 127.0.0.1: relay cost, latency, scale, memory, flood efficiency.
+"""Benchmark meshchat on 127.0.0.1: relay cost, latency, scale, memory, flood efficiency, membership.
 
-    python scripts/bench.py                 # the full run: a few minutes, a table on stdout
-    python scripts/bench.py --nodes 50 200  # the scale section at 50 and at 200 nodes
+Membership's figures: datagrams per direct message (routed, and flooded when no
+route is known), idle HELLO traffic and CPU of a settled mesh, time until a
+killed node's neighbours say peer_down, time until a new node is discovered.
+
+    python scripts/bench.py                 # the full run: about three minutes, a table on stdout
+    python scripts/bench.py --nodes 50 200  # the mesh sections at 50 and at 200 nodes (about six minutes)
     python scripts/bench.py --quick         # a small version of each section, for CI
     python scripts/bench.py --json          # one JSON object instead of the tables
 
@@ -44,14 +48,14 @@ FULL = dict(
     latency_messages=300, latency_gap_s=0.005, pipe_probes=300,
     idle_s=10.0, broadcasts=50, seen_max=100_000, seen_adds=300_000, node_ids=1_000_000,
     direct_rounds=10, direct_settle_s=0.3, settle_s=60.0, idle_hello_s=30.0, idle_slice_s=3.0,
-    liveness_victims=3, liveness_timeout_s=40.0, discovery_trials=5, discovery_wait_s=4.0,
+    liveness_victims=3, liveness_settle_s=15.0, liveness_timeout_s=40.0, discovery_trials=5, discovery_wait_s=4.0,
 )
 QUICK = dict(
     relay_rounds=1, relay_messages=1000, relay_rate=5000.0, relay_burst=50, relay_max_s=0.3,
     latency_messages=20, latency_gap_s=0.005, pipe_probes=30,
     idle_s=1.0, broadcasts=5, seen_max=10_000, seen_adds=30_000, node_ids=20_000,
     direct_rounds=3, direct_settle_s=0.2, settle_s=3.0, idle_hello_s=3.0, idle_slice_s=1.0,
-    liveness_victims=1, liveness_timeout_s=10.0, discovery_trials=1, discovery_wait_s=0.5,
+    liveness_victims=1, liveness_settle_s=1.0, liveness_timeout_s=10.0, discovery_trials=1, discovery_wait_s=0.5,
 )
 QUICK_NODES = 10
 SECTIONS = ("relay", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery")
@@ -1067,7 +1071,8 @@ def bench_idle(mesh: Mesh, cfg: dict, burst_ms_per_flood: Optional[float] = None
     c = membership_constants()
     # By design each node announces every PRESENCE_PER_MEMBER_S x members (30 to 600 s), jittered
     # down by up to a fifth (0.9 on average).
-    presence_per_s = n / (0.9 * min(c["PRESENCE_MAX_S"], max(c["PRESENCE_MIN_S"], c["PRESENCE_PER_MEMBER_S"] * (n - 1))))
+    interval = min(c["PRESENCE_MAX_S"], max(c["PRESENCE_MIN_S"], c["PRESENCE_PER_MEMBER_S"] * (n - 1)))
+    presence_per_s = n / (0.9 * interval)
     flood_cpu, flood_from = per_flood, "presence floods in the window"
     if flood_cpu is None and burst_ms_per_flood is not None:
         flood_cpu, flood_from = burst_ms_per_flood / 1000, "broadcast burst (low)"
@@ -1102,7 +1107,8 @@ def bench_liveness(mesh: Mesh, cfg: dict, seed: int, hello_max_s: float) -> dict
                 and not (links[i] & mesh.killed):
             victims.append(i)
     expect = {(j, nodes[v].label): v for v in victims for j in links[v]}
-    fleet.drain(0.1)
+    # HELLOs back off over 1 + 2 + 4 s to their longest interval, which sets how soon the dead are noticed.
+    fleet.drain(max(0.1, mesh.ready_at + cfg["liveness_settle_s"] - time.perf_counter()))
     killed_at: Dict[int, float] = {}
     for v in victims:
         nodes[v].popen.kill()
@@ -1148,7 +1154,6 @@ def bench_liveness_fast(cfg: dict, fleet: Fleet, seed: int) -> dict:
 
     mesh = Mesh(fleet, QUICK_LIVENESS_NODES, seed, argv=argv)
     try:
-        fleet.drain(1.0)  # every link up, every HELLO interval at its (short) longest
         return bench_liveness(mesh, cfg, seed, QUICK_HELLO_MAX_S)
     finally:
         mesh.close()
