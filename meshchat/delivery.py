@@ -40,7 +40,8 @@ Rules, so that nothing sent is missed and nothing is shown twice:
    ``BUFFER_S``) and served to a WANT unchanged but for ttl 1, under a token
    bucket of ``SERVE_PER_S``; SINCE answers come from the node (the store)
    through ``serve()`` and are paced by the same bucket.
-8. Summaries. Every ``HAVE_S`` (jittered) a HAVE of at most ``HAVE_ORIGINS``
+8. Summaries. ``HAVE_SOON_S`` after a new broadcast (so a lost last message
+   is asked for in seconds), else every ``HAVE_S`` (jittered), a HAVE of at most ``HAVE_ORIGINS``
    origins (each at its highest seq received with none missing below) goes
    to repair-speaking neighbours if it changed this round or the one before
    (a lost HAVE gets a second chance) or we have lost seqs: after that an
@@ -107,6 +108,7 @@ SINCE_EVERY_S = 60.0  # one SINCE answer per asker this often
 CATCH_UP_WINDOW_S = 60.0  # after our SINCE, old broadcasts arriving are the answer: late
 CATCH_UP_S = 24 * 3600.0
 HAVE_S = 30.0
+HAVE_SOON_S = 3.0  # after a new broadcast, a summary this soon, so a lost last message is asked for in seconds
 HAVE_ORIGINS = 32
 HAVE_REPEATS = 3  # unchanged HAVEs a neighbour that was behind us still gets
 HAVE_REPLY_S = 10.0  # a neighbour that is behind us gets our HAVE in reply, at most this often
@@ -899,6 +901,11 @@ class Delivery:
         buf[msg.mid] = (now, msg)
         buf.move_to_end(msg.mid)
         self.counters["remembered"] += 1
+        # A new broadcast: the next summary comes soon, so that a neighbour that missed the last
+        # message of a burst asks for it within seconds (nothing new: summaries stay rare).
+        soon = now + HAVE_SOON_S
+        if self._have_due is None or soon < self._have_due:
+            self._have_due = soon
         while len(buf) > BUFFER_MAX:
             buf.popitem(last=False)
 

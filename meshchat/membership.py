@@ -16,11 +16,13 @@ Rules, so that a mesh of these (and of seed-design nodes) behaves:
    listen-only client) keeps getting CHAT and PING and one probe a minute;
    nothing else. A neighbour that speaks HELLO is up while we hear from it,
    down after ``DOWN_AFTER_INTERVALS`` of its announced HELLO intervals of
-   silence (at most 3 x 7 s), and up again as soon as anything arrives from
-   it. A learned (not configured) neighbour that goes down is forgotten.
-4. HELLOs back off from 1 s to 7 s while a link is stable, like SWIM's fixed
+   silence (at most 3 x 9.5 s), and up again as soon as anything arrives
+   from it. A learned (not configured) neighbour that goes down is forgotten.
+4. HELLOs back off from 1 s to 9 s while a link is stable, like SWIM's fixed
    probe period but cheaper when nothing changes, and each carries the
    longest gap until the next one, so the other side's timeout follows ours.
+   A node greets all its neighbours in one round (one wake-up, not one per
+   neighbour): a HELLO due soon goes early with the others.
 5. Every origin's distance in hops is learned from the first copy of its
    messages (``ttl0 - ttl + 1``), and the neighbour that copy came from is
    the next hop back to it. Those give the adaptive TTL and the routes of
@@ -42,16 +44,17 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 from .wire import Addr, Message, WireError, decode, encode, format_addr, parse_addr
 
 HELLO_MIN_S = 1.0
-HELLO_MAX_S = 7.0  # 3 x 7 s of silence: a dead neighbour is down within about 21 s (30 s at most)
+HELLO_MAX_S = 9.0  # 3 x (9 + 0.5) s of silence: a dead neighbour is down within 28.5 s (30 s at most)
 DOWN_AFTER_INTERVALS = 3
 DOWN_MARGIN_S = 0.5
 PEER_IVL_CAP_S = 9.5  # whatever a neighbour announces, it is down after 3 x this of silence (< 30 s)
 PROBE_LEGACY_S = 60.0  # a configured peer that never said HELLO: one probe a minute, no more
-PROBE_DOWN_S = 5.0
+PROBE_DOWN_S = 5.0  # a configured HELLO speaker that is down: probed this often until it answers
+ROUND_EARLY = 0.35  # a HELLO due within this share of its interval goes with the others now: one wake-up a round
 ANSWER_EVERY_S = 0.5  # at most one immediate answer per neighbour per this long
-ANNOUNCE_WAIT_S = 1.0
+ANNOUNCE_WAIT_S = 1.0  # a neighbour proved by a bare challenge is announced once its full HELLO comes
 MAX_LEARNED_PER_HOST = 4  # learned neighbours from one (non-loopback) address
-FULL_NOTICE_S = 60.0  # tell the user at most this often that a node that found us was refused  # a neighbour proved by a bare challenge is announced once its full HELLO comes  # a configured HELLO speaker that is down: probed this often until it answers
+FULL_NOTICE_S = 60.0  # tell the user at most this often that a node that found us was refused
 CHALLENGE_WINDOW_S = 60.0  # HELLOs to one unproven address: at most CHALLENGES_PER_ADDR in this long
 CHALLENGES_PER_ADDR = 3  # answers to its HELLOs (two nodes that beacon at once challenge each other twice)
 CHALLENGE_SLACK_BYTES = 16  # a challenge may outgrow what asked for it by this much (digits of ts)
@@ -59,13 +62,15 @@ CHALLENGE_BUDGET_PER_S = 20.0  # HELLOs to unproven addresses, all together (bur
 TOKEN_EPOCH_S = 30.0  # a token is good for this epoch and the next
 MAX_PROVEN = 4096  # unproven addresses remembered for the per-address challenge limit
 MAX_MEMBERS = 4096  # nodes known in the mesh; the least recently heard go first
-MEMBER_FORGET_S = 1800.0
-PRESENCE_MIN_S = 30.0
-PRESENCE_MAX_S = 600.0
-PRESENCE_PER_MEMBER_S = 2.0  # a bigger mesh announces less often, so the total stays flat
+PRESENCE_MIN_S = 60.0
+PRESENCE_MAX_S = 3600.0
+# A bigger mesh announces less often, so the mesh-wide total stays flat: a flood costs about one
+# datagram per link, and an idle 200-node mesh must stay under 2% of a core in all.
+PRESENCE_PER_MEMBER_S = 15.0
 PRESENCE_SETTLE_S = 1.5  # after a link comes up, announce once the others have come up too
-PRESENCE_REPEAT_S = 10.0  # link changes announce at most this often
-ROUTE_FRESH_S = 120.0
+PRESENCE_REPEAT_S = 60.0  # link changes announce at most this often
+MEMBER_FORGET_S = 2 * PRESENCE_MAX_S
+ROUTE_FRESH_S = PRESENCE_MAX_S  # a route dies with its next hop; retries flood in any case
 BEACON_FIRST_S = 1.0  # the first beacons, so that nodes started together find each other at once
 BEACON_FIRST_COUNT = 3
 BEACON_ALONE_S = 5.0  # no neighbour up yet
@@ -642,9 +647,13 @@ class Membership:
                 actions.extend(self._announce(n))
             if n.up and n.last_heard is not None and now >= n.last_heard + DOWN_AFTER_INTERVALS * n.peer_ivl:
                 actions.extend(self._set_down(n, now))
-                if n.addr not in self.neighbours:
-                    continue
-            if now >= n.next_hello:
+        due = [n for n in self.neighbours.values() if now >= n.next_hello]
+        if due:
+            # A round: the up neighbours whose HELLO is due soon go now too, so that a node with k
+            # neighbours wakes once per round to greet them, not k times.
+            early = [n for n in self.neighbours.values()
+                     if n.up and now < n.next_hello and now >= n.next_hello - ROUND_EARLY * n.interval]
+            for n in due + early:
                 gap = self._next_interval(n)
                 n.next_hello = now + gap
                 actions.append(self._hello(n.addr, now, wall, ask=not n.up, n=n, gap=gap))
@@ -663,7 +672,7 @@ class Membership:
     def _next_interval(self, n: Neighbour) -> float:
         if n.up:
             n.interval = min(n.interval * 2.0, self.config.hello_max_s)
-            return n.interval * self._rng.uniform(0.75, 1.0)  # jitter only ever shortens: ivl stays a bound
+            return n.interval * self._rng.uniform(0.85, 1.0)  # jitter only ever shortens: ivl stays a bound
         return PROBE_DOWN_S if n.speaks else PROBE_LEGACY_S
 
     def next_deadline(self) -> Optional[float]:

@@ -376,7 +376,8 @@ class Relay:
                     self._acks_waiting.append((a, now))
                 out.extend(sends)
             elif kind is Resend or kind is Forward:
-                out.extend(self._send_direct(a.message, now))
+                # A retry floods: no answer came the routed way, so the route may be wrong.
+                out.extend(self._send_direct(a.message, now, flood=kind is Resend))
             elif kind is PeerUp:
                 out.append(a)
                 waiting = [ack for ack, when in self._acks_waiting if now - when < ACK_WAIT_S]
@@ -386,10 +387,10 @@ class Relay:
                 out.append(a)
         return out
 
-    def _send_direct(self, msg: Message, now: float) -> List[Send]:
-        """A retry or hand-over: a fresh datagram, routed like a direct message of ours."""
+    def _send_direct(self, msg: Message, now: float, flood: bool = False) -> List[Send]:
+        """A retry or hand-over: a fresh datagram, routed like a direct message of ours (or flooded)."""
         self.seen.add(msg.mid, now, msg.ts)
-        targets = self._origin_targets(msg.kind, msg.dst, now)
+        targets = self.membership.flood_targets(msg.kind) if flood else self._origin_targets(msg.kind, msg.dst, now)
         if not targets:
             return []
         self.counters.sent += len(targets)

@@ -54,7 +54,7 @@ QUICK = dict(
     relay_rounds=1, relay_messages=1000, relay_rate=5000.0, relay_burst=50, relay_max_s=0.3,
     latency_messages=20, latency_gap_s=0.005, pipe_probes=30,
     idle_s=1.0, broadcasts=5, seen_max=10_000, seen_adds=30_000, node_ids=20_000,
-    direct_rounds=3, direct_settle_s=0.2, settle_s=3.0, idle_hello_s=3.0, idle_slice_s=1.0,
+    direct_rounds=3, direct_settle_s=0.2, settle_s=3.0, idle_hello_s=10.0, idle_slice_s=2.0,
     liveness_victims=1, liveness_settle_s=1.0, liveness_timeout_s=10.0, discovery_trials=1, discovery_wait_s=0.5,
 )
 QUICK_NODES = 10
