@@ -311,31 +311,28 @@ class Node:
 
     def _net_loop(self) -> None:
         select = self._selector.select
-        m = self.membership
-        if m is not None:
-            self._tick()  # greet the peers now, before anything the user sends
+        timers = self.membership is not None
         while not self._stopping.is_set():
-            timeout = None
-            if m is not None:
-                # The capabilities' timers (HELLOs, liveness, presence, beacons, retries, repair)
-                # are the select() timeout.
-                with self._lock:
-                    deadline = self.relay.next_deadline()
-                if deadline is not None:
-                    timeout = max(deadline - self._clock(), MIN_TIMER_S)
+            # The capabilities' timers (HELLOs, liveness, presence, beacons, retries, repair) are
+            # the select() timeout: one look under the lock per wake-up fires what is due and
+            # gives the next deadline (the first look greets the peers before anything is sent).
+            timeout = self._tick() if timers else None
             for key, _ in select(timeout):
                 key.data()
-            if m is not None:
-                self._tick()
 
-    def _tick(self) -> None:
+    def _tick(self) -> Optional[float]:
+        """Fire the timers that are due; the select() timeout until the next one (None: none)."""
+        relay, clock = self.relay, self._clock
         with self._lock:
-            now = self._clock()
-            deadline = self.relay.next_deadline()
-            if deadline is None or deadline > now:
-                return
-            actions = self.relay.timers_due(now, self._wall())
-        self._act(actions)
+            now = clock()
+            deadline = relay.next_deadline()
+            actions = None
+            if deadline is not None and deadline <= now:
+                actions = relay.timers_due(now, self._wall())
+                deadline = relay.next_deadline()
+        if actions:
+            self._act(actions)
+        return None if deadline is None else max(deadline - clock(), MIN_TIMER_S)
 
     def _act(self, actions: list) -> None:
         """Carry out what the relay and membership asked for, outside the lock."""
