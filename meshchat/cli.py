@@ -611,6 +611,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             console.name_of = lambda label: display_name(label, node.nick_of(label))
             if node.store is not None and not args.quiet:
                 console.history(node.history(HISTORY_AT_START), replay=True)
+        waiting = node.stats().get("outbox", 0)
+        if waiting and not args.quiet:
+            console.notice(f"{waiting} direct message{'s' if waiting > 1 else ''} from before the restart "
+                           "not delivered yet: kept, and sent again when their destination is heard from")
         if not args.peers:
             print(no_peers_hint(node.label, args), file=sys.stderr)
         if not args.headless:

@@ -560,9 +560,14 @@ class TerminalConsole(Console):
             self.notice(f"the last {len(rows)} messages, from history:")
         for r in rows:
             when = time.strftime("%m-%d %H:%M", time.localtime(r["ts"]))
-            to = f" (private to {r['dst']})" if r["dst"] else ""
-            self._line(f"{self._style.DIM}{when} <{sanitize(self.name_of(r['src']))}>{to} ",
-                       f"{sanitize(r['body'])}{self._style.RESET_ALL}")
+            who = "you" if r["src"] == self.label else sanitize(self.name_of(r["src"]))
+            if not r["dst"]:
+                to = ""
+            elif r["dst"] == self.label:
+                to = " (private)"
+            else:
+                to = f" (private to {sanitize(self.name_of(r['dst']))})"
+            self._line(f"{self._style.DIM}[{when}] <{who}>{to} ", f"{sanitize(r['body'])}{self._style.RESET_ALL}")
 
     def sent(self, messages: Iterable[Message], replace_typed: str = "", to: str = "") -> None:
         """Our own messages; ``replace_typed`` is the typed line whose echo they replace; ``to``

@@ -72,6 +72,7 @@ MAX_SEQ = 2 ** 53
 SEQ_BLOCK = 64  # seqs reserved in the store at a time
 SEQ_LOW = 16  # reserve more when fewer than this are left
 ACK_EVERY_S = 0.5
+ACKS_PER_S = 50.0  # acks a node sends a second in all (each costs a routed or flooded message)
 FIRST_RETRY_S = 1.0
 PER_HOP_S = 0.2
 UNKNOWN_HOPS = 4
@@ -118,7 +119,7 @@ SKEW_S = 60.0
 
 _NODE_ID = re.compile(r"[0-9a-f]{16}\Z")
 _STREAM_MID = re.compile(r"([0-9a-f]{16})-([1-9][0-9]{0,15})\Z")
-_RETRY_MID = re.compile(r"([0-9a-f]{16}-d[1-9][0-9]{0,15})~[0-9a-z]{1,16}\Z")
+_RETRY_MID = re.compile(r"([0-9a-f]{16}-d[1-9][0-9]{0,15}x[0-9a-f]{8})~[0-9a-z]{1,16}\Z")
 
 KINDS = ("ack", "want", "have", "since", "direct")
 REASONS = ("field", "id", "seq", "count", "ts")
@@ -447,7 +448,8 @@ class Delivery:
         self.counters: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._seq = self._seq_reserved = max(0, next_seq - 1)
         self._dseq = self._dseq_reserved = max(0, next_dseq - 1)
-        self._own_mid = re.compile(re.escape(config.node_id) + r"-d[1-9][0-9]{0,15}\Z")
+        # A direct mid ends in 8 random hex digits: only a node that saw the message can acknowledge it.
+        self._own_mid = re.compile(re.escape(config.node_id) + r"-d[1-9][0-9]{0,15}x[0-9a-f]{8}\Z")
         # direct messages of ours
         self._trying: Dict[str, _Out] = {}
         self._outbox: Dict[str, "OrderedDict[str, _Out]"] = {}  # dst -> mid -> held message
@@ -456,6 +458,7 @@ class Delivery:
         # direct messages to us
         self._shown: "OrderedDict[str, None]" = OrderedDict()
         self._acked: "OrderedDict[str, float]" = OrderedDict()
+        self._ack_bucket = [ACKS_PER_S, float("-inf")]
         # direct messages held for others
         self._held: Dict[str, "OrderedDict[str, _Held]"] = {}  # dst -> key -> held copy
         self._held_size = 0
@@ -517,7 +520,7 @@ class Delivery:
             self._dseq_reserved = self._dseq + SEQ_BLOCK
             self.counters["seq_reserved"] += 1
             actions.append(Store(MetaPut("dseq", self._dseq_reserved)))
-        return f"{self.node_id}-d{self._dseq}", actions
+        return f"{self.node_id}-d{self._dseq}x{self._rng.getrandbits(32):08x}", actions
 
     def close(self) -> list:
         """A clean stop: write back the counters as used, so the next run leaves no hole."""
@@ -674,8 +677,8 @@ class Delivery:
             self._drop("direct", "field")
             return show, []
         last = self._acked.get(key)
-        if last is not None and now - last < ACK_EVERY_S:
-            self.counters["acks_rate_limited"] += 1
+        if (last is not None and now - last < ACK_EVERY_S) or not _take(self._ack_bucket, ACKS_PER_S, now):
+            self.counters["acks_rate_limited"] += 1  # per message, and in all: forged DMs flood no ACKs
             return show, []
         self._acked[key] = now
         self._acked.move_to_end(key)
@@ -820,7 +823,7 @@ class Delivery:
         floor = upto - BEHIND
         if st.contig < floor:
             # Given up without asking: too far behind. Counted without walking the range.
-            dropped = floor - st.contig - sum(1 for s in st.above if s <= floor)
+            dropped = min(floor - st.contig - sum(1 for s in st.above if s <= floor), BEHIND)
             for s in [s for s in st.gaps if s <= floor]:
                 self._close_gap(origin, st, s)
             st.above = {s for s in st.above if s > floor}
@@ -858,7 +861,8 @@ class Delivery:
             self._receive(st, seq)
 
     def _ask(self, now: float, wall: float) -> list:
-        due = [k for k, g in self._gaps.items() if g.due <= now]
+        # Gaps due within the next wait go along: a burst lost together is asked for in one WANT.
+        due = [k for k, g in self._gaps.items() if g.due <= now + GAP_WAIT_S + GAP_JITTER_S]
         if not due:
             self._gap_due = min((g.due for g in self._gaps.values()), default=math.inf)
             return []

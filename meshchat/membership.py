@@ -205,13 +205,14 @@ class Neighbour:
 
 
 class Member:
-    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at", "caps", "announced")
+    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at", "caps", "announced", "gone")
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.nick = ""
         self.caps: frozenset = frozenset()  # what it speaks, from its PRESENCE or HELLO
         self.announced = False  # it sent a PRESENCE or a HELLO: /who lists it (any src can be forged)
+        self.gone = False  # it was our neighbour and went down (or said goodbye), unheard since
         self.hops: Optional[int] = None
         self.last_seen = 0.0
         self.via: Optional[Addr] = None
@@ -581,6 +582,9 @@ class Membership:
         for m in self.members.values():
             if m.via == n.addr:
                 m.via = None
+        gone = self.members.get(n.label)
+        if gone is not None:
+            gone.gone = True
         self._changed()
         self.counters["peer_down"] += 1
         return [PeerDown(n.label, n.addr, n.nick)] if told else []
@@ -626,6 +630,7 @@ class Membership:
             m = Member(label)
         self.members[label] = m
         m.last_seen = now
+        m.gone = False
         if nick is not None:
             m.nick = nick
         if hops is not None:
@@ -809,7 +814,10 @@ class Membership:
         """Whether ``label`` is a neighbour we know is down (a node we merely have not heard is not)."""
         addr = self.addr_by_label.get(label)
         n = self.neighbours.get(addr) if addr is not None else None
-        return n is not None and n.speaks and not n.up
+        if n is not None:
+            return n.speaks and not n.up
+        m = self.members.get(label)
+        return m is not None and m.gone  # a learned neighbour that went down is forgotten as one
 
     def repair_neighbours(self) -> List[Tuple[Addr, str]]:
         """Up neighbours that speak REPAIR, as (addr, label): whom delivery may ask for a message."""

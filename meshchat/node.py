@@ -392,7 +392,7 @@ class Node:
                 st.set_highest_seq(stream[1], "broadcast")
             elif msg.dst and "-d" in msg.mid:
                 try:
-                    st.set_highest_seq(int(msg.mid.rsplit("-d", 1)[1]), "direct")
+                    st.set_highest_seq(int(msg.mid.rsplit("-d", 1)[1].split("x", 1)[0]), "direct")
                 except ValueError:
                     pass
 
@@ -585,11 +585,12 @@ class Node:
             if d is not None:
                 ds = d.stats()
                 out.update({k: ds[k] for k in DELIVERY_STATS})
+                out["outbox"] += ds["trying"]  # waiting for an ack: being tried, or held
                 # Named apart from the relay's drops, which add up to what was received.
                 out["delivery_malformed"] = sum(v for k, v in ds.items() if k.startswith("dropped_"))
         if self.store is not None:
             st = self.store.stats()
-            out["history_written"], out["history_dropped"] = st.get("written", 0), st.get("dropped", 0)
+            out["history_written"], out["history_dropped"] = st["store_written"], st["store_dropped"]
         out["rcvbuf_bytes"] = self.rcvbuf_bytes
         return out
 

@@ -464,7 +464,8 @@ class Relay:
                 if shown and "~" in msg.mid:  # a retry: shown under the id its sender knows
                     msg = msg._replace(mid=direct_key(msg))
             else:
-                out = d.relayed_direct(msg, data, now, wall, m.heard_within(msg.dst, now, RECENTLY_HEARD_S))
+                fresh = m.heard_within(msg.dst, now, RECENTLY_HEARD_S) and not m.is_down(msg.dst)
+                out = d.relayed_direct(msg, data, now, wall, fresh)
         elif kind == "ACK":
             out = d.ack_received(msg, now) if to_me else d.ack_relayed(msg)
         if kind in ("CHAT", "PRESENCE") and msg.src:

@@ -347,7 +347,8 @@ class Store:
             return f"schema version {version}, expected {SCHEMA_VERSION}"
         check = db.execute("PRAGMA quick_check").fetchall()
         if check != [("ok",)]:
-            return f"failed its integrity check ({check[0][0]})"
+            first = " ".join(str(check[0][0]).split())[:120]  # one line, whatever SQLite says
+            return f"damaged (integrity check: {first})"
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             # E.g. some network file systems: still correct, only slower.

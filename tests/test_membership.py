@@ -252,3 +252,16 @@ def test_nodes_that_find_each_other_by_a_beacon_announce_each_other_with_nicks()
     net.advance(1.0)
     ups = {i: [e for e in net.events[i] if isinstance(e, PeerUp)] for i in (1, 2)}
     assert ups[1] == [PeerUp(label(2), addr(2), "bob")] and ups[2] == [PeerUp(label(1), addr(1), "ann")]
+
+
+def test_a_learned_neighbour_that_said_goodbye_counts_as_down_until_heard_again():
+    net = Net(2, configured=[(2, 1)])  # node 1 learned node 2
+    net.advance(2.0)
+    m = net.ms[1]
+    assert not m.is_down(label(2))
+    net.deliver(2, net.ms[2].goodbye(net.now, WALL))
+    assert addr(2) not in m.neighbours and m.is_down(label(2))
+    assert [e for e in net.events[1] if isinstance(e, PeerDown)] == [PeerDown(label(2), addr(2), "")]
+    net.down.clear()
+    net.advance(6.0)  # it greets us again
+    assert not m.is_down(label(2)) and m.is_up(addr(2))
