@@ -795,10 +795,14 @@ class Delivery:
             st.top = seq
         return late
 
-    def _stream(self, origin: str, seq: int, now: float) -> Optional[_Stream]:
+    def _stream(self, origin: str, seq: int, now: float, touch: bool = True) -> Optional[_Stream]:
+        """``origin``'s stream, made if new; ``touch``: a message of its own arrived, so it becomes
+        the most recently active (a summary naming it must not: two nodes with more origins than a
+        summary holds would reorder each other's lists, and their summaries would never settle)."""
         st = self._streams.get(origin)
         if st is not None:
-            self._streams.move_to_end(origin)
+            if touch:
+                self._streams.move_to_end(origin)
             return st
         if len(self._streams) >= MAX_STREAMS:
             old, gone = self._streams.popitem(last=False)
@@ -1021,7 +1025,7 @@ class Delivery:
                 behind = behind or top < self._seq
                 continue
             known = origin in self._streams
-            st = self._stream(origin, top, now)
+            st = self._stream(origin, top, now, touch=False)
             if not known and top > NEW_STREAM_SEQS:
                 st.contig = st.top = top  # an origin new to us: from here on
                 continue

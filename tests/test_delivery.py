@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from meshchat.delivery import (BEHIND, COUNTERS, MAX_WANT_SEQS, SERVE_PER_S, TRIES, Ack, Delivered, Delivery,
+from meshchat.delivery import (BEHIND, COUNTERS, HAVE_ORIGINS, MAX_WANT_SEQS, SERVE_PER_S, TRIES, Ack, Delivered, Delivery,
                                DeliveryConfig, Forward, HeldDrop, HeldPut, MetaPut, OutboxDrop, OutboxItem,
                                OutboxPut, Resend, Serve, ServeSince, Store, Undelivered, Want, direct_key,
                                parse_have, parse_want)
@@ -538,3 +538,22 @@ def test_a_burst_lost_together_is_asked_for_in_a_few_wants():
     assert sorted(mid for mid, _ in w.shown[2]) == sorted(mids)
     assert sum(late for _, late in w.shown[2]) == 15
     assert w.d[2].counters["wants_sent"] <= 3, w.d[2].counters
+
+
+def test_summaries_settle_when_there_are_more_origins_than_a_summary_holds():
+    w = World(4)
+    msgs = []
+    for k in range(2 * HAVE_ORIGINS):  # more origins than a summary holds, heard in four orders
+        mid, _ = Delivery(DeliveryConfig(label(10 + k), "%016x" % (0xabc100 + k))).next_broadcast_mid()
+        msgs.append(Message(mid, WALL, 8, "CHAT", label(10 + k), "", "x"))
+    rng = random.Random(7)
+    for i in range(1, 5):
+        order = msgs[:]
+        rng.shuffle(order)
+        for msg in order:
+            w.d[i].broadcast_seen(msg, addr(5), w.now)
+            w.d[i].remember(msg, encode(msg), w.now)
+    w.advance(300.0)
+    before = sum(w.d[i].counters["haves_sent"] for i in range(1, 5))
+    w.advance(300.0)
+    assert sum(w.d[i].counters["haves_sent"] for i in range(1, 5)) == before  # idle: quiet
