@@ -25,6 +25,7 @@ import os
 import platform
 import random
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +50,8 @@ FULL = dict(
     idle_s=10.0, broadcasts=50, seen_max=100_000, seen_adds=300_000, node_ids=1_000_000,
     direct_rounds=10, direct_settle_s=0.3, settle_s=60.0, idle_hello_s=30.0, idle_slice_s=3.0,
     liveness_victims=3, liveness_settle_s=15.0, liveness_timeout_s=40.0, discovery_trials=5, discovery_wait_s=4.0,
+    repair_nodes=12, repair_loss=(0.0, 0.2), repair_broadcasts=40, repair_directs=20, repair_gap_s=0.1,
+    repair_settle_s=5.0, repair_deadline_s=30.0, repair_tail_s=40.0, repair_idle_s=30.0,
 )
 QUICK = dict(
     relay_rounds=1, relay_messages=1000, relay_rate=5000.0, relay_burst=50, relay_max_s=0.3,
@@ -56,9 +59,11 @@ QUICK = dict(
     idle_s=1.0, broadcasts=5, seen_max=10_000, seen_adds=30_000, node_ids=20_000,
     direct_rounds=3, direct_settle_s=0.2, settle_s=3.0, idle_hello_s=10.0, idle_slice_s=2.0,
     liveness_victims=1, liveness_settle_s=1.0, liveness_timeout_s=10.0, discovery_trials=1, discovery_wait_s=0.5,
+    repair_nodes=6, repair_loss=(0.0, 0.2), repair_broadcasts=8, repair_directs=4, repair_gap_s=0.05,
+    repair_settle_s=1.5, repair_deadline_s=5.0, repair_tail_s=0.3, repair_idle_s=0.0,
 )
 QUICK_NODES = 10
-SECTIONS = ("relay", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery")
+SECTIONS = ("relay", "history", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery", "repair")
 MESH_SECTIONS = {"scale", "direct", "idle", "liveness"}  # these share one mesh per --nodes size
 LATENCY_HOPS = (1, 4, 8)
 DEGREE = 4
@@ -280,9 +285,25 @@ class Fleet:
         self.stderr.close()
 
 
-def meshchat_argv(*args: str, discover: bool = False) -> List[str]:
+# Where the benchmark's nodes keep their history: a temporary folder of this run (set by main),
+# never the user's data folder; None: nodes keep none (--no-history).
+DATA_ROOT: Optional[str] = None
+
+
+def history_args(history: bool = True) -> List[str]:
+    """History as a user has it (on, in a folder of its own for each node), or --no-history.
+
+    A folder per node, never reused: a node that found an earlier node's history (a port used
+    again) would behave as one restarted, and ask its neighbours to catch it up."""
+    if not history or DATA_ROOT is None:
+        return ["--no-history"]
+    return ["--data-dir", tempfile.mkdtemp(prefix="node-", dir=DATA_ROOT)]
+
+
+def meshchat_argv(*args: str, discover: bool = False, history: bool = True) -> List[str]:
     """A meshchat command; no discovery unless asked: the benchmark's topologies are what it configures."""
-    return [sys.executable, "-m", "meshchat", "--discover" if discover else "--no-discover", *args]
+    return [sys.executable, "-m", "meshchat", "--discover" if discover else "--no-discover",
+            *history_args(history), *args]
 
 
 # -- UDP helpers -------------------------------------------------------------------------------------
@@ -367,13 +388,16 @@ def _drain(sinks: Sequence[socket.socket], counts: List[int], buf: bytearray) ->
     return got
 
 
-def _finish(sinks, counts, buf, expected: int, quiet_s: float, hard_s: float) -> float:
+def _finish(sinks, counts, buf, expected: int, quiet_s: float, hard_s: float,
+            every: Optional[Callable[[], None]] = None) -> float:
     """Wait for the copies still on the way: until each sink has ``expected``, or none came for ``quiet_s``."""
     now = time.perf_counter()
     quiet_until, hard = now + quiet_s, now + hard_s
     last = now
     while min(counts) < expected and time.perf_counter() < min(quiet_until, hard):
         selectors_select(sinks, 0.02)
+        if every is not None:
+            every()
         if _drain(sinks, counts, buf):
             last = time.perf_counter()
             quiet_until = last + quiet_s
@@ -387,8 +411,11 @@ def selectors_select(socks, timeout: float) -> None:
 
 
 def drive_paced(src: socket.socket, dest: Tuple[str, int], sinks: Sequence[socket.socket],
-                datagrams: Sequence[bytes], rate: float, burst: int = 1) -> dict:
-    """Send ``datagrams`` at ``rate`` a second, ``burst`` at a time, counting what each sink receives."""
+                datagrams: Sequence[bytes], rate: float, burst: int = 1,
+                every: Optional[Callable[[], None]] = None) -> dict:
+    """Send ``datagrams`` at ``rate`` a second, ``burst`` at a time, counting what each sink receives.
+
+    ``every`` is called on each turn of the loop (e.g. to read what the relay displays)."""
     counts = [0] * len(sinks)
     buf = bytearray(1 << 16)
     n = len(datagrams)
@@ -404,12 +431,14 @@ def drive_paced(src: socket.socket, dest: Tuple[str, int], sinks: Sequence[socke
             src.sendto(datagrams[sent], dest)
             sent += 1
         _drain(sinks, counts, buf)
+        if every is not None:
+            every()
         wait = t0 + sent / rate - time.perf_counter()
         if wait > 0:
             selectors_select(sinks, min(wait, 0.01))
     t_sent = time.perf_counter()
     _drain(sinks, counts, buf)
-    _finish(sinks, counts, buf, sent, quiet_s=0.5, hard_s=10.0)
+    _finish(sinks, counts, buf, sent, quiet_s=0.5, hard_s=10.0, every=every)
     return {"sent": sent, "received": counts, "seconds": t_sent - t0}
 
 
@@ -584,6 +613,97 @@ def bench_relay(cfg: dict, fleet: Fleet) -> dict:
         fleet.stop(list(procs.values()))
         for s in (src, *sinks):
             s.close()
+
+
+# -- 1b. relay cost with history on and off ---------------------------------------------------------
+
+HISTORY_RELAYS = ("off", "on")
+
+
+def bench_history(cfg: dict, fleet: Fleet) -> dict:
+    """Relay cost of a node that displays what it relays, keeping history on disk or not.
+
+    Both nodes run ``--json`` (not ``--quiet``, so every message is displayed and, with
+    history on, written to SQLite in a temporary --data-dir by the store's writer thread),
+    with the same peers and pacing as section 1, taking turns. CPU is the whole process's,
+    the writer thread included; what they display is read as it comes, so no pipe fills."""
+    src = udp_socket()
+    sinks = [udp_socket(RCVBUF_BYTES, blocking=False) for _ in range(2)]
+    peer_labels = [label_of(s) for s in (src, *sinks)]
+    argvs = {name: meshchat_argv("--port", "0", "--peers", *peer_labels, "--json", "--rate-limit", "1000000",
+                                 history=name == "on") for name in HISTORY_RELAYS}
+    data_dir = argvs["on"][argvs["on"].index("--data-dir") + 1] if "--data-dir" in argvs["on"] else None
+    procs = {name: fleet.spawn(argv, tag=("history", name)) for name, argv in argvs.items()}
+    shown = {name: 0 for name in HISTORY_RELAYS}
+
+    def read() -> None:
+        for child, obj, _ in fleet.poll(0):
+            if obj.get("event") == "chat" and isinstance(child.tag, tuple) and child.tag[0] == "history":
+                shown[child.tag[1]] += 1
+
+    try:
+        fleet.wait_ready(list(procs.values()))
+        fleet.drain(0.3)
+        gen = Datagrams(label_of(src))
+        rows = {name: {"rounds_cpu_us": [], "rounds_cpu_us_burst": [], "sent": 0, "received": 0}
+                for name in HISTORY_RELAYS}
+        index = 0
+        for _ in range(cfg["relay_rounds"]):
+            for burst, key in ((1, "rounds_cpu_us"), (cfg["relay_burst"], "rounds_cpu_us_burst")):
+                for name in HISTORY_RELAYS:
+                    p = procs[name]
+                    batch = [gen.make(index + i) for i in range(cfg["relay_messages"])]
+                    index += len(batch)
+                    before = cpu_seconds(p.pid)
+                    got = drive_paced(src, (HOST, p.port), sinks, batch, cfg["relay_rate"], burst, every=read)
+                    # The display and the history writer finish after the last copy has gone.
+                    end = time.perf_counter() + 2.0
+                    while shown[name] < rows[name]["sent"] + got["sent"] and time.perf_counter() < end:
+                        read()
+                        time.sleep(0.005)
+                    used = delta(cpu_seconds(p.pid), before)
+                    row = rows[name]
+                    row["sent"] += got["sent"]
+                    row["received"] += sum(got["received"])
+                    if used is not None:
+                        row[key].append(used / got["sent"] * 1e6)
+        fleet.drain(0.5)
+        stats = collect_stats(fleet, [procs[name] for name in HISTORY_RELAYS])
+        for k, name in enumerate(HISTORY_RELAYS):
+            row, st = rows[name], stats.get(k, {})
+            row["delivered_fraction"] = row["received"] / (2 * row["sent"]) if row["sent"] else None
+            row["cpu_us_per_msg"] = median(row["rounds_cpu_us"])
+            row["cpu_us_per_msg_burst"] = median(row["rounds_cpu_us_burst"])
+            row["shown"] = shown[name]
+            row["displayed"] = st.get("displayed")
+            row["history_rows"] = history_rows(data_dir) if name == "on" else None
+        out = {"paced_rate_per_s": cfg["relay_rate"], "burst": cfg["relay_burst"], "rounds": cfg["relay_rounds"],
+               "messages_per_relay": 2 * cfg["relay_messages"] * cfg["relay_rounds"], "relays": rows}
+        for suffix in ("", "_burst"):
+            on, off = (rows[n]["cpu_us_per_msg" + suffix] for n in ("on", "off"))
+            out["ratio_on_off" + suffix] = on / off if on and off else None
+        return out
+    finally:
+        fleet.stop(list(procs.values()))
+        for s in (src, *sinks):
+            s.close()
+
+
+def history_rows(data_dir: Optional[str]) -> Optional[int]:
+    """Messages in the history databases under ``data_dir``, read from SQLite (/stats has no true count)."""
+    import glob
+    import sqlite3
+
+    if data_dir is None:
+        return None
+    total = 0
+    for path in glob.glob(os.path.join(data_dir, "*", "history.db")):
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            total += con.execute("SELECT count(*) FROM messages").fetchone()[0]
+        finally:
+            con.close()
+    return total
 
 
 def median(values: Sequence[float]) -> Optional[float]:
@@ -768,6 +888,7 @@ class Mesh:
         self.edges = sum(len(x) for x in self.links) // 2
         self.nodes: List[Child] = []
         self.killed: Set[int] = set()
+        self.last_broadcast_at: Optional[float] = None  # when the benchmark last had a node write a line
         self.sink = udp_socket(RCVBUF_BYTES, blocking=False) if sink else None
         self.sink_at = random.Random(seed + 3).randrange(n) if sink else None
         self.started = time.perf_counter()
@@ -824,7 +945,8 @@ def window(before: Dict[int, dict], after: Dict[int, dict]) -> dict:
     ``flood_sent`` is every datagram but HELLOs: "sent" counts both, "link_sent" the HELLOs."""
     both = [i for i in after if i in before]
     out = {key: sum(int(after[i].get(key, 0)) - int(before[i].get(key, 0)) for i in both)
-           for key in ("sent", "link_sent", "link_received", "relayed", "relayed_late")}
+           for key in ("sent", "link_sent", "link_received", "relayed", "relayed_late", "hello_sent", "haves_sent",
+                       "wants_sent", "served", "acks_sent", "retries")}
     out["flood_sent"] = out["sent"] - out["link_sent"]
     out["nodes"] = len(both)
     return out
@@ -861,6 +983,7 @@ def bench_scale(mesh: Mesh, cfg: dict, seed: int) -> Tuple[dict, dict]:
     expected = cfg["broadcasts"] * (n - 1)
     for k, i in enumerate(origins):
         nodes[i].write(f"burst {k}")
+    mesh.last_broadcast_at = time.perf_counter()
     deadline = time.perf_counter() + 10.0 + 0.05 * n
     quiet_until = time.perf_counter() + 3.0
     while len(delivered) < expected and time.perf_counter() < min(deadline, quiet_until):
@@ -968,6 +1091,7 @@ def bench_direct(mesh: Mesh, cfg: dict, seed: int) -> dict:
                 ours: int) -> Tuple[Optional[int], float, Optional[dict]]:
         """Send ``line`` from ``sender``; wait until it arrived; its datagrams, or None if a flood came too."""
         nodes[sender].write(line)
+        mesh.last_broadcast_at = time.perf_counter()
         want = n - 1 if kind == "broadcast" else 1
         got: Dict[int, dict] = {}
         sink_copies = 0
@@ -1084,6 +1208,13 @@ def bench_idle(mesh: Mesh, cfg: dict, burst_ms_per_flood: Optional[float] = None
         "hello_sent_per_s": total["link_sent"] / span,
         "hello_sent_per_node_per_s": total["link_sent"] / span / max(1, total["nodes"]),
         "hello_received_per_s": total["link_received"] / span,
+        # Delivery's summaries and repair: an idle mesh should send none (rule 8 of delivery.py).
+        "have_sent_per_node_per_s": total["haves_sent"] / span / max(1, total["nodes"]),
+        "want_sent_per_node_per_s": total["wants_sent"] / span / max(1, total["nodes"]),
+        "served_per_node_per_s": total["served"] / span / max(1, total["nodes"]),
+        "repair_datagrams": {k: total[k] for k in ("haves_sent", "wants_sent", "served", "acks_sent", "retries")},
+        "have_sent_by_slice": [x["haves_sent"] for x in slices],
+        "last_broadcast_s": (t_start - mesh.last_broadcast_at) if mesh.last_broadcast_at is not None else None,
         "other_datagrams_per_s": total["flood_sent"] / span,
         "other_floods": floods_in(total["relayed"], n),
         "cpu_s": cpu,
@@ -1150,13 +1281,210 @@ QUICK_LIVENESS_NODES = 6
 
 def bench_liveness_fast(cfg: dict, fleet: Fleet, seed: int) -> dict:
     def argv(*args: str) -> List[str]:
-        return [sys.executable, "-c", FAST_NODE, str(QUICK_HELLO_MAX_S), "--no-discover", *args]
+        return [sys.executable, "-c", FAST_NODE, str(QUICK_HELLO_MAX_S), "--no-discover", *history_args(),
+                *args]
 
     mesh = Mesh(fleet, QUICK_LIVENESS_NODES, seed, argv=argv)
     try:
         return bench_liveness(mesh, cfg, seed, QUICK_HELLO_MAX_S)
     finally:
         mesh.close()
+
+
+# -- 10. what delivery costs: acks, retries, summaries and repair, without loss and with ------------------
+
+REPAIR_COUNTERS = ("sent", "link_sent", "hello_sent", "acks_sent", "retries", "haves_sent", "wants_sent", "served",
+                   "repaired", "late", "delivered", "undelivered", "relayed", "displayed", "gaps_given_up")
+
+
+def lossy_hub_class():
+    """tests/lossy.py's LossyHub: a UDP proxy for every link, dropping with a seeded generator."""
+    tests = os.path.join(REPO, "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from lossy import LinkSpec, LossyHub
+
+    return LossyHub, LinkSpec
+
+
+class LossyMesh:
+    """A random degree-4 mesh whose every link goes through a LossyHub (lossless until ``set_loss``).
+
+    A node's peers are the hub's ports for its links, so every datagram it sends to a
+    neighbour crosses the hub: the hub counts what enters (HELLO, HAVE, WANT, SINCE apart)
+    and what it drops."""
+
+    def __init__(self, fleet: Fleet, n: int, seed: int, loss: float) -> None:
+        LossyHub, self._spec = lossy_hub_class()
+        self.fleet, self.n, self.loss = fleet, n, loss
+        self.links = topology(n, DEGREE, seed)
+        self.hub = LossyHub(seed=seed + 7, max_life_s=900.0)
+        self.nodes: List[Child] = []
+        try:
+            peer_ports: Dict[int, List[int]] = {i: [] for i in range(n)}
+            for _ in range(n):
+                self.hub.add_node()
+            for a in range(n):
+                for b in sorted(self.links[a]):
+                    if a < b:
+                        pa, pb = self.hub.link(a, b)
+                        peer_ports[a].append(pa)
+                        peer_ports[b].append(pb)
+            ports = reserve_ports(n)
+            for i in range(n):
+                self.hub.set_up(i, ports[i])
+            self.hub.start()
+            for i in range(n):
+                self.nodes.append(fleet.spawn(meshchat_argv(
+                    "--port", str(ports[i]), "--peers", *[f"{HOST}:{p}" for p in peer_ports[i]], "--json"),
+                    tag=("lossy", loss, i)))
+        except BaseException:
+            self.close()
+            raise
+        self.index = {id(c): i for i, c in enumerate(self.nodes)}
+
+    def set_loss(self) -> None:
+        self.hub.set_spec(self._spec(loss=self.loss))
+
+    def counts(self) -> Dict[int, dict]:
+        got = collect_stats(self.fleet, self.nodes)
+        return got
+
+    def close(self) -> None:
+        self.fleet.stop(self.nodes)
+        self.hub.stop()
+
+
+def bench_repair(cfg: dict, fleet: Fleet, seed: int) -> List[dict]:
+    """Datagrams spent on acks, retries, summaries (HAVE) and repair (WANT, served copies) per message.
+
+    One mesh per loss rate, all run at once (the figures are counts, not times): every
+    link lossless until every node has its neighbours up, then losing ``loss`` of the
+    datagrams each way (HELLOs and summaries too). Broadcasts from random nodes and
+    direct messages between random pairs, paced, then the mesh is left until every
+    message is shown everywhere (or a deadline) and ``repair_tail_s`` more, so that
+    the summaries a burst causes afterwards are counted with it; then ``repair_idle_s``
+    with nothing sent: the repair traffic of a settled mesh."""
+    n = cfg["repair_nodes"]
+    meshes = [LossyMesh(fleet, n, seed, loss) for loss in cfg["repair_loss"]]
+    try:
+        fleet.wait_ready([c for m in meshes for c in m.nodes])
+        by_child = {id(c): (m, i) for m in meshes for i, c in enumerate(m.nodes)}
+        fleet.drain(cfg["repair_settle_s"])  # the links' handshakes, then presence and capabilities go round
+        for m in meshes:
+            m.set_loss()
+        before = [m.counts() for m in meshes]
+        hub_before = [m.hub.snapshot() for m in meshes]
+        rng = random.Random(seed + 5)
+        plan = [("b", rng.randrange(n), None) for _ in range(cfg["repair_broadcasts"])]
+        plan += [("d", *rng.sample(range(n), 2)) for _ in range(cfg["repair_directs"])]
+        rng.shuffle(plan)
+        shown: List[Dict[Tuple[int, int], int]] = [{} for _ in meshes]  # (message, node) -> times shown
+        late = [0] * len(meshes)
+        delivered = [set() for _ in meshes]  # directs acknowledged
+        undelivered = [0] * len(meshes)
+        mids: List[Dict[str, int]] = [{} for _ in meshes]
+
+        def read(timeout: float) -> None:
+            for child, obj, _ in fleet.poll(timeout):
+                if id(child) not in by_child:
+                    continue
+                m, i = by_child[id(child)]
+                k = meshes.index(m)
+                event = obj.get("event")
+                body = str(obj.get("body", ""))
+                if event == "chat" and body.startswith("rep "):
+                    key = (int(body.split()[1]), i)
+                    shown[k][key] = shown[k].get(key, 0) + 1
+                    late[k] += bool(obj.get("late"))
+                elif event == "sent" and body.startswith("rep ") and obj.get("dst"):
+                    mids[k][obj.get("mid")] = int(body.split()[1])
+                elif event == "delivered" and obj.get("mid") in mids[k]:
+                    delivered[k].add(mids[k][obj["mid"]])
+                elif event == "undelivered" and obj.get("mid") in mids[k]:
+                    undelivered[k] += 1
+
+        t0 = time.perf_counter()
+        for j, (kind, a, b) in enumerate(plan):
+            for m in meshes:
+                m.nodes[a].write(f"rep {j}" if kind == "b" else f"@{m.nodes[b].label} rep {j}")
+            due = t0 + (j + 1) * cfg["repair_gap_s"]
+            while time.perf_counter() < due:
+                read(due - time.perf_counter())
+        expected = {(j, i) for j, (kind, a, b) in enumerate(plan)
+                    for i in (range(n) if kind == "b" else (b,)) if i != a}
+        directs = {j for j, (kind, _, _) in enumerate(plan) if kind == "d"}
+        t_sent = time.perf_counter()
+        deadline = t_sent + cfg["repair_deadline_s"]
+        done_at: List[Optional[float]] = [None] * len(meshes)
+        while time.perf_counter() < deadline and None in done_at:
+            read(0.1)
+            for k in range(len(meshes)):
+                if done_at[k] is None and expected <= set(shown[k]) and directs <= delivered[k]:
+                    done_at[k] = time.perf_counter()
+        fleet_read_until = time.perf_counter() + cfg["repair_tail_s"]
+        while time.perf_counter() < fleet_read_until:
+            read(fleet_read_until - time.perf_counter())
+        after = [m.counts() for m in meshes]
+        hub_after = [m.hub.snapshot() for m in meshes]
+        t_end = time.perf_counter()
+        idle_after = None
+        if cfg["repair_idle_s"] > 0:
+            fleet_read_until = time.perf_counter() + cfg["repair_idle_s"]
+            while time.perf_counter() < fleet_read_until:
+                read(fleet_read_until - time.perf_counter())
+            idle_after = [m.counts() for m in meshes]
+        t_idle = time.perf_counter()
+        out = []
+        messages = len(plan)
+        for k, m in enumerate(meshes):
+            sums = {key: sum(int(after[k].get(i, {}).get(key, 0)) - int(before[k].get(i, {}).get(key, 0))
+                             for i in range(n)) for key in REPAIR_COUNTERS}
+            hub = {key: hub_after[k][key] - hub_before[k][key] for key in ("received", "forwarded", "dropped_loss")}
+            pairs = set(shown[k]) & expected
+            row = {
+                "loss": m.loss, "nodes": n, "edges": sum(len(x) for x in m.links) // 2,
+                "broadcasts": messages - len(directs), "directs": len(directs), "messages": messages,
+                "stats_from": min(len(before[k]), len(after[k])),
+                "sending_s": t_sent - t0, "window_s": t_end - t0,
+                "complete_after_s": done_at[k] - t_sent if done_at[k] is not None else None,
+                "delivered_pairs": len(pairs), "expected_pairs": len(expected),
+                "delivery_fraction": len(pairs) / len(expected) if expected else None,
+                "shown_twice": sum(1 for v in shown[k].values() if v > 1),
+                "shown_late": late[k],
+                "directs_acknowledged": len(delivered[k]), "undelivered_events": undelivered[k],
+                "counters": sums, "hub": hub,
+            }
+            flood = sums["sent"] - sums["link_sent"]  # CHATs (and served copies), ACKs, presence floods
+            row["per_message"] = {
+                "all_datagrams": sums["sent"] / messages,
+                "hello": sums["hello_sent"] / messages,
+                "have": sums["haves_sent"] / messages,
+                "want": sums["wants_sent"] / messages,
+                "served": sums["served"] / messages,
+                "ack": sums["acks_sent"] / messages,
+                "retry": sums["retries"] / messages,
+                "flood": flood / messages,
+            }
+            row["ack_per_direct"] = sums["acks_sent"] / len(directs) if directs else None
+            row["retry_per_direct"] = sums["retries"] / len(directs) if directs else None
+            row["repair_per_repaired"] = ((sums["wants_sent"] + sums["served"]) / sums["repaired"]
+                                          if sums["repaired"] else None)
+            row["hub_dropped_fraction"] = hub["dropped_loss"] / hub["received"] if hub["received"] else None
+            if idle_after is not None:
+                idle = {key: sum(int(idle_after[k].get(i, {}).get(key, 0)) - int(after[k].get(i, {}).get(key, 0))
+                                 for i in range(n)) for key in ("haves_sent", "wants_sent", "served", "hello_sent")}
+                span = t_idle - t_end
+                row["idle"] = {"seconds": span,
+                               "have_per_node_per_s": idle["haves_sent"] / n / span,
+                               "want_per_node_per_s": idle["wants_sent"] / n / span,
+                               "served_per_node_per_s": idle["served"] / n / span,
+                               "hello_per_node_per_s": idle["hello_sent"] / n / span}
+            out.append(row)
+        return out
+    finally:
+        for m in meshes:
+            m.close()
 
 
 # -- 9. discovery ----------------------------------------------------------------------------------
@@ -1322,6 +1650,9 @@ def targets(r: dict) -> List[dict]:
         add(f"relay CPU/msg, node / straightforward ({how})", relay.get("ratio_node_straightforward" + suffix),
             "<=", 1.0, "x")
         add(f"relay CPU/msg, node / bare forwarder ({how})", relay.get("ratio_node_bare" + suffix), "<=", 1.6, "x")
+    hist = r.get("history") or {}
+    for suffix, how in (("", "one at a time"), ("_burst", f"in bursts of {hist.get('burst')}")):
+        add(f"relay CPU/msg, history on / off ({how})", hist.get("ratio_on_off" + suffix), "<=", 1.3, "x")
     lines = (r.get("latency") or {}).get("lines", [])
     per_hop = [x["p50_per_hop_ms"] for x in lines if "p50_per_hop_ms" in x]
     add("latency p50 per hop (worst line)", max(per_hop) if per_hop else None, "<", 1.0, "ms")
@@ -1347,6 +1678,16 @@ def targets(r: dict) -> List[dict]:
             big.get("hello_only_cpu_pct_of_core"), "<", 2.0, "% of a core", note)
         add(f"idle CPU of the whole mesh, settled, with presence at its designed rate, estimate ({big['nodes']} "
             f"nodes)", big.get("steady_cpu_pct_of_core_estimate"), "<", 2.0, "% of a core", note)
+    if idles:
+        big = max(idles, key=lambda x: x["nodes"])
+        add(f"idle repair traffic, HAVE + WANT per node ({big['nodes']} nodes)",
+            big.get("have_sent_per_node_per_s", 0) + big.get("want_sent_per_node_per_s", 0), "<", 0.01, "/s",
+            "the issue's '~0'")
+    for x in r.get("repair") or []:
+        if "loss" in x:
+            add(f"broadcasts and directs shown at {pct(x['loss'])} loss, after repair", x["delivery_fraction"],
+                ">=", 1.0, "")
+            add(f"nothing shown twice at {pct(x['loss'])} loss", x["shown_twice"], "<=", 0, "")
     direct = r.get("direct") or {}
     if "routed" in direct:
         note = "" if direct["nodes"] == 50 else f"target is for 50 nodes; run with {direct['nodes']}"
@@ -1433,6 +1774,16 @@ def report(r: dict) -> str:
                      f"Max rate: at most {relay['max_rate_window']} messages on the way.\n" + table(
                          ["relay", "CPU µs/msg, one at a time", f"CPU µs/msg, bursts of {relay['burst']}", "delivered",
                           "max rate msg/s", "its CPU busy", "CPU µs/msg at max", "msg/s at 100% CPU"], rows))
+    hist = r.get("history")
+    if hist and "relays" in hist:
+        rows = [[f"history {name}", x["cpu_us_per_msg"], x["cpu_us_per_msg_burst"], x["delivered_fraction"],
+                 f"{fmt(x['shown'])} / {fmt(x['sent'])}", fmt(x["history_rows"])]
+                for name, x in hist["relays"].items()]
+        rows.append(["on / off", hist["ratio_on_off"], hist["ratio_on_off_burst"], "", "", ""])
+        parts.append(f"1b. Relay cost with history on and off: a node that displays what it relays (--json), "
+                     f"{hist['messages_per_relay']:,} messages each as in section 1, taking turns\n" + table(
+                         ["relay", "CPU µs/msg, one at a time", f"CPU µs/msg, bursts of {hist['burst']}", "delivered",
+                          "shown / sent", "rows in history"], rows))
     lat = r.get("latency")
     if lat and "lines" in lat:
         rows = [[f"{x['hops']} hops", x.get("p50_ms"), x.get("p99_ms"), x.get("max_ms"), x.get("p50_per_hop_ms"),
@@ -1504,6 +1855,12 @@ def report(r: dict) -> str:
                           "CPU ms per presence flood", "presence floods/s by design", "CPU, steady state (est.)",
                           "a flood's CPU from"],
                          rows))
+    if idles:
+        rows = [[x["nodes"], x["have_sent_per_node_per_s"], x["want_sent_per_node_per_s"], x["served_per_node_per_s"],
+                 " ".join(str(v) for v in x["have_sent_by_slice"]), x["last_broadcast_s"]] for x in idles]
+        parts.append("7b. Idle repair traffic, same window: HAVE and WANT datagrams and served copies per node\n"
+                     + table(["nodes", "HAVE/s per node", "WANT/s per node", "served/s per node",
+                              "HAVEs, whole mesh, by slice", "s since the last broadcast"], rows))
     lives = [x for x in r.get("liveness") or [] if "nodes" in x]
     if lives:
         rows = [[x["nodes"], x["hello_max_s"], x["killed"], f"{x['reported']}/{x['neighbours']}", x["min_s"],
@@ -1519,13 +1876,37 @@ def report(r: dict) -> str:
                          ["ready to both peer_up", disc["found_s"]["median"], disc["found_s"]["max"]],
                          ["ready to its first chat shown by the other", disc["chat_s"]["median"],
                           disc["chat_s"]["max"]]]))
+    reps = [x for x in r.get("repair") or [] if "loss" in x]
+    if reps:
+        rows = []
+        for x in reps:
+            p, c = x["per_message"], x["counters"]
+            rows.append([pct(x["loss"]), f"{x['broadcasts']} + {x['directs']}", p["all_datagrams"], p["flood"],
+                         p["ack"], p["retry"], p["have"], p["want"], p["served"], p["hello"],
+                         x["ack_per_direct"], x["retry_per_direct"], c["repaired"], x["repair_per_repaired"],
+                         pct(x["delivery_fraction"]), x["shown_twice"], x["complete_after_s"],
+                         f"{fmt(x['hub']['dropped_loss'])} / {fmt(x['hub']['received'])}"])
+        parts.append(f"10. Delivery's datagrams per message (broadcasts + direct messages), {reps[0]['nodes']} "
+                     f"nodes, every link through a lossy proxy, counted from every node's /stats over "
+                     f"{fmt(reps[0]['window_s'], 0)} s\n" + table(
+                         ["loss", "messages", "all datagrams", "floods (CHAT, ACK, served)", "ACK", "retry", "HAVE",
+                          "WANT", "served", "HELLO", "ACKs per direct", "retries per direct", "repaired",
+                          "WANT+served per repaired", "delivered", "shown twice", "all shown after s",
+                          "proxy dropped / got"], rows))
+        idle_rows = [[pct(x["loss"]), x["idle"]["seconds"], x["idle"]["have_per_node_per_s"],
+                      x["idle"]["want_per_node_per_s"], x["idle"]["served_per_node_per_s"],
+                      x["idle"]["hello_per_node_per_s"]] for x in reps if "idle" in x]
+        if idle_rows:
+            parts.append("10b. The same meshes idle afterwards, per node\n" + table(
+                ["loss", "window s", "HAVE/s", "WANT/s", "served/s", "HELLO/s"], idle_rows))
     ops = {"<=": "≤", "<": "<", ">=": "≥"}
     rows = [[t["target"], t["value"], f"{ops[t['op']]} {fmt(t['limit'])} {t['unit']}".rstrip(),
              {True: "met", False: "NOT MET", None: "n/a"}[t["met"]] + (f" ({t['note']})" if t["note"] else "")]
             for t in r["targets"]]
     parts.append("Targets\n" + table(["target", "this run", "target", "status"], rows))
     errors = [f"{k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
-    errors += [f"{k}: {x['error']}" for k in ("scale", "idle", "liveness") for x in r.get(k) or [] if "error" in x]
+    errors += [f"{k}: {x['error']}" for k in ("scale", "idle", "liveness", "repair") for x in r.get(k) or []
+               if "error" in x]
     if errors:
         parts.append("Errors\n" + "\n".join(errors))
     return "\n\n".join(parts)
@@ -1565,6 +1946,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    global DATA_ROOT
+    DATA_ROOT = tempfile.mkdtemp(prefix="meshchat-bench-")
     started = time.perf_counter()
     r: dict = {"quick": args.quick, "machine": machine(), "config": dict(cfg, nodes=sizes, seed=args.seed)}
     fleet = Fleet()
@@ -1583,6 +1966,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if "relay" in sections:
             r["relay"] = run("relay cost", lambda: bench_relay(cfg, fleet))
+        if "history" in sections:
+            r["history"] = run("relay cost, history on and off", lambda: bench_history(cfg, fleet))
         if "latency" in sections:
             r["latency"] = run("latency", lambda: bench_latency(cfg, fleet))
         if "memory" in sections:
@@ -1631,11 +2016,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                          lambda: bench_liveness_fast(cfg, fleet, args.seed)))
         if "discovery" in sections:
             r["discovery"] = run("discovery", lambda: bench_discovery(cfg, fleet))
+        if "repair" in sections:
+            got = run("delivery's datagrams, lossless and lossy", lambda: bench_repair(cfg, fleet, args.seed))
+            r["repair"] = got if isinstance(got, list) else [got]
     except KeyboardInterrupt:
         say("interrupted")
         return 130
     finally:
         fleet.close()
+        shutil.rmtree(DATA_ROOT, ignore_errors=True)
     r["machine"]["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     r["elapsed_s"] = time.perf_counter() - started
     r["targets"] = targets(r)

@@ -38,6 +38,20 @@ def test_quick_benchmark_runs_and_reports_every_section():
     if have_proc:
         assert positive(relay["ratio_node_bare"]) and positive(relay["ratio_node_straightforward"])
 
+    # History on and off: both display everything they relay; with history on every message shown is in
+    # SQLite (read from the file), with it off nothing is kept.
+    hist = r["history"]
+    assert set(hist["relays"]) == {"off", "on"}
+    for name, row in hist["relays"].items():
+        assert row["sent"] > 0 and row["delivered_fraction"] == 1.0, (name, row)
+        assert row["shown"] == row["displayed"] == row["sent"], (name, row)
+        if have_proc:
+            assert positive(row["cpu_us_per_msg"]) and positive(row["cpu_us_per_msg_burst"]), (name, row)
+    assert hist["relays"]["on"]["history_rows"] == hist["relays"]["on"]["shown"], hist["relays"]["on"]
+    assert hist["relays"]["off"]["history_rows"] is None
+    if have_proc:
+        assert 0.2 < hist["ratio_on_off"] < 10 and 0.2 < hist["ratio_on_off_burst"] < 10, hist
+
     lat = r["latency"]
     assert [x["hops"] for x in lat["lines"]] == [1, 4, 8]
     for row in lat["lines"]:
@@ -91,6 +105,12 @@ def test_quick_benchmark_runs_and_reports_every_section():
     assert idle["other_datagrams_per_s"] >= 0
     if have_proc:
         assert 0 <= idle["cpu_pct_of_core"] < 100
+    # No gap in a lossless idle mesh: nothing asked for, nothing served; summaries only after the last
+    # broadcasts (one soon after, one more round at most), never more than one per link each way a round.
+    rep = idle["repair_datagrams"]
+    assert rep["wants_sent"] == 0 and rep["served"] == 0 and rep["retries"] == 0, idle
+    assert 0 <= rep["haves_sent"] <= 2 * 2 * flood["edges"], idle
+    assert sum(idle["have_sent_by_slice"]) == rep["haves_sent"] and len(idle["have_sent_by_slice"]) == idle["slices"]
 
     (live,) = r["liveness"]
     assert live["killed"] == 1 and live["reported"] == live["neighbours"] >= 2, live
@@ -103,6 +123,30 @@ def test_quick_benchmark_runs_and_reports_every_section():
     for key in ("start_s", "found_s", "chat_s"):
         assert 0 <= disc[key]["median"] <= disc[key]["max"] < 30, (key, disc)
     assert disc["found_s"]["max"] <= disc["chat_s"]["max"]
+
+    # Delivery's datagrams: every datagram a node sends to a neighbour crosses the lossy proxy, so the
+    # proxy's count of what it got (link chatter apart) is about the nodes' count of what they sent but link chatter.
+    lossless, lossy = r["repair"]
+    assert (lossless["loss"], lossy["loss"]) == (0.0, 0.2)
+    for row in (lossless, lossy):
+        c = row["counters"]
+        assert row["stats_from"] == row["nodes"] == 6 and row["directs"] >= 1 and row["broadcasts"] >= 1, row
+        # (Not exactly: the snapshots of the nodes and of the proxy are a moment apart while the mesh is busy.)
+        assert abs(row["hub"]["received"] - (c["sent"] - c["link_sent"])) <= max(5, 0.1 * row["hub"]["received"]), row
+        assert row["shown_twice"] == 0, row
+        assert c["acks_sent"] >= row["directs_acknowledged"] and c["haves_sent"] <= c["link_sent"], row
+        assert row["per_message"]["all_datagrams"] >= row["per_message"]["flood"] > 0, row
+        # A broadcast reaches every node: at least one datagram for each but its origin.
+        assert row["per_message"]["flood"] >= (row["nodes"] - 1) * row["broadcasts"] / row["messages"], row
+    # Without loss: every message shown once, every direct acknowledged once, nothing retried or repaired.
+    c = lossless["counters"]
+    assert lossless["delivery_fraction"] == 1.0 and lossless["hub"]["dropped_loss"] == 0, lossless
+    assert lossless["directs_acknowledged"] == lossless["directs"] and lossless["ack_per_direct"] == 1.0, lossless
+    assert c["retries"] == c["wants_sent"] == c["served"] == c["repaired"] == lossless["shown_late"] == 0, lossless
+    # With 20% loss the proxy drops about a fifth, and acks, retries and repair get (nearly) everything through.
+    assert 0.05 < lossy["hub_dropped_fraction"] < 0.4, lossy
+    assert lossy["delivery_fraction"] >= 0.9, lossy
+    assert lossy["per_message"]["all_datagrams"] < 10 * lossless["per_message"]["all_datagrams"], (lossless, lossy)
 
     names = [t["target"] for t in r["targets"]]
     assert len(names) >= 15 and all(t["met"] in (True, False, None) for t in r["targets"])
