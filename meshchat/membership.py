@@ -50,7 +50,7 @@ DOWN_MARGIN_S = 0.5
 PEER_IVL_CAP_S = 9.5  # whatever a neighbour announces, it is down after 3 x this of silence (< 30 s)
 PROBE_LEGACY_S = 60.0  # a configured peer that never said HELLO: one probe a minute, no more
 PROBE_DOWN_S = 5.0  # a configured HELLO speaker that is down: probed this often until it answers
-ROUND_EARLY = 0.35  # a HELLO due within this share of its interval goes with the others now: one wake-up a round
+ROUND_EARLY = 0.15  # a HELLO due within this share of its interval goes with the others now: one wake-up a round
 ANSWER_EVERY_S = 0.5  # at most one immediate answer per neighbour per this long
 ANNOUNCE_WAIT_S = 1.0  # a neighbour proved by a bare challenge is announced once its full HELLO comes
 MAX_LEARNED_PER_HOST = 4  # learned neighbours from one (non-loopback) address
@@ -677,7 +677,7 @@ class Membership:
     def _next_interval(self, n: Neighbour) -> float:
         if n.up:
             n.interval = min(n.interval * 2.0, self.config.hello_max_s)
-            return n.interval * self._rng.uniform(0.85, 1.0)  # jitter only ever shortens: ivl stays a bound
+            return n.interval * self._rng.uniform(0.9, 1.0)  # jitter only ever shortens: ivl stays a bound
         return PROBE_DOWN_S if n.speaks else PROBE_LEGACY_S
 
     def next_deadline(self) -> Optional[float]:
