@@ -362,7 +362,8 @@ class Node:
         stream = stream_of(msg.mid) if not msg.dst else None
         self.store.put(SaveMessage(key, msg.ts, msg.src, msg.dst, msg.kind, msg.body,
                                    stream[0] if stream else None, stream[1] if stream else None, late,
-                                   encode(msg._replace(extra={k: v for k, v in msg.extra.items() if k != "re"}))))
+                                   encode(msg._replace(extra={k: v for k, v in msg.extra.items() if k != "re"})
+                                          if "re" in msg.extra else msg)))
 
     def _store_actions(self, actions: Iterable[Any]) -> None:
         st = self.store

@@ -546,9 +546,18 @@ class Store:
         try:
             db.execute("BEGIN IMMEDIATE")
             touched_holds = False
+            run: List[SaveMessage] = []  # messages in a row go in one executemany: the common case
             for item in batch:
+                if type(item) is SaveMessage:
+                    run.append(item)
+                    continue
+                if run:
+                    self._save_messages(db, run)
+                    run = []
                 getattr(self, self._HANDLERS[type(item)])(db, item)
                 touched_holds = touched_holds or isinstance(item, (OutboxAdd, HeldAdd))
+            if run:
+                self._save_messages(db, run)
             self._trim_history(db)
             if touched_holds:
                 self._expire(db)
@@ -565,6 +574,21 @@ class Store:
                 db.execute("ROLLBACK")
         except sqlite3.Error:
             pass
+
+    def _save_messages(self, db: sqlite3.Connection, run: List[SaveMessage]) -> None:
+        if len(run) == 1:
+            self._save_message(db, run[0])
+            return
+        first = self._next_order
+        cursor = db.executemany(
+            "INSERT OR IGNORE INTO messages(mid, ts, src, dst, kind, body, origin, seq, late, raw, stored_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(m.mid, m.ts, m.src, m.dst, m.kind, m.body, m.origin, m.seq, int(bool(m.late)), m.raw, first + i)
+             for i, m in enumerate(run)],
+        )
+        added = max(cursor.rowcount, 0)
+        self._message_count += added
+        self._next_order = first + len(run)  # a duplicate leaves a gap in the order: harmless
 
     def _save_message(self, db: sqlite3.Connection, m: SaveMessage) -> None:
         cursor = db.execute(
