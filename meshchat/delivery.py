@@ -478,6 +478,7 @@ class Delivery:
         self._since_answered: Dict[Addr, float] = {}
         self._have_replied: Dict[Addr, float] = {}
         self._have_quiet = 0  # rounds since our summary last changed
+        self._lost_rounds = 0  # unchanged rounds said again for the sake of seqs we gave up on
         self._behind: Dict[Addr, int] = {}  # neighbour whose HAVE showed it behind us -> rounds left to tell it
         self._housekeep_due: Optional[float] = None
         for origin, top in (streams or {}).items():
@@ -1057,11 +1058,16 @@ class Delivery:
     def _haves(self, now: float, wall: float) -> list:
         self._have_due = now + HAVE_S * self._rng.uniform(*JITTER)
         have = self._summary()
-        if have != self._have_last or any(st.lost for st in self._streams.values()):
-            self._have_quiet = 0
+        lost = any(st.lost for st in self._streams.values())
+        if have != self._have_last:
+            self._have_quiet = self._lost_rounds = 0
         else:
             self._have_quiet += 1
-        changed = self._have_quiet <= 1  # said again in the first unchanged round, in case it was lost
+            self._lost_rounds = self._lost_rounds + 1 if lost else 0
+        # Said again in the first unchanged round, in case it was lost; and, while we miss seqs we
+        # gave up on, a few rounds more (a neighbour that has them answers), then quiet: an idle
+        # mesh must not keep summarising.
+        changed = self._have_quiet <= 1 or (lost and self._lost_rounds <= HAVE_REPEATS)
         if not have or (not changed and not self._behind):
             return []  # rule 8: nothing changed (and nothing to ask for), nothing said
         self._have_last = have

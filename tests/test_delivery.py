@@ -557,3 +557,18 @@ def test_summaries_settle_when_there_are_more_origins_than_a_summary_holds():
     before = sum(w.d[i].counters["haves_sent"] for i in range(1, 5))
     w.advance(300.0)
     assert sum(w.d[i].counters["haves_sent"] for i in range(1, 5)) == before  # idle: quiet
+
+
+def test_a_node_that_gave_up_on_a_seq_stops_summarising_after_a_few_rounds():
+    w = World(2)
+    w.cut.add((1, 2))
+    w.broadcast(1, "lost for good")  # nobody can repair it: node 1 forgets it, node 2 never had it
+    w.cut.clear()
+    w.d[1]._buffer.clear()
+    w.broadcast(1, "seen")
+    w.advance(30.0)
+    assert w.d[2].counters["gaps_given_up"] == 1
+    w.advance(600.0)  # the lost seq is forgotten after 5 minutes: the summary changes once more
+    before = w.d[2].counters["haves_sent"]
+    w.advance(600.0)
+    assert w.d[2].counters["haves_sent"] == before
