@@ -65,6 +65,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple
 
+from .bucket import new_bucket, take
 from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode
 
 CAPS = ("ACK", "REPAIR")  # what a HELLO should add to its caps for this layer
@@ -407,16 +408,6 @@ class _Gap:
         self.asked: List[Addr] = []
 
 
-def _take(bucket: List[float], rate: float, now: float) -> bool:
-    tokens = min(rate, bucket[0] + (now - bucket[1]) * rate)
-    bucket[1] = now
-    if tokens < 1.0:
-        bucket[0] = tokens
-        return False
-    bucket[0] = tokens - 1.0
-    return True
-
-
 class Delivery:
     def __init__(
         self,
@@ -458,7 +449,7 @@ class Delivery:
         # direct messages to us
         self._shown: "OrderedDict[str, None]" = OrderedDict()
         self._acked: "OrderedDict[str, float]" = OrderedDict()
-        self._ack_bucket = [ACKS_PER_S, float("-inf")]
+        self._ack_bucket = new_bucket(ACKS_PER_S, burst_s=1.0)
         # direct messages held for others
         self._held: Dict[str, "OrderedDict[str, _Held]"] = {}  # dst -> key -> held copy
         self._held_size = 0
@@ -467,7 +458,7 @@ class Delivery:
         self._gaps: Dict[Tuple[str, int], _Gap] = {}
         self._gap_due: float = math.inf
         self._buffer: "OrderedDict[str, Tuple[float, Message]]" = OrderedDict()  # mid -> (when, msg)
-        self._bucket = [SERVE_PER_S, float("-inf")]
+        self._bucket = new_bucket(SERVE_PER_S, burst_s=1.0)
         self._serve_queue: Deque[Tuple[bytes, Addr]] = deque()
         self._have_due: Optional[float] = None
         self._have_last: Dict[str, int] = {}
@@ -678,7 +669,7 @@ class Delivery:
             self._drop("direct", "field")
             return show, []
         last = self._acked.get(key)
-        if (last is not None and now - last < ACK_EVERY_S) or not _take(self._ack_bucket, ACKS_PER_S, now):
+        if (last is not None and now - last < ACK_EVERY_S) or not take(self._ack_bucket, ACKS_PER_S, now, burst_s=1.0):
             self.counters["acks_rate_limited"] += 1  # per message, and in all: forged DMs flood no ACKs
             return show, []
         self._acked[key] = now
@@ -932,7 +923,7 @@ class Delivery:
                 data = _ttl1(held[1]) if held is not None else None
                 if data is None:
                     self.counters["want_misses"] += 1
-                elif not _take(self._bucket, SERVE_PER_S, now):
+                elif not take(self._bucket, SERVE_PER_S, now, burst_s=1.0):
                     self.counters["served_refused"] += 1
                 else:
                     self.counters["served"] += 1
@@ -977,7 +968,7 @@ class Delivery:
 
     def _drain(self, now: float) -> list:
         out = []
-        while self._serve_queue and _take(self._bucket, SERVE_PER_S, now):
+        while self._serve_queue and take(self._bucket, SERVE_PER_S, now, burst_s=1.0):
             data, addr = self._serve_queue.popleft()
             out.append(Serve(data, addr))
             self.counters["served"] += 1

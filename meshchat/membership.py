@@ -41,6 +41,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
+from .bucket import new_bucket, take
 from .wire import Addr, Message, WireError, decode, encode, format_addr, parse_addr
 
 HELLO_MIN_S = 1.0
@@ -299,7 +300,7 @@ class Membership:
         self.neighbours: Dict[Addr, Neighbour] = {}
         self.members: Dict[str, Member] = {}
         self._challenged: Dict[Addr, List[float]] = {}  # unproven address -> [window start, HELLOs sent]
-        self._budget = [2.0 * CHALLENGE_BUDGET_PER_S, None]  # tokens, last refill
+        self._budget = new_bucket(CHALLENGE_BUDGET_PER_S)  # HELLOs to unproven addresses, all together
         self.version = 0  # bumped whenever the flood targets change
         self._flood: Tuple[Addr, ...] = ()
         self._flood_ext: Tuple[Addr, ...] = ()
@@ -420,17 +421,6 @@ class Membership:
             extra["nick"] = self.nick
         return encode(Message(self._new_mid()[:12], round(wall, 2), 1, "HELLO", self.label, "", "", extra))
 
-    def _take_budget(self, now: float) -> bool:
-        tokens, last = self._budget
-        if last is not None:
-            tokens = min(2.0 * CHALLENGE_BUDGET_PER_S, tokens + (now - last) * CHALLENGE_BUDGET_PER_S)
-        self._budget[1] = now
-        if tokens < 1.0:
-            self._budget[0] = tokens
-            return False
-        self._budget[0] = tokens - 1.0
-        return True
-
     def _may_challenge(self, addr: Addr, size: int, now: float, reply_len: int) -> bool:
         """Rule 2: one small answer per unproven address per interval, under a total budget."""
         if reply_len > size + CHALLENGE_SLACK_BYTES:
@@ -442,7 +432,7 @@ class Membership:
             return False
         if window is None and len(self._challenged) >= MAX_PROVEN:
             return False
-        if not self._take_budget(now):
+        if not take(self._budget, CHALLENGE_BUDGET_PER_S, now):
             return False
         if window is None:
             window = self._challenged[addr] = [now, 0]

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want, direct_key
+from .bucket import take
 from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
 from .seen import SeenCache
 from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
@@ -482,7 +483,7 @@ class Relay:
         m = self.membership
         if m is not None and not m.may_send(addr, "PONG"):
             return []  # a seed-design neighbour knows no PONG: it would only print an error
-        if not _take(self._answers, PONG_ANSWER_PER_S, now):
+        if not take(self._answers, PONG_ANSWER_PER_S, now):
             self.counters.pongs_unanswered += 1
             return []
         ttl = self.config.ttl or (m.ttl_for(ping.src) if m is not None else DEFAULT_TTL)
@@ -497,7 +498,7 @@ class Relay:
         c = self.counters
         back = self._ping_from.get(msg.body)
         if back is None:
-            if not _take(self._pong_floods, PONG_FLOOD_PER_S, now):
+            if not take(self._pong_floods, PONG_FLOOD_PER_S, now):
                 c.dropped_pong_budget += 1
                 return []
             c.handled += 1
@@ -583,7 +584,7 @@ class Relay:
         if bucket is None and self.membership is not None and addr in self.membership.neighbours:
             # A neighbour that proved itself is admitted like a configured one (at most --max-peers).
             bucket = self._peer_buckets[addr] = _full_bucket()
-        if bucket is not None:  # the hot path: written out, as _take does it
+        if bucket is not None:  # the hot path: written out, as bucket.take does it
             if rate:
                 tokens = bucket[0] + (now - bucket[1]) * rate
                 if tokens > 2.0 * rate:
@@ -610,10 +611,10 @@ class Relay:
                     bucket = self._buckets.get(addr)
                 if bucket is None:
                     bucket = self._buckets[addr] = _full_bucket()
-            if not _take(bucket, rate, now):
+            if not take(bucket, rate, now):
                 self.counters.dropped_rate += 1
                 return False
-        if total and not _take(self._total, total, now):
+        if total and not take(self._total, total, now):
             self.counters.dropped_rate_total += 1
             return False
         return True
@@ -796,19 +797,6 @@ class Relay:
 def _full_bucket() -> List[float]:
     """A token bucket [tokens, last refill] that fills up at its first use."""
     return [0.0, float("-inf")]
-
-
-def _take(bucket: List[float], rate: float, now: float) -> bool:
-    """Take a token from ``bucket``, refilled at ``rate`` a second up to a burst of twice that."""
-    tokens = bucket[0] + (now - bucket[1]) * rate
-    if tokens > 2.0 * rate:
-        tokens = 2.0 * rate
-    bucket[1] = now
-    if tokens < 1.0:
-        bucket[0] = tokens
-        return False
-    bucket[0] = tokens - 1.0
-    return True
 
 
 def _drop_older(table: dict, cutoff: float, keep: Iterable = ()) -> None:
