@@ -1425,6 +1425,8 @@ def bench_repair(cfg: dict, fleet: Fleet, seed: int) -> List[dict]:
         fleet_read_until = time.perf_counter() + cfg["repair_tail_s"]
         while time.perf_counter() < fleet_read_until:
             read(fleet_read_until - time.perf_counter())
+        for m in meshes:  # counted traffic settled (acks, retries, served copies), so both counts agree
+            m.hub.wait_quiet(0.3, 5.0)
         after = [m.counts() for m in meshes]
         hub_after = [m.hub.snapshot() for m in meshes]
         t_end = time.perf_counter()
