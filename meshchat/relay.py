@@ -717,7 +717,14 @@ class Relay:
             hop = m.next_hop(dst, now)
             if hop is not None:
                 return (hop,)
-        return m.flood_targets(kind)
+        targets = m.flood_targets(kind)
+        if dst:
+            # A destination that is our neighbour gets it straight, even while we think it down: on a
+            # bad link it may only seem so, and a retry or an ack sent nowhere can never arrive.
+            own = m.addr_by_label.get(dst)
+            if own is not None and own not in targets and m.may_send(own, kind):
+                targets = targets + (own,)
+        return targets
 
     # -- housekeeping ----------------------------------------------------------
 
