@@ -1,3 +1,3 @@
 """meshchat: a serverless chat that floods messages over UDP between peers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
