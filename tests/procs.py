@@ -25,19 +25,22 @@ class Proc:
             self.lines.put(line)
         self.lines.put(None)
 
-    def event(self, name: str, timeout: float = TIMEOUT_S) -> dict:
-        """The next JSON event called ``name``, skipping others."""
+    def line(self, want=lambda line: True, what: str = "line", timeout: float = TIMEOUT_S) -> str:
+        """The next line of output for which ``want`` holds, skipping others."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.001))
             except queue.Empty:
-                raise AssertionError(f"no {name!r} event within {timeout} s from {self.args}") from None
+                raise AssertionError(f"no {what} within {timeout} s from {self.args}") from None
             if line is None:
-                raise AssertionError(f"process ended before a {name!r} event: {self.stderr()}")
-            obj = json.loads(line)
-            if obj["event"] == name:
-                return obj
+                raise AssertionError(f"process ended before a {what}: {self.stderr()}")
+            if want(line):
+                return line
+
+    def event(self, name: str, timeout: float = TIMEOUT_S) -> dict:
+        """The next JSON event called ``name``, skipping others."""
+        return json.loads(self.line(lambda line: json.loads(line)["event"] == name, f"{name!r} event", timeout))
 
     def ready(self) -> str:
         return self.event("ready")["node"]

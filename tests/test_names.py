@@ -8,8 +8,6 @@ console (which extra fields of a message it keeps for showing).
 
 import io
 import json
-import queue
-import time
 
 from meshchat.cli import run_command, shown_nick
 from meshchat.console import JsonConsole, TerminalConsole, parse_line
@@ -19,7 +17,7 @@ from meshchat.wire import Message
 
 from nodes import Cluster
 from ports import free_ports
-from procs import TIMEOUT_S, Proc
+from procs import Proc
 
 FAST = MembershipConfig(label="", hello_max_s=0.4)
 
@@ -144,15 +142,7 @@ def test_a_message_without_a_nick_is_shown_with_the_one_the_mesh_knows():
 
 
 def _line_with(proc: Proc, text: str) -> str:
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        try:
-            line = proc.lines.get(timeout=max(deadline - time.monotonic(), 0.001))
-        except queue.Empty:
-            raise AssertionError(f"no line with {text!r} from {proc.args}") from None
-        assert line is not None, f"process ended: {proc.stderr()}"
-        if text in line:
-            return line
+    return proc.line(lambda line: text in line, f"line with {text!r}")
 
 
 def test_a_sender_is_shown_as_nick_and_tag_in_the_terminal_and_by_nick_in_json():

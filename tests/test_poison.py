@@ -6,7 +6,6 @@ every node goes on showing and relaying ordinary messages.
 """
 
 import json
-import queue
 import re
 import socket
 import sys
@@ -135,15 +134,7 @@ def test_a_console_node_drops_the_poison_and_goes_on(name, encoding, link, monke
 
 
 def _line(node: Proc, text: str) -> str:
-    deadline = time.monotonic() + TIMEOUT_S
-    while True:
-        try:
-            line = node.lines.get(timeout=max(deadline - time.monotonic(), 0.001))
-        except queue.Empty:
-            raise AssertionError(f"no line with {text!r} in time") from None
-        assert line is not None, f"the node ended before a line with {text!r}: {node.stderr()}"
-        if text in line:
-            return line
+    return node.line(lambda line: text in line, f"line with {text!r}")
 
 
 def _ring(n: int):
