@@ -110,12 +110,12 @@ SINCE_EVERY_S = 60.0  # one SINCE answer per asker this often
 CATCH_UP_WINDOW_S = 60.0  # after our SINCE, old broadcasts arriving are the answer: late
 CATCH_UP_S = 24 * 3600.0
 HAVE_S = 30.0
+HAVE_IDLE_S = 600.0  # a quiet node's next look at its summary: a new broadcast brings it forward
 HAVE_SOON_S = 3.0  # after a new broadcast, a summary this soon, so a lost last message is asked for in seconds
 HAVE_ORIGINS = 32
 HAVE_REPEATS = 3  # unchanged HAVEs a neighbour that was behind us still gets
 HAVE_REPLY_S = 10.0  # a neighbour that is behind us gets our HAVE in reply, at most this often
 MAX_SINCE_ASKED = 256
-HOUSEKEEP_S = 5.0
 SKEW_S = 60.0
 
 _NODE_ID = re.compile(r"[0-9a-f]{16}\Z")
@@ -471,7 +471,6 @@ class Delivery:
         self._have_quiet = 0  # rounds since our summary last changed
         self._lost_rounds = 0  # unchanged rounds said again for the sake of seqs we gave up on
         self._behind: Dict[Addr, int] = {}  # neighbour whose HAVE showed it behind us -> rounds left to tell it
-        self._housekeep_due: Optional[float] = None
         for origin, top in (streams or {}).items():
             if valid_node_id(origin) and valid_seq(top) and len(self._streams) < MAX_STREAMS:
                 self._streams[origin] = _Stream(top)
@@ -854,6 +853,7 @@ class Delivery:
             st.gaps.discard(seq)
             if len(st.lost) < BEHIND:
                 st.lost[seq] = now
+                self._round_within(now, HAVE_S)  # our summaries say we lack it, for a few rounds
             self._receive(st, seq)
 
     def _ask(self, now: float, wall: float) -> list:
@@ -903,9 +903,7 @@ class Delivery:
         self.counters["remembered"] += 1
         # A new broadcast: the next summary comes soon, so that a neighbour that missed the last
         # message of a burst asks for it within seconds (nothing new: summaries stay rare).
-        soon = now + HAVE_SOON_S
-        if self._have_due is None or soon < self._have_due:
-            self._have_due = soon
+        self._round_within(now, HAVE_SOON_S)
         while len(buf) > BUFFER_MAX:
             buf.popitem(last=False)
 
@@ -1037,6 +1035,7 @@ class Delivery:
             self._behind.pop(addr, None)
         elif addr in self._behind or len(self._behind) < MAX_SINCE_ASKED:
             self._behind[addr] = HAVE_REPEATS  # our next rounds tell it again, in case this reply is lost
+            self._round_within(now, HAVE_S)
         last = self._have_replied.get(addr)
         if not behind or not msg.src or (last is not None and now - last < HAVE_REPLY_S):
             return [], ""
@@ -1045,6 +1044,12 @@ class Delivery:
         self._have_replied[addr] = now
         self.counters["haves_sent"] += 1
         return [Have(self._link("HAVE", msg.src, {"have": self._summary()}, wall), addr)], ""
+
+    def _round_within(self, now: float, seconds: float) -> None:
+        """The next summary round no later than ``seconds`` from now."""
+        soon = now + seconds
+        if self._have_due is None or soon < self._have_due:
+            self._have_due = soon
 
     def _haves(self, now: float, wall: float) -> list:
         self._have_due = now + HAVE_S * self._rng.uniform(*JITTER)
@@ -1060,7 +1065,10 @@ class Delivery:
         # mesh must not keep summarising.
         changed = self._have_quiet <= 1 or (lost and self._lost_rounds <= HAVE_REPEATS)
         if not have or (not changed and not self._behind):
-            return []  # rule 8: nothing changed (and nothing to ask for), nothing said
+            # Rule 8: nothing changed (and nothing to ask for), nothing said; and no round (no
+            # wake-up) until something changes, which schedules one (_soon), or a long while.
+            self._have_due = now + HAVE_IDLE_S * self._rng.uniform(*JITTER)
+            return []
         self._have_last = have
         actions = []
         for addr, label in self._neighbours():
@@ -1089,9 +1097,6 @@ class Delivery:
             actions.extend(self._haves(now, wall))
         if self._serve_queue:
             actions.extend(self._drain(now))
-        if self._housekeep_due is None or now >= self._housekeep_due:
-            self._housekeep_due = now + HOUSEKEEP_S
-            actions.extend(self._housekeep(now, wall))
         return actions
 
     def _retries(self, now: float, wall: float) -> list:
@@ -1108,7 +1113,11 @@ class Delivery:
         self._retry_due = min((o.due for o in self._trying.values()), default=math.inf)
         return actions
 
-    def _housekeep(self, now: float, wall: float) -> list:
+    def housekeep(self, now: float, wall: float) -> list:
+        """Expiry (the outbox past --hold-hours, held messages, old buffers and marks): the reaper's job.
+
+        Run by the node's reaper every few seconds, not from ``tick``: a timer of its own would wake
+        every idle node's socket thread every few seconds for nothing."""
         actions: list = []
         buf = self._buffer
         while buf and next(iter(buf.values()))[0] < now - BUFFER_S:
@@ -1144,8 +1153,7 @@ class Delivery:
 
     def next_deadline(self) -> Optional[float]:
         times = [self._retry_due, self._gap_due]
-        for t in (self._have_due, self._housekeep_due):
-            times.append(0.0 if t is None else t)  # not started: at once
+        times.append(0.0 if self._have_due is None else self._have_due)  # not started: at once
         if self._serve_queue:
             tokens, last = self._bucket
             times.append(last + max(0.0, 1.0 - tokens) / SERVE_PER_S)

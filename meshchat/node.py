@@ -492,9 +492,12 @@ class Node:
     def _reap_loop(self) -> None:
         while not self._stopping.wait(REAP_INTERVAL_S):
             with self._lock:
-                notices = self.relay.expire(self._clock())
+                now = self._clock()
+                notices = self.relay.expire(now)
+                actions = self.relay.housekeep(now, self._wall())
             for notice in notices:
                 self._on_event(notice)
+            self._act(actions)
 
     def _send(self, send: Send) -> None:
         sendto = self._io.sendto

@@ -784,6 +784,12 @@ class Relay:
         notices.extend(Notice(f"no answer from {dst} to our ping within {PING_ANSWER_S:g} s") for _, dst in late)
         return notices
 
+    def housekeep(self, now: float, wall: float) -> list:
+        """The delivery layer's expiry, as actions (the reaper's job, with ``expire``)."""
+        if self.delivery is None:
+            return []
+        return self._sends(self.delivery.housekeep(now, wall), now, wall)
+
     def stats(self) -> Dict[str, int]:
         out = self.counters.as_dict()
         out["seen_size"] = len(self.seen)

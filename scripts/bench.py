@@ -860,14 +860,15 @@ def membership_constants() -> dict:
     from meshchat import membership
 
     return {name: getattr(membership, name) for name in (
-        "HELLO_MAX_S", "DOWN_AFTER_INTERVALS", "DOWN_MARGIN_S", "PEER_IVL_CAP_S", "PRESENCE_MIN_S",
+        "HELLO_MAX_S", "DOWN_AFTER_INTERVALS", "DOWN_AFTER_S", "DOWN_MARGIN_S", "PEER_IVL_CAP_S", "PRESENCE_MIN_S",
         "PRESENCE_PER_MEMBER_S", "PRESENCE_MAX_S")}
 
 
 def down_bound_s(hello_max_s: float) -> float:
-    """The longest silence before a neighbour is down: 3 of the intervals its HELLOs announce."""
+    """The longest silence before a neighbour is down: 3 of the intervals its HELLOs announce, at most DOWN_AFTER_S."""
     c = membership_constants()
-    return c["DOWN_AFTER_INTERVALS"] * min(hello_max_s + c["DOWN_MARGIN_S"], c["PEER_IVL_CAP_S"])
+    ivl = min(hello_max_s + c["DOWN_MARGIN_S"], c["PEER_IVL_CAP_S"])
+    return min(c["DOWN_AFTER_INTERVALS"] * ivl, c["DOWN_AFTER_S"])
 
 
 class Mesh:

@@ -256,6 +256,20 @@ def test_a_destination_known_down_is_reported_held_at_once():
     assert len([k for _, _, k, _ in w.sent if k == "CHAT"]) == 1
 
 
+def test_the_outbox_expires_by_housekeeping_and_never_by_the_timers():
+    # Expiry is the reaper's: a timer of its own would wake every idle node every few seconds.
+    w = World()
+    w.down.add(2)
+    mid = w.direct(1, 2, down=True)
+    d = w.d[1]
+    later = WALL + d.config.hold_s + 1.0
+    assert d.tick(w.now + 10.0, later) == [] and d.stats()["outbox"] == 1
+    acts = d.housekeep(w.now + 10.0, later)
+    assert Undelivered(mid, label(2), 1, False) in acts and d.stats()["outbox"] == 0
+    assert any(isinstance(a, Store) and isinstance(a.item, OutboxDrop) for a in acts)
+    assert d.counters["outbox_expired"] == 1
+
+
 def test_a_late_ack_of_a_held_message_still_reports_it_delivered():
     w = World()
     w.cut.add((2, 1))  # acks are lost

@@ -3,7 +3,7 @@
 import random
 
 from meshchat.membership import (CAPS, CHALLENGES_PER_ADDR, CHALLENGE_BUDGET_PER_S, CHALLENGE_SLACK_BYTES, DEFAULT_TTL, MAX_PROVEN,
-                                 HELLO_MAX_S, PROBE_LEGACY_S, Membership, MembershipConfig, Originate,
+                                 DOWN_AFTER_S, HELLO_MAX_S, PROBE_LEGACY_S, Membership, MembershipConfig, Originate,
                                  PeerDown, PeerUp, Unicast, display_name, tag_of)
 from meshchat.wire import Message, decode, encode
 
@@ -26,6 +26,8 @@ class Net:
         self.ms = {}
         self.events = {i: [] for i in range(1, n + 1)}
         self.down = set()  # nodes that are dead: they neither send nor receive
+        self.loss = 0.0  # share of HELLOs lost on the way (seeded)
+        self.rng = random.Random(7)
         conf = {i: [] for i in range(1, n + 1)}
         for a, b in configured:
             conf[a].append(addr(b))
@@ -40,7 +42,7 @@ class Net:
             src, a = todo.pop(0)
             if isinstance(a, Unicast):
                 dst = int(a.addr[0].rsplit(".", 1)[1])
-                if src in self.down or dst in self.down or dst not in self.ms:
+                if src in self.down or dst in self.down or dst not in self.ms or self.rng.random() < self.loss:
                     continue
                 msg = decode(a.data)
                 out, _ = self.ms[dst].hello_received(msg, addr(src), len(a.data), self.now, WALL)
@@ -127,10 +129,30 @@ def test_a_dead_neighbour_is_down_within_the_bound_and_up_again_when_heard():
     while not net.events[1]:
         net.advance(0.25)
     assert net.events[1] == [PeerDown(label(2), addr(2), "")]
-    assert net.now - died <= 3 * (HELLO_MAX_S + 0.5) + 0.5
+    assert net.now - died <= DOWN_AFTER_S + 0.5
     assert net.ms[1].flood_targets("CHAT") == ()
     assert net.ms[1].heard(addr(2), net.now) == [PeerUp(label(2), addr(2), "")]
     assert net.ms[1].flood_targets("CHAT") == (addr(2),)
+
+
+def test_an_overdue_hello_is_asked_for_so_a_lossy_link_rarely_goes_down():
+    net = Net(2, configured=[(1, 2), (2, 1)])
+    net.advance(60.0)
+    net.loss = 0.2  # each way
+    net.advance(3600.0)
+    # Without the asks (a neighbour down after three lost HELLOs in a row) this link went down
+    # 5 to 11 times in the hour (five seeds); with them, 1 to 3.
+    assert sum(m.counters["peer_down"] for m in net.ms.values()) <= 3
+    assert net.ms[1].counters["suspect_probes"] > 0 and net.ms[2].counters["suspect_probes"] > 0
+
+
+def test_a_stable_link_sends_one_hello_each_way_per_interval_and_no_probes():
+    net = Net(2, configured=[(1, 2), (2, 1)])
+    net.advance(60.0)
+    sent = net.ms[1].counters["hello_sent"]
+    net.advance(300.0)
+    assert net.ms[1].counters["suspect_probes"] == 0
+    assert 300.0 / HELLO_MAX_S <= net.ms[1].counters["hello_sent"] - sent <= 300.0 / (0.8 * HELLO_MAX_S) + 1
 
 
 def test_a_learned_neighbour_that_dies_is_forgotten():
