@@ -208,7 +208,7 @@ class Node:
         self.trust: Optional[Trust] = trust
         self.relay = relay_factory(replace(config, label=self.label), peers, membership=self.membership,
                                    delivery=self.delivery, **({"trust": trust, "sign": sign} if trust else {}))
-        if self.store is not None and trust is not None:
+        if self.store is not None:  # a replay dated before this start may have been shown then
             self.relay.replay_before_ts = self.store.last_ts()
         self._discovery = discovery
         self._group_sock: Optional[socket.socket] = None
