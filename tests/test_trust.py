@@ -238,3 +238,21 @@ def test_corrupt_identity_file_is_one_line_exit_1(tmp_path):
     r = _run_cli(["--identity", str(bad), "--no-discover", "--port", "0", "--no-history"], tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "not a meshchat key" in r.stderr
     assert bad.read_text() == "garbage"
+
+
+def test_a_seed_node_still_chats_with_a_signing_node_shown_unverified(tmp_path):
+    from seednode import SeedNode
+
+    events: "queue.Queue[object]" = queue.Queue()
+    node = Node(RelayConfig(""), membership=MembershipConfig(label=""), security=Security(),
+                on_event=events.put).start()
+    try:
+        with SeedNode([node.addr]) as seed:
+            node.add_peer(seed.addr)
+            seed.send("hello from the seed design")
+            got = _wait_display(events)
+            assert got.message.body == "hello from the seed design" and got.verified is False
+            node.say("and back, signed", dst=seed.label)
+            assert seed.shown.get(timeout=5)["body"] == "and back, signed"  # our key and sig do not bother it
+    finally:
+        node.stop()
