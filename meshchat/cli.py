@@ -21,13 +21,13 @@ import threading
 import time
 from typing import Callable, Iterator, List, NamedTuple, Optional
 
-from . import __version__
+from . import __version__, crypto
 from .console import (
     MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
-    TerminalConsole, Who, History as HistoryCmd, terminal_columns, nick_of, parse_line, part_of, readline_buffer,
+    TerminalConsole, TrustCmd, Who, WhoAmI, History as HistoryCmd, terminal_columns, nick_of, parse_line, part_of, readline_buffer,
 )
 from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, display_name, valid_nick
-from .node import Discovery, Failure, History, Node, start_without_signals
+from .node import Discovery, Failure, History, Node, Security, start_without_signals
 from .store import StoreError
 from .relay import PONG_INTERVAL_S, Display, Notice, RelayConfig
 from .wire import Addr, WireError, format_addr, parse_addr
@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--catch-up-hours", type=_number(float, 0.0, 24 * 365, "a number"), default=24.0,
                       metavar="H", help="after a restart, ask neighbours for what was missed up to this far back "
                       "(default 24; 0: never)")
+    secure = p.add_argument_group("signatures (need: pip install 'meshchat[secure]')")
+    secure.add_argument("--identity", metavar="FILE",
+                        help="this node's key file (made on first start); default: identity.key in the data dir")
+    secure.add_argument("--require-signed", action="store_true",
+                        help="drop every message not signed by its origin's pinned key")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-ttl", type=_number(int, 1, what="an integer"), default=16,
                         help="lower a received ttl above this to it (default 16)")
@@ -223,7 +228,8 @@ def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[
                         membership=MembershipConfig(label="", mesh=args.mesh, nick=args.nick or "",
                                                     max_peers=args.max_peers),
                         discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover
-                        else None, history=history_of(args))
+                        else None, history=history_of(args),
+                        security=Security(args.identity) if crypto.available() else None)
         except OSError as e:
             if not _in_use(e) or i == tries - 1 or args.port >= 65535:
                 raise
@@ -314,6 +320,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             socket.inet_aton(args.discover_iface)
         except OSError:
             parser.error(f"argument --discover-iface: {args.discover_iface!r} is not an IPv4 address")
+    for option, used in (("--identity", args.identity), ("--require-signed", args.require_signed)):
+        if used:
+            try:
+                crypto.require(option)
+            except crypto.CryptoUnavailable as e:
+                parser.exit(2, f"meshchat: {e}\n")
     return args
 
 
@@ -471,7 +483,7 @@ def shown_nick(event: Display, nick_of_label: Callable[[str], str]) -> Display:
     nick = nick_of_label(m.src)
     if not valid_nick(nick):
         return event
-    return Display(m._replace(extra=dict(m.extra or {}, nick=nick)))
+    return event._replace(message=m._replace(extra=dict(m.extra or {}, nick=nick)))
 
 
 def peer_rows(node: Node) -> List[dict]:
@@ -527,11 +539,42 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
         console.peers(peer_rows(node))
     elif isinstance(cmd, Stats):
         console.stats(node.stats())
+    elif isinstance(cmd, WhoAmI):
+        ident = node.identity
+        console.whoami(node.label, node.membership.nick if node.membership is not None else "",
+                       ident.fingerprint if ident is not None else None)
+    elif isinstance(cmd, TrustCmd):
+        console_trust(cmd.name, node, console)
     elif isinstance(cmd, Quit):
         return False
     else:
         assert isinstance(cmd, Nothing)
     return True
+
+
+def console_trust(name: str, node: Node, console) -> None:
+    """/trust NAME: accept the newest key NAME offered (a nick, nick#tag or HOST:PORT)."""
+    if node.trust is None:
+        try:
+            crypto.require("/trust")
+        except crypto.CryptoUnavailable as e:
+            console.error(str(e))
+            return
+        console.error("this node does not check signatures")
+        return
+    if ":" in name:
+        try:
+            label = format_addr(resolve_peer(name))
+        except WireError as e:
+            console.error(str(e))
+            return
+    else:
+        label, error = node.resolve(name) if node.membership is not None else (None, f"{name!r} is unknown")
+        if label is None:
+            # A node whose key changed is not shown, so its nick may be unknown: its label always works.
+            console.error(f"{error}; /trust takes a nick or the HOST:PORT the notice named")
+            return
+    console.notice(node.trust_key(label))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -572,7 +615,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 kept = {"part": part} if part else {}
                 if nick:
                     kept["nick"] = nick
-                event = Display(event.message._replace(extra=kept), event.late)
+                event = event._replace(message=event.message._replace(extra=kept))
             lines.put(event)
         else:
             unshown[0] += 1
@@ -580,11 +623,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = RelayConfig(label="", ttl=args.ttl, seen_ttl_s=args.seen_ttl, seen_max=args.seen_max,
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
                          rate_limit=args.rate_limit, rate_limit_total=args.rate_limit_total,
-                         peers_only=args.peers_only, display=not args.quiet)
+                         peers_only=args.peers_only, display=not args.quiet,
+                         require_signed=args.require_signed)
     first = args.port
     try:
         node = open_node(args, config, on_event)
-    except StoreError as e:
+    except (StoreError, crypto.IdentityError) as e:
         print(f"meshchat: {e}", file=sys.stderr)
         return 1
     except OSError as e:
@@ -604,7 +648,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         _take_signals(stop_once)
         node.start()
-        console.ready(node.label)
+        identity = ""
+        if node.identity is not None:
+            where = node.identity_where or "in memory for this run only: --no-history without --identity FILE"
+            identity = f"{node.identity.fingerprint} (key {where})"
+        console.ready(node.label, identity)
         for warning in node.store.warnings if node.store is not None else ():
             print(f"meshchat: warning: {warning}", file=sys.stderr)
         if isinstance(console, TerminalConsole):

@@ -45,6 +45,8 @@ Type a line to send it to everyone.
   /ping [NAME]       round-trip time to one node, or to every node that answers
   /peers             neighbours: state, last heard, round-trip time, loss
   /stats             what this node received, relayed and dropped
+  /whoami            your label, nick and key fingerprint (compare it with others')
+  /trust NAME        accept the new key NAME offered (after checking its fingerprint)
   /history [N]       the last N messages (20) shown or sent, kept on disk
   /help              this text
   /quit              leave (so do Ctrl-C and Ctrl-D)
@@ -88,6 +90,14 @@ class Quit(NamedTuple):
     pass
 
 
+class WhoAmI(NamedTuple):
+    pass
+
+
+class TrustCmd(NamedTuple):
+    name: str
+
+
 class Nothing(NamedTuple):
     pass
 
@@ -96,11 +106,11 @@ class Bad(NamedTuple):
     error: str
 
 
-Command = Union[Say, Ping, Nick, Who, History, Help, Peers, Stats, Quit, Nothing, Bad]
+Command = Union[Say, Ping, Nick, Who, History, Help, Peers, Stats, Quit, Nothing, Bad, WhoAmI, TrustCmd]
 MAX_HISTORY_SHOWN = 1000
 
 _SIMPLE_COMMANDS = {"help": Help(), "peers": Peers(), "stats": Stats(), "who": Who(), "quit": Quit(),
-                    "exit": Quit()}
+                    "exit": Quit(), "whoami": WhoAmI()}
 NICK_RULE = f"1 to {MAX_NICK_CHARS} printable characters, no spaces and none of @ # : / \\"
 
 
@@ -144,6 +154,11 @@ def parse_line(line: str) -> Command:
             if rest and not valid_nick(rest):
                 return Bad(f"{rest!r} is not a nick: {NICK_RULE}")
             return Nick(rest)
+        if word == "trust":
+            if not rest:
+                return Bad("/trust needs a name: /trust NAME (the notice of a changed key names it)")
+            error = _check_name(rest)
+            return Bad(error) if error else TrustCmd(rest)
         if word == "history":
             if not rest:
                 return History()
@@ -350,7 +365,7 @@ class Console:
     def show(self, event: object) -> None:
         """An event from the node."""
         if isinstance(event, Display):
-            self.chat(event.message, event.late)
+            self.chat(event.message, event.late, event.verified)
         elif isinstance(event, (Delivered, Undelivered)):
             self.delivery(event)
         elif isinstance(event, Pong):
@@ -374,16 +389,19 @@ class JsonConsole(Console):
     def emit(self, event: str, **fields: object) -> None:
         self._write(json.dumps({"event": event, **fields}) + "\n")
 
-    def ready(self, label: str) -> None:
-        self.emit("ready", node=label)
+    def ready(self, label: str, identity: str = "") -> None:
+        self.emit("ready", node=label, **({"fingerprint": identity.split(" (")[0]} if identity else {}))
 
-    def chat(self, m: Message, late: bool = False) -> None:
+    def chat(self, m: Message, late: bool = False, verified: Optional[bool] = None) -> None:
         part = part_of(m)
         extra: Dict[str, object] = {"part": list(part)} if part else {}
         if late:
             extra["late"] = True
         self.emit("chat", mid=m.mid, src=m.src, nick=nick_of(m), dst=m.dst, body=m.body, ts=m.ts, ttl=m.ttl,
-                  **extra)
+                  verified=bool(verified), **extra)
+
+    def whoami(self, label: str, nick: str, fingerprint: Optional[str]) -> None:
+        self.emit("whoami", node=label, nick=nick, fingerprint=fingerprint)
 
     def delivery(self, e: "Union[Delivered, Undelivered]") -> None:
         if isinstance(e, Delivered):
@@ -519,24 +537,34 @@ class TerminalConsole(Console):
         part = part_of(m)
         return f"{self._style.DIM}({part[0]}/{part[1]}){self._style.RESET_ALL} " if part else ""
 
-    def ready(self, label: str) -> None:
+    def ready(self, label: str, identity: str = "") -> None:
+        """``identity``: "FINGERPRINT (where its key is)", for a node that signs."""
         self.label = label
         if self.interactive:
             self.notice(f"meshchat node {label} is up. Type a line to send it; /help for commands.")
         else:
             self.notice(f"meshchat node {label} is up.")
+        if identity:
+            self.notice(f"your fingerprint: {identity}")
 
-    def chat(self, m: Message, late: bool = False) -> None:
+    def chat(self, m: Message, late: bool = False, verified: Optional[bool] = None) -> None:
         body = sanitize(m.body)
+        # Only a node that checks signatures can say a sender is unverified (a seed-design node, or a
+        # signature stripped on the way): then the name is not proof of who wrote it.
+        unverified = f"{self._fore.RED}(unverified){self._style.RESET_ALL} " if verified is False else ""
         # A late message (repaired, or caught up after a restart) says when it was written.
         when = f"{self._style.DIM}(late, sent {time.strftime('%H:%M:%S', time.localtime(m.ts))}){self._style.RESET_ALL} " \
             if late else ""
         if m.dst:
             mark = f"{self._fore.MAGENTA}{self._style.BRIGHT}(private){self._style.RESET_ALL}"
-            self._line(f"{self._who(m.src, nick_of(m))} {mark} {when}{self._part(m)}",
+            self._line(f"{self._who(m.src, nick_of(m))} {unverified}{mark} {when}{self._part(m)}",
                        f"{self._fore.MAGENTA}{body}{self._style.RESET_ALL}")
         else:
-            self._line(f"{self._who(m.src, nick_of(m))} {when}{self._part(m)}", body)
+            self._line(f"{self._who(m.src, nick_of(m))} {unverified}{when}{self._part(m)}", body)
+
+    def whoami(self, label: str, nick: str, fingerprint: Optional[str]) -> None:
+        fp = f"fingerprint {fingerprint}" if fingerprint else "no key (pip install 'meshchat[secure]' for one)"
+        self.notice(f"you are {display_name(label, nick)}, {fp}")
 
     def delivery(self, e: "Union[Delivered, Undelivered]") -> None:
         to = sanitize(self.name_of(e.dst))

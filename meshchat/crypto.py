@@ -32,3 +32,134 @@ def require(option: str) -> None:
     """Raise CryptoUnavailable with the one line the user sees if the extra is missing."""
     if _MISSING is not None:
         raise CryptoUnavailable(f"{option} needs the secure extra: pip install '{EXTRA}' ({_MISSING})")
+
+
+# -- Identity and signatures ----------------------------------------------------------------------
+#
+# A node's identity is one Ed25519 key pair. The private key is kept as the 32-byte
+# raw seed in a file of its own (PEM would add nothing: nothing else reads it).
+# Keys and signatures travel as urlsafe base64 without padding.
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Dict, Tuple  # noqa: E402
+
+IDENTITY_NAME = "identity.key"
+KEY_CHARS = 43  # 32 bytes in urlsafe base64 without padding
+SIG_CHARS = 86  # 64 bytes
+_SEED_BYTES = 32
+_MAX_KEY_CACHE = 4096  # public keys parsed once and kept: verifying is per first copy, parsing is not free
+
+
+class IdentityError(Exception):
+    """The identity file cannot be read, written or used; the text is one line for the user."""
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unb64(text: object, size: int) -> Optional[bytes]:
+    """``text`` decoded, if it is exactly ``size`` bytes in urlsafe base64 without padding; else None."""
+    chars = (size * 4 + 2) // 3
+    if type(text) is not str or len(text) != chars or not text.isascii():
+        return None
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-chars % 4))
+    except ValueError:
+        return None
+    # Reject non-canonical spellings (stray bits in the last character), so one key has one text.
+    return data if len(data) == size and b64(data) == text else None
+
+
+def fingerprint(public: bytes) -> str:
+    """What people compare: 4 groups of 4 hex digits of SHA-256 of the public key."""
+    h = hashlib.sha256(public).hexdigest()[:16]
+    return " ".join(h[i:i + 4] for i in range(0, 16, 4))
+
+
+class Identity:
+    """An Ed25519 key pair: ``public`` (32 bytes), ``key_text`` (as it travels), ``fingerprint``."""
+
+    def __init__(self, seed: bytes) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        self._private = Ed25519PrivateKey.from_private_bytes(seed)
+        self._seed = seed
+        self.public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.key_text = b64(self.public)
+        self.fingerprint = fingerprint(self.public)
+
+    @classmethod
+    def generate(cls) -> "Identity":
+        require("an identity")
+        return cls(os.urandom(_SEED_BYTES))
+
+    @classmethod
+    def load_or_create(cls, path: "os.PathLike[str] | str") -> "Tuple[Identity, bool]":
+        """The identity in ``path``, made (mode 0600) if the file does not exist; (identity, created).
+
+        A file that exists but cannot be read or is not a key is an IdentityError: never
+        replaced, since that would silently give this node a new identity."""
+        require("an identity")
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            return cls._create(p), True
+        except OSError as e:
+            raise IdentityError(f"cannot read identity file {p}: {e.strerror or e}") from None
+        seed = unb64(raw.strip().decode("ascii", "replace"), _SEED_BYTES)
+        if seed is None:
+            raise IdentityError(f"identity file {p} is not a meshchat key; move it away to make a new identity")
+        return cls(seed), False
+
+    @classmethod
+    def _create(cls, p: Path) -> "Identity":
+        ident = cls(os.urandom(_SEED_BYTES))
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: two processes starting at once never overwrite each other's key.
+            fd = os.open(str(p), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            try:
+                os.write(fd, (b64(ident._seed) + "\n").encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if os.name == "posix":
+                os.chmod(str(p), 0o600)  # whatever the umask; elsewhere the folder's rights apply
+        except FileExistsError:
+            return cls.load_or_create(p)[0]
+        except OSError as e:
+            raise IdentityError(f"cannot write identity file {p}: {e.strerror or e}") from None
+        return ident
+
+    def sign(self, data: bytes) -> str:
+        return b64(self._private.sign(data))
+
+
+_key_cache: "Dict[bytes, Any]" = {}
+
+
+def verify(public: bytes, signature: bytes, data: bytes) -> bool:
+    """Whether ``signature`` is ``public``'s Ed25519 signature of ``data``. Never raises."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = _key_cache.get(public)
+    if key is None:
+        try:
+            key = Ed25519PublicKey.from_public_bytes(public)
+        except ValueError:
+            return False
+        if len(_key_cache) >= _MAX_KEY_CACHE:
+            _key_cache.clear()
+        _key_cache[public] = key
+    try:
+        key.verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True

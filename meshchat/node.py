@@ -36,7 +36,8 @@ from .delivery import ServeSince, direct_key, stream_of
 from .delivery import Store as StoreAction
 from .membership import Beacon, Membership, MembershipConfig, Originate
 from .relay import COUNTERS, Display, Relay, RelayConfig, Send
-from .store import HeldAdd, HeldRemove, OutboxAdd, OutboxRemove, SaveMessage, Store, data_dir_for
+from .store import HeldAdd, HeldRemove, OutboxAdd, OutboxRemove, SaveMessage, SetMeta, Store, data_dir_for
+from .trust import PinKey, Trust, signer
 from .wire import Addr, Message, encode
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,12 @@ class Discovery(NamedTuple):
 
     group: Addr
     interfaces: tuple
+
+
+class Security(NamedTuple):
+    """Signatures (needs the secure extra): our identity, and the keys pinned for others."""
+
+    identity_file: Optional[str] = None  # None: in the data dir; in memory for the run without history
 
 
 class Failure(NamedTuple):
@@ -140,6 +147,7 @@ class Node:
         membership: Optional[MembershipConfig] = None,
         discovery: Optional[Discovery] = None,
         history: Optional[History] = None,
+        security: Optional[Security] = None,
     ) -> None:
         """Bind the socket (OSError if the port is taken); ``start()`` starts the threads.
 
@@ -186,8 +194,22 @@ class Node:
             self.membership = Membership(mcfg, secret=os.urandom(32))
             if history is not None:
                 self.delivery = self._new_delivery(history)
+        self.identity: Any = None  # crypto.Identity, with security
+        self.identity_where = ""  # the file, or "" for one in memory
+        trust, sign = None, None
+        if security is not None:
+            try:
+                trust, sign = self._security(security)
+            except BaseException:
+                self._sock.close()
+                if self.store is not None:
+                    self.store.close()
+                raise
+        self.trust: Optional[Trust] = trust
         self.relay = relay_factory(replace(config, label=self.label), peers, membership=self.membership,
-                                   delivery=self.delivery)
+                                   delivery=self.delivery, **({"trust": trust, "sign": sign} if trust else {}))
+        if self.store is not None:  # a replay dated before this start may have been shown then
+            self.relay.replay_before_ts = self.store.last_ts()
         self._discovery = discovery
         self._group_sock: Optional[socket.socket] = None
         if discovery is not None:
@@ -207,6 +229,39 @@ class Node:
             self._selector.register(self._group_sock, selectors.EVENT_READ, self._beacons_ready)
         self._closed = False
         self._causes_logged: Set[Tuple[str, str, int]] = set()
+
+    def _security(self, security: Security) -> Tuple[Trust, Callable[[Message], Message]]:
+        """Our identity (loaded, made on first start, or in memory) and the trust layer with its pins.
+
+        Raises crypto.CryptoUnavailable or crypto.IdentityError (one line each)."""
+        from . import crypto
+
+        crypto.require("signatures")
+        path = security.identity_file
+        if path is None and self.store is not None:
+            path = str(self.store.dir / crypto.IDENTITY_NAME)
+        if path is None:
+            self.identity = crypto.Identity.generate()
+        else:
+            self.identity = crypto.Identity.load_or_create(path)[0]
+            self.identity_where = path
+        pins = self.store.pins() if self.store is not None else {}
+        trust = Trust(crypto.verify, crypto.unb64, crypto.fingerprint, pins)
+        return trust, signer(self.identity.key_text, self.identity.sign)
+
+    def trust_key(self, label: str) -> str:
+        """/trust: pin the newest key ``label`` offered; the text for the user."""
+        if self.trust is None:
+            return "this node does not check signatures"
+        with self._lock:
+            pin, text = self.trust.accept(label)
+        if pin is not None:
+            self._pin(pin)
+        return text
+
+    def _pin(self, pin: PinKey) -> None:
+        if self.store is not None:
+            self.store.put(SetMeta("pin:" + pin.label, pin.key))
 
     def _new_delivery(self, history: History) -> Delivery:
         """The delivery layer, started from what the store kept (or afresh, without history)."""
@@ -348,6 +403,8 @@ class Node:
                 self._store_actions((action,))
             elif kind is ServeSince:
                 self._serve_since(action)
+            elif kind is PinKey:
+                self._pin(action)
             else:
                 if kind is Display and self.store is not None:
                     self._save(action.message, action.late)

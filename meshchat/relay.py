@@ -75,6 +75,9 @@ COUNTERS = (
     "dropped_other_mesh",
     "dropped_unproven",
     "dropped_own",
+    "dropped_bad_signature",  # signed, but the signature does not verify (forged, or damaged)
+    "dropped_key_changed",  # signed by another key than the one pinned for its origin
+    "dropped_unsigned",  # --require-signed: not verified
     "dropped_internal",  # handling it raised: a bug, contained to that datagram by the node
     "sent",
     "link_received",
@@ -93,10 +96,12 @@ class Send(NamedTuple):
 
 
 class Display(NamedTuple):
-    """Show ``message`` to the user; ``late``: it came by repair or catch-up, after later ones."""
+    """Show ``message`` to the user; ``late``: it came by repair or catch-up, after later ones;
+    ``verified``: signed by its origin's pinned key (None: this node cannot check signatures)."""
 
     message: Message
     late: bool = False
+    verified: Optional[bool] = None
 
 
 class Pong(NamedTuple):
@@ -126,11 +131,13 @@ class RelayConfig:
     rate_limit_total: Optional[float] = None  # all senders together; None: 10 x rate_limit; 0: no total
     peers_only: bool = False
     display: bool = True  # False (--quiet): no CHAT is displayed, so none is counted as displayed
+    require_signed: bool = False  # drop every message not verified (needs a trust layer)
 
 
 if TYPE_CHECKING:
     from .delivery import Delivery
     from .membership import Membership
+    from .trust import Trust
 
 _ONE_HOP = (Unicast, Want, Have, Since, Serve)
 RECENTLY_HEARD_S = 60.0
@@ -217,8 +224,14 @@ class Relay:
         new_mid: Callable[[], str] = lambda: uuid.uuid4().hex,
         membership: "Optional[Membership]" = None,
         delivery: "Optional[Delivery]" = None,
+        trust: "Optional[Trust]" = None,
+        sign: Optional[Callable[[Message], Message]] = None,
     ) -> None:
         self.config = config
+        # Signatures (trust.py): verify first copies with ``trust``, sign what we originate with ``sign``.
+        self.trust = trust
+        self._sign = sign
+        self.replay_before_ts: Optional[float] = None  # newest ts in history at start (see _deliver)
         # Who our neighbours are, when there is a membership layer; else the configured peers, all alive.
         self.membership = membership
         self._targets_version = -1
@@ -326,14 +339,42 @@ class Relay:
             if msg.dst == self.label:  # addressed to us: it has arrived, and goes no further
                 c.dropped_duplicate += 1
                 return []
+            if self.trust is not None and self._verified(msg, now)[2]:
+                return []  # a forged copy with hops left is not relayed in the real one's place
             return self._relay_late(msg, addr, data, head, now)
         if ts <= self.seen.horizon_ts and not asked:  # maybe a copy of an id we forgot: see seen.py
             c.dropped_replay += 1
             return []
+        # Judged before it takes a seen-cache slot, so a forged copy sent first cannot silence the real one.
+        verified, told, dropped = self._verified(msg, now)
+        if dropped:
+            return told
         self.seen.add(msg.mid, now, ts)
         if msg.kind == "PONG" and msg.dst != self.label:
             return self._relay_pong(msg, addr, now, data, head)
-        return self._handle(msg, addr, now, wall, data, head)
+        actions = self._handle(msg, addr, now, wall, data, head, verified)
+        return told + actions if told else actions
+
+    def _verified(self, msg: Message, now: float) -> Tuple[Optional[bool], list, bool]:
+        """Whether ``msg`` is signed by its origin's pinned key (None: we cannot check), the actions
+        the check asks for (a pin to store, a notice), and whether it is dropped (counted here)."""
+        trust = self.trust
+        if trust is None:
+            return None, [], False
+        verdict, extra = trust.check(msg, now)
+        if verdict == "verified":
+            return True, extra, False
+        c = self.counters
+        if verdict == "unsigned":
+            if self.config.require_signed:
+                c.dropped_unsigned += 1
+                return False, [], True
+            return False, [], False
+        if verdict == "key_changed":
+            c.dropped_key_changed += 1
+            return False, [Notice(text) for text in extra], True
+        c.dropped_bad_signature += 1
+        return False, [], True
 
     def _link_local(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> list:
         """A one-hop message (HELLO): never flooded, never in the seen cache; its owner decides."""
@@ -390,6 +431,7 @@ class Relay:
 
     def _send_direct(self, msg: Message, now: float, flood: bool = False) -> List[Send]:
         """A retry or hand-over: a fresh datagram, routed like a direct message of ours (or flooded)."""
+        msg = self._signed_again(msg)
         self.seen.add(msg.mid, now, msg.ts)
         targets = self.membership.flood_targets(msg.kind) if flood else self._origin_targets(msg.kind, msg.dst, now)
         if not targets:
@@ -397,8 +439,17 @@ class Relay:
         self.counters.sent += len(targets)
         return [Send(encode(msg), targets)]
 
+    def _signed_again(self, msg: Message) -> Message:
+        """A message re-issued with a new mid and ts: ours is signed again; another origin's (a hand-over)
+        no longer matches its signature, so it goes unsigned (shown unverified) rather than as a forgery."""
+        if msg.src == self.label and self._sign is not None:
+            return self._sign(msg)
+        if msg.extra and ("sig" in msg.extra or "key" in msg.extra):
+            return msg._replace(extra={k: v for k, v in msg.extra.items() if k not in ("key", "sig")})
+        return msg
+
     def _handle(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
-                head: "Optional[re.Match[bytes]]") -> list:
+                head: "Optional[re.Match[bytes]]", verified: Optional[bool] = None) -> list:
         c = self.counters
         c.handled += 1
         actions: list = []
@@ -416,7 +467,7 @@ class Relay:
         if d is not None:
             shown, late, shown_msg = self._deliver(msg, addr, data, now, wall, to_me, shown, actions)
         if shown:
-            actions.append(Display(shown_msg, late))
+            actions.append(Display(shown_msg, late, verified))
             c.displayed += 1
         if kind == "PING":
             if to_me or (msg.dst == "" and self._may_answer(msg.src, now)):
@@ -457,8 +508,10 @@ class Relay:
             if not msg.dst:
                 late = d.broadcast_seen(msg, addr, now)
                 d.remember(msg, data, now)
-                if late and self._shown_before(msg.mid):
-                    shown = False  # caught up after a restart, but shown before it
+                # Caught up after a restart, or replayed then (dated before the restart), but shown before it.
+                before = self.replay_before_ts
+                if (late or (before is not None and msg.ts <= before)) and self._shown_before(msg.mid):
+                    shown = False
             elif to_me:
                 show, out = d.direct_received(msg, now)
                 shown = shown and show
@@ -488,6 +541,8 @@ class Relay:
             return []
         ttl = self.config.ttl or (m.ttl_for(ping.src) if m is not None else DEFAULT_TTL)
         pong = Message(self._new_mid(), wall, ttl, "PONG", self.label, ping.src, ping.mid)
+        if self._sign is not None:
+            pong = self._sign(pong)
         self.seen.add(pong.mid, now, wall)
         self.counters.sent += 1
         return [Send(encode(pong), (addr,))]
@@ -673,7 +728,12 @@ class Relay:
             fields["ack"] = 1
         if extra:
             fields.update(extra)
+        sign = self._sign
+        if sign is not None:
+            fields["key"] = fields["sig"] = ""  # sized with a signature (signed below, part by part)
         msg = Message(mid, wall, ttl, kind, self.label, dst, body, fields)
+        if sign is not None:
+            msg = sign(msg)
         data = encode(msg)
         if len(data) <= MAX_SEND_BYTES:
             messages = [msg]
@@ -686,6 +746,8 @@ class Relay:
             messages = [msg._replace(mid=mid if i == 0 else new_mid(), body=p,
                                      extra=dict(msg.extra, part=[i + 1, n]) if n <= MAX_PARTS else msg.extra)
                         for i, p in enumerate(pieces)]
+            if sign is not None:
+                messages = [sign(part) for part in messages]
         targets = self._origin_targets(kind, dst, now)
         sends = []
         for part in messages:
@@ -793,6 +855,9 @@ class Relay:
     def stats(self) -> Dict[str, int]:
         out = self.counters.as_dict()
         out["seen_size"] = len(self.seen)
+        if self.trust is not None:
+            out.update(self.trust.counters)
+            out["pins"] = len(self.trust.pins)
         return out
 
     def peer_table(self, now: float) -> List[Tuple[str, bool, Optional[float]]]:

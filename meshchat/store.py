@@ -721,6 +721,11 @@ class Store:
         rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0][0] if rows else None
 
+    def pins(self, limit: int = 4096) -> Dict[str, str]:
+        """Pinned keys (trust.py), kept as ``pin:<label>`` in meta: {label: key text}, at most ``limit``."""
+        rows = self._read("SELECT key, value FROM meta WHERE key LIKE 'pin:%' ORDER BY rowid LIMIT ?", (limit,))
+        return {key[4:]: value for key, value in rows}
+
     def node_id(self) -> str:
         """This node's stable id: 16 lowercase hex chars, created once."""
         return self._node_id

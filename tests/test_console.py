@@ -154,7 +154,7 @@ def test_json_console_writes_one_object_per_line():
     assert [e["event"] for e in events] == ["ready", "chat", "sent", "pong", "error", "notice", "stats",
                                             "notice"]
     assert events[1] == {"event": "chat", "mid": "m1", "src": "127.0.0.1:9002", "nick": "", "dst": "",
-                         "body": "\x1b[2J", "ts": 1.0, "ttl": 7}
+                         "body": "\x1b[2J", "ts": 1.0, "ttl": 7, "verified": False}
     assert events[3]["rtt_ms"] == 1.5 and events[7]["text"] == HELP
     assert "\x1b" not in out.getvalue()
 

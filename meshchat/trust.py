@@ -1,0 +1,153 @@
+"""Trust: signed origins and the keys pinned for them.
+
+Rules, so that nobody is shown as a node they are not:
+1. What is signed: every field of a message but ``ttl`` (relays lower it) and
+   ``sig`` itself, unknown fields included, as compact JSON with sorted keys
+   in UTF-8 (``signing_bytes``). The signer's public key travels in ``key``.
+2. A message is judged once, on its first copy, before it can take a
+   seen-cache slot: a forged copy sent first is dropped and never silences
+   the real one. Verdicts: verified, unsigned (no ``key`` and no ``sig``: a
+   seed-design node, or a seed relay stripped them), bad signature (anything
+   else that does not verify: dropped), key changed (it verifies, under
+   another key than the one pinned for its ``src``: dropped, and offered).
+3. Pinned on first use: the first verified key of an origin is its key. A
+   changed key is never shown as that node; the user is told (at most every
+   ``CHANGE_NOTICE_S`` per origin) with both fingerprints, and ``accept``
+   (``/trust NAME``) pins the newest key offered.
+4. Bounded: at most ``MAX_PINS`` pins (past it, new origins are not pinned and
+   their messages show as unverified: pins are never pushed out, or a flood
+   of made-up origins could unpin a real one) and ``MAX_PENDING`` offered
+   keys (the oldest offer goes).
+5. Sans-I/O: no socket, thread, clock or disk; ``now`` is an argument, and the
+   signature check itself is injected (``crypto.verify``), so the relay's
+   decision stays pure. New pins come back as ``PinKey`` for the node to store.
+"""
+
+import base64
+import json
+from collections import OrderedDict
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+from .wire import Message
+
+KEY_FIELD = "key"
+SIG_FIELD = "sig"
+KEY_BYTES = 32
+SIG_BYTES = 64
+MAX_PINS = 4096
+MAX_PENDING = 64
+CHANGE_NOTICE_S = 60.0  # a changed key is told at most this often per origin
+
+VERIFIED = "verified"
+UNSIGNED = "unsigned"
+BAD_SIGNATURE = "bad_signature"
+KEY_CHANGED = "key_changed"
+
+_CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class PinKey(NamedTuple):
+    """Store that ``label``'s key is ``key`` (urlsafe base64), so the pin survives a restart."""
+
+    label: str
+    key: str
+
+
+def signing_bytes(msg: Message) -> bytes:
+    """What the origin signs: every field but ttl and sig, canonically encoded."""
+    obj = {k: v for k, v in msg.extra.items() if k != SIG_FIELD} if msg.extra else {}
+    obj.update(mid=msg.mid, ts=msg.ts, kind=msg.kind, src=msg.src, dst=msg.dst, body=msg.body)
+    return _CANON.encode(obj).encode("utf-8")
+
+
+def signer(key_text: str, sign: Callable[[bytes], str]) -> Callable[[Message], Message]:
+    """A function that gives a message of ours its ``key`` and ``sig`` (``sign``: the identity's)."""
+
+    def signed(msg: Message) -> Message:
+        extra = dict(msg.extra) if msg.extra else {}
+        extra.pop(SIG_FIELD, None)
+        extra[KEY_FIELD] = key_text
+        out = msg._replace(extra=extra)
+        extra[SIG_FIELD] = sign(signing_bytes(out))
+        return out
+
+    return signed
+
+
+class Trust:
+    def __init__(
+        self,
+        verify: Callable[[bytes, bytes, bytes], bool],
+        unb64: Callable[[object, int], Optional[bytes]],
+        fingerprint: Callable[[bytes], str],
+        pins: Optional[Dict[str, str]] = None,
+        max_pins: int = MAX_PINS,
+    ) -> None:
+        self._verify = verify
+        self._unb64 = unb64
+        self._fingerprint = fingerprint
+        self.max_pins = max_pins
+        self.pins: Dict[str, bytes] = {}
+        for label, text in (pins or {}).items():
+            key = unb64(text, KEY_BYTES)
+            if key is not None and len(self.pins) < max_pins:
+                self.pins[label] = key
+        # label -> (offered key, when last told): the newest offer per origin, oldest origin first
+        self.pending: "OrderedDict[str, Tuple[bytes, Optional[float]]]" = OrderedDict()
+        self.counters = {"pinned": 0, "pins_full": 0, "keys_accepted": 0}
+
+    def check(self, msg: Message, now: float) -> Tuple[str, list]:
+        """The verdict on a first copy, and what to do besides (a PinKey, a notice text)."""
+        extra = msg.extra
+        if not extra or (KEY_FIELD not in extra and SIG_FIELD not in extra):
+            return UNSIGNED, []
+        key = self._unb64(extra.get(KEY_FIELD), KEY_BYTES)
+        sig = self._unb64(extra.get(SIG_FIELD), SIG_BYTES)
+        if key is None or sig is None or not self._verify(key, sig, signing_bytes(msg)):
+            return BAD_SIGNATURE, []
+        label = msg.src
+        pinned = self.pins.get(label)
+        if pinned == key:
+            return VERIFIED, []
+        if pinned is None:
+            if len(self.pins) >= self.max_pins:
+                self.counters["pins_full"] += 1
+                return UNSIGNED, []  # verifies, but nobody vouches for whose it is: shown unverified
+            self.pins[label] = key
+            self.counters["pinned"] += 1
+            return VERIFIED, [PinKey(label, extra[KEY_FIELD])]
+        return KEY_CHANGED, self._offered(label, pinned, key, now)
+
+    def _offered(self, label: str, pinned: bytes, key: bytes, now: float) -> list:
+        old = self.pending.pop(label, None)
+        told = old[1] if old is not None and old[0] == key else None
+        if told is not None and now - told < CHANGE_NOTICE_S:
+            self.pending[label] = (key, told)
+            return []
+        self.pending[label] = (key, now)
+        while len(self.pending) > MAX_PENDING:
+            self.pending.popitem(last=False)
+        return [f"the key of {label} changed: pinned {self._fingerprint(pinned)}, now offered "
+                f"{self._fingerprint(key)}; its messages are dropped. If its owner confirms the new "
+                f"fingerprint, type /trust {label}"]
+
+    def accept(self, label: str) -> Tuple[Optional[PinKey], str]:
+        """/trust: pin the newest key ``label`` offered; (the PinKey to store, text for the user)."""
+        offer = self.pending.pop(label, None)
+        if offer is None:
+            pinned = self.pins.get(label)
+            if pinned is not None:
+                return None, f"{label} offered no new key; its pinned key is {self._fingerprint(pinned)}"
+            return None, f"no key known for {label} yet"
+        key = offer[0]
+        self.pins[label] = key
+        self.counters["keys_accepted"] += 1
+        text = base64.urlsafe_b64encode(key).rstrip(b"=").decode("ascii")
+        return PinKey(label, text), f"{label} is now trusted with key {self._fingerprint(key)}"
+
+    def fingerprint_of(self, label: str) -> Optional[str]:
+        key = self.pins.get(label)
+        return None if key is None else self._fingerprint(key)
+
+    def pending_labels(self) -> List[str]:
+        return list(self.pending)
