@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Callable, Iterator, List, NamedTuple, Optional
 
-from . import __version__
+from . import __version__, crypto
 from .console import (
     MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
     TerminalConsole, Who, History as HistoryCmd, terminal_columns, nick_of, parse_line, part_of, readline_buffer,
@@ -138,8 +138,46 @@ def build_parser() -> argparse.ArgumentParser:
                         "burst twice that; 0 for no total)")
     limits.add_argument("--peers-only", action="store_true",
                         help="drop datagrams from addresses that are not --peers")
+    closed = p.add_argument_group("closed mesh (needs the secure extra: pip install 'meshchat[secure]')")
+    closed.add_argument("--new-network-key", metavar="FILE", action=_NewNetworkKey,
+                        help="write a fresh random network key to FILE (never over an existing file) and exit")
+    closed.add_argument("--network-key", metavar="FILE",
+                        help="seal every datagram with the key in FILE; take only datagrams sealed with it")
+    closed.add_argument("--network-key-optional", action="store_true",
+                        help="with --network-key: also take plaintext datagrams (shown as not sealed; nothing "
+                        "is sent in answer); what this node sends is still sealed")
     p.add_argument("--version", action="version", version=f"meshchat {__version__}")
     return p
+
+
+class _NewNetworkKey(argparse.Action):
+    """--new-network-key FILE: like --version, it does its job and exits, whatever else is given."""
+
+    def __call__(self, parser, namespace, path, option_string=None) -> None:
+        try:
+            crypto.write_network_key(path)
+        except crypto.CryptoUnavailable as e:
+            parser.exit(2, f"{parser.prog}: {e}\n")
+        except FileExistsError:
+            parser.exit(2, f"{parser.prog}: {path} already exists; a network key is never written over a file "
+                        "(choose another name, or remove it first)\n")
+        except OSError as e:
+            parser.exit(2, f"{parser.prog}: cannot write {path}: {e.strerror or e}\n")
+        print(f"wrote a new network key to {path}; copy it to each node of the mesh and start them "
+              f"with --network-key {path}")
+        parser.exit(0)
+
+
+def _load_network_key(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--network-key FILE to the key itself, or exit 2 with one line saying what is wrong."""
+    if args.network_key is None:
+        if args.network_key_optional:
+            parser.error("argument --network-key-optional: needs --network-key FILE")
+        return
+    try:
+        args.network_key = crypto.load_network_key(args.network_key)
+    except (crypto.CryptoUnavailable, crypto.NetworkKeyError) as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")
 
 
 DISCOVERY_GROUP = ("239.255.77.77", 9977)
@@ -223,7 +261,8 @@ def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[
                         membership=MembershipConfig(label="", mesh=args.mesh, nick=args.nick or "",
                                                     max_peers=args.max_peers),
                         discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover
-                        else None, history=history_of(args))
+                        else None, history=history_of(args),
+                        network_key=args.network_key, network_key_optional=args.network_key_optional)
         except OSError as e:
             if not _in_use(e) or i == tries - 1 or args.port >= 65535:
                 raise
@@ -267,6 +306,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.port_chosen = args.port is not None
+    _load_network_key(parser, args)
     if args.port is None:
         args.port = DEFAULT_PORT  # or the next free one, when the node binds
     if args.host not in _WILDCARD_HOSTS:
@@ -471,7 +511,7 @@ def shown_nick(event: Display, nick_of_label: Callable[[str], str]) -> Display:
     nick = nick_of_label(m.src)
     if not valid_nick(nick):
         return event
-    return Display(m._replace(extra=dict(m.extra or {}, nick=nick)))
+    return event._replace(message=m._replace(extra=dict(m.extra or {}, nick=nick)))
 
 
 def peer_rows(node: Node) -> List[dict]:
@@ -572,7 +612,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 kept = {"part": part} if part else {}
                 if nick:
                     kept["nick"] = nick
-                event = Display(event.message._replace(extra=kept), event.late)
+                event = event._replace(message=event.message._replace(extra=kept))
             lines.put(event)
         else:
             unshown[0] += 1

@@ -28,8 +28,11 @@ import threading
 import time
 import traceback
 from dataclasses import replace
+from functools import partial
 from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Set, Tuple
 
+from . import crypto
+from .crypto import NetworkKey
 from .delivery import CAPS as DELIVERY_CAPS
 from .delivery import Delivery, DeliveryConfig, HeldDrop, HeldItem, HeldPut, OutboxDrop, OutboxItem, OutboxPut
 from .delivery import ServeSince, direct_key, stream_of
@@ -140,6 +143,8 @@ class Node:
         membership: Optional[MembershipConfig] = None,
         discovery: Optional[Discovery] = None,
         history: Optional[History] = None,
+        network_key: Optional[NetworkKey] = None,
+        network_key_optional: bool = False,
     ) -> None:
         """Bind the socket (OSError if the port is taken); ``start()`` starts the threads.
 
@@ -186,8 +191,15 @@ class Node:
             self.membership = Membership(mcfg, secret=os.urandom(32))
             if history is not None:
                 self.delivery = self._new_delivery(history)
+        # A closed mesh: every datagram is sealed once per Send on its way out (_send, _beacon),
+        # and opened by the relay first thing on its way in.
+        self._seal: Optional[Callable[[bytes], bytes]] = None
+        sealing = {}
+        if network_key is not None:
+            self._seal = partial(crypto.seal, network_key)
+            sealing["unseal"] = crypto.opener(network_key, network_key_optional)
         self.relay = relay_factory(replace(config, label=self.label), peers, membership=self.membership,
-                                   delivery=self.delivery)
+                                   delivery=self.delivery, **sealing)
         self._discovery = discovery
         self._group_sock: Optional[socket.socket] = None
         if discovery is not None:
@@ -409,6 +421,8 @@ class Node:
 
     def _beacon(self, data: bytes) -> None:
         assert self._discovery is not None
+        if self._seal is not None:
+            data = self._seal(data)
         for iface in self._discovery.interfaces:
             try:
                 self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(iface))
@@ -498,9 +512,10 @@ class Node:
 
     def _send(self, send: Send) -> None:
         sendto = self._io.sendto
+        data = send.data if self._seal is None else self._seal(send.data)  # one seal for all its copies
         for addr in send.addrs:
             try:
-                sendto(send.data, addr)
+                sendto(data, addr)
             except OSError as e:
                 # One unreachable or slow peer must not stop the others.
                 log.debug("send to %s:%s failed: %s", addr[0], addr[1], e)
