@@ -110,21 +110,20 @@ def unseal(key: NetworkKey, datagram: bytes) -> Optional[bytes]:
         return None
 
 
-def is_sealed(datagram: bytes) -> bool:
-    """Whether ``datagram`` claims to be sealed (under any key): such a datagram is never plaintext."""
-    return datagram.startswith(SEAL_MAGIC)
+_JSON_SPACE = b" \t\r\n"
 
 
 def opener(key: NetworkKey, optional: bool = False):
     """The relay's ``unseal``: a datagram to (plaintext, sealed) or None (an outsider's: drop it).
 
-    With ``optional`` (--network-key-optional), a datagram that is not sealed at all is let
-    in as plaintext, marked as such; one that claims a seal it does not have never is."""
+    With ``optional`` (--network-key-optional), a plaintext message (a JSON object, as nodes
+    without the key send) is let in, marked as such; anything else, such as a datagram that
+    claims a seal it does not have, never is."""
     def open_datagram(datagram: bytes) -> Optional[Tuple[bytes, bool]]:
         plain = unseal(key, datagram)
         if plain is not None:
             return plain, True
-        if optional and not is_sealed(datagram):
+        if optional and datagram.lstrip(_JSON_SPACE)[:1] == b"{":
             return datagram, False
         return None
 

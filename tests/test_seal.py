@@ -171,7 +171,7 @@ def test_a_relay_without_a_key_is_unchanged():
 class _Traced:
     """A node whose events and processed datagrams are queued, so tests wait instead of sleeping."""
 
-    def __init__(self, key=None, optional=False, peers=()):
+    def __init__(self, key=None, optional=False, peers=(), membership=None, discovery=None):
         self.events: "queue.Queue[object]" = queue.Queue()
         self.processed: "queue.Queue[int]" = queue.Queue()
         processed = self.processed
@@ -184,7 +184,14 @@ class _Traced:
                     processed.put(1)
 
         self.node = Node(RelayConfig(label=""), peers=peers, on_event=self.events.put, relay_factory=Traced,
-                         network_key=key, network_key_optional=optional)
+                         membership=membership, discovery=discovery, network_key=key, network_key_optional=optional)
+
+    def next(self, kind):
+        deadline = time.monotonic() + TIMEOUT_S * 2
+        while True:
+            event = self.events.get(timeout=max(deadline - time.monotonic(), 0.001))
+            if isinstance(event, kind):
+                return event
 
     def wait(self, condition) -> None:
         deadline = time.monotonic() + TIMEOUT_S
@@ -243,6 +250,30 @@ def test_two_keyed_nodes_chat_and_an_outsider_reads_nothing_and_injects_nothing(
         finally:
             for t in (a, b, c):
                 t.node.stop()
+
+
+def test_keyed_nodes_find_each_other_by_sealed_beacons_and_hellos_and_a_keyless_one_stays_out():
+    from meshchat.membership import MembershipConfig, PeerUp
+
+    from test_membership_live import group
+
+    fast, disc = MembershipConfig(label="", hello_max_s=0.4), group(11)
+    nodes = [_Traced(_key(3), membership=fast, discovery=disc) for _ in range(2)]
+    nodes.append(_Traced(membership=fast, discovery=disc))  # same group, same mesh name, no key
+    try:
+        for t in nodes:
+            t.node.start()
+        a, b, outsider = nodes
+        assert a.next(PeerUp).label == b.node.label and b.next(PeerUp).label == a.node.label
+        a.node.say("only for us")
+        assert b.shown().message.body == "only for us"
+        a.wait(lambda: a.node.stats()["dropped_unauthenticated"] >= 1)  # the outsider's beacons
+        outsider.wait(lambda: outsider.node.stats()["dropped_malformed"] >= 2)  # ours, unreadable to it
+        assert outsider.node.neighbour_rows() == [] and len(a.node.neighbour_rows()) == 1
+        assert not [e for e in outsider.displays() if "only" in e.message.body]
+    finally:
+        for t in nodes:
+            t.node.stop()
 
 
 def test_an_optional_node_shows_a_keyless_nodes_chat_as_not_sealed():
@@ -339,3 +370,22 @@ def test_two_processes_with_one_key_chat_and_their_events_say_sealed(tmp_path):
             sender.send("sealed hello")
             chat = listener.event("chat")
             assert chat["body"] == "sealed hello" and chat["sealed"] is True
+
+
+def test_consoles_mark_a_message_that_came_unsealed():
+    import io
+
+    from meshchat.console import JsonConsole, TerminalConsole
+
+    msg = decode(_chat())
+    out = io.StringIO()
+    TerminalConsole(out, color=False, interactive=False).show(Display(msg, sealed=False))
+    TerminalConsole(out, color=False, interactive=False).show(Display(msg, sealed=True))
+    first, second = out.getvalue().splitlines()
+    assert "(not sealed)" in first and "secret words" in first and "sealed" not in second
+    out = io.StringIO()
+    console = JsonConsole(out)
+    for sealed in (False, True, None):
+        console.show(Display(msg, sealed=sealed))
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e.get("sealed", "absent") for e in events] == [False, True, "absent"]
