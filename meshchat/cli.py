@@ -143,8 +143,46 @@ def build_parser() -> argparse.ArgumentParser:
                         "burst twice that; 0 for no total)")
     limits.add_argument("--peers-only", action="store_true",
                         help="drop datagrams from addresses that are not --peers")
+    closed = p.add_argument_group("closed mesh (needs the secure extra: pip install 'meshchat[secure]')")
+    closed.add_argument("--new-network-key", metavar="FILE", action=_NewNetworkKey,
+                        help="write a fresh random network key to FILE (never over an existing file) and exit")
+    closed.add_argument("--network-key", metavar="FILE",
+                        help="seal every datagram with the key in FILE; take only datagrams sealed with it")
+    closed.add_argument("--network-key-optional", action="store_true",
+                        help="with --network-key: also take plaintext datagrams (shown as not sealed; nothing "
+                        "is sent in answer); what this node sends is still sealed")
     p.add_argument("--version", action="version", version=f"meshchat {__version__}")
     return p
+
+
+class _NewNetworkKey(argparse.Action):
+    """--new-network-key FILE: like --version, it does its job and exits, whatever else is given."""
+
+    def __call__(self, parser, namespace, path, option_string=None) -> None:
+        try:
+            crypto.write_network_key(path)
+        except crypto.CryptoUnavailable as e:
+            parser.exit(2, f"{parser.prog}: {e}\n")
+        except FileExistsError:
+            parser.exit(2, f"{parser.prog}: {path} already exists; a network key is never written over a file "
+                        "(choose another name, or remove it first)\n")
+        except OSError as e:
+            parser.exit(2, f"{parser.prog}: cannot write {path}: {e.strerror or e}\n")
+        print(f"wrote a new network key to {path}; copy it to each node of the mesh and start them "
+              f"with --network-key {path}")
+        parser.exit(0)
+
+
+def _load_network_key(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--network-key FILE to the key itself, or exit 2 with one line saying what is wrong."""
+    if args.network_key is None:
+        if args.network_key_optional:
+            parser.error("argument --network-key-optional: needs --network-key FILE")
+        return
+    try:
+        args.network_key = crypto.load_network_key(args.network_key)
+    except (crypto.CryptoUnavailable, crypto.NetworkKeyError) as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")
 
 
 DISCOVERY_GROUP = ("239.255.77.77", 9977)
@@ -229,7 +267,8 @@ def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[
                                                     max_peers=args.max_peers),
                         discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover
                         else None, history=history_of(args),
-                        security=Security(args.identity) if crypto.available() else None)
+                        security=Security(args.identity) if crypto.available() else None,
+                        network_key=args.network_key, network_key_optional=args.network_key_optional)
         except OSError as e:
             if not _in_use(e) or i == tries - 1 or args.port >= 65535:
                 raise
@@ -273,6 +312,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.port_chosen = args.port is not None
+    _load_network_key(parser, args)
     if args.port is None:
         args.port = DEFAULT_PORT  # or the next free one, when the node binds
     if args.host not in _WILDCARD_HOSTS:

@@ -365,7 +365,7 @@ class Console:
     def show(self, event: object) -> None:
         """An event from the node."""
         if isinstance(event, Display):
-            self.chat(event.message, event.late, event.verified)
+            self.chat(event.message, event.late, event.verified, event.sealed)
         elif isinstance(event, (Delivered, Undelivered)):
             self.delivery(event)
         elif isinstance(event, Pong):
@@ -392,11 +392,14 @@ class JsonConsole(Console):
     def ready(self, label: str, identity: str = "") -> None:
         self.emit("ready", node=label, **({"fingerprint": identity.split(" (")[0]} if identity else {}))
 
-    def chat(self, m: Message, late: bool = False, verified: Optional[bool] = None) -> None:
+    def chat(self, m: Message, late: bool = False, verified: Optional[bool] = None,
+             sealed: Optional[bool] = None) -> None:
         part = part_of(m)
         extra: Dict[str, object] = {"part": list(part)} if part else {}
         if late:
             extra["late"] = True
+        if sealed is not None:  # a closed mesh: whether it came sealed under the network key
+            extra["sealed"] = sealed
         self.emit("chat", mid=m.mid, src=m.src, nick=nick_of(m), dst=m.dst, body=m.body, ts=m.ts, ttl=m.ttl,
                   verified=bool(verified), **extra)
 
@@ -547,7 +550,8 @@ class TerminalConsole(Console):
         if identity:
             self.notice(f"your fingerprint: {identity}")
 
-    def chat(self, m: Message, late: bool = False, verified: Optional[bool] = None) -> None:
+    def chat(self, m: Message, late: bool = False, verified: Optional[bool] = None,
+             sealed: Optional[bool] = None) -> None:
         body = sanitize(m.body)
         # Only a node that checks signatures can say a sender is unverified (a seed-design node, or a
         # signature stripped on the way): then the name is not proof of who wrote it.
@@ -555,6 +559,8 @@ class TerminalConsole(Console):
         # A late message (repaired, or caught up after a restart) says when it was written.
         when = f"{self._style.DIM}(late, sent {time.strftime('%H:%M:%S', time.localtime(m.ts))}){self._style.RESET_ALL} " \
             if late else ""
+        if sealed is False:  # --network-key-optional let it in unsealed: anyone could have sent it
+            when = f"{self._fore.RED}{self._style.BRIGHT}(not sealed){self._style.RESET_ALL} " + when
         if m.dst:
             mark = f"{self._fore.MAGENTA}{self._style.BRIGHT}(private){self._style.RESET_ALL}"
             self._line(f"{self._who(m.src, nick_of(m))} {unverified}{mark} {when}{self._part(m)}",

@@ -8,7 +8,11 @@ is a construction of our own: Ed25519, X25519, HKDF-SHA256 and
 ChaCha20-Poly1305 are used as the library provides them.
 """
 
-from typing import Optional
+import base64
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
 
 try:  # the optional extra
     import cryptography  # noqa: F401
@@ -40,11 +44,6 @@ def require(option: str) -> None:
 # raw seed in a file of its own (PEM would add nothing: nothing else reads it).
 # Keys and signatures travel as urlsafe base64 without padding.
 
-import base64
-import hashlib
-import os
-from pathlib import Path
-from typing import Any, Dict, Tuple  # noqa: E402
 
 IDENTITY_NAME = "identity.key"
 KEY_CHARS = 43  # 32 bytes in urlsafe base64 without padding
@@ -163,3 +162,153 @@ def verify(public: bytes, signature: bytes, data: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
+
+
+# -- Sealed datagrams ------------------------------------------------------------------------
+#
+# A closed mesh shares one network key (a file of 32 random bytes). Every datagram a node
+# with the key sends is sealed whole:
+#
+#     MAGIC (4 bytes, "MCS1": format version 1) | key id (4) | nonce (12) | ChaCha20-Poly1305(json) + tag (16)
+#
+# The header is the AEAD's associated data, so nothing in it can be changed either. The
+# magic never starts with "{", so a sealed datagram is told apart from plaintext JSON before
+# any parsing. The key id (derived, not the key) lets a datagram sealed under another key be
+# refused without trying to open it. The AEAD key and the key id are both derived from the
+# file's key with HKDF-SHA256 under their own labels; the file's key is never used raw. The
+# nonce is random per datagram: 96 bits make a repeat unlikely over billions of datagrams.
+
+
+SEAL_MAGIC = b"MCS1"
+SEAL_KEY_ID_BYTES = 4
+SEAL_NONCE_BYTES = 12
+SEAL_TAG_BYTES = 16
+SEAL_HEADER_BYTES = len(SEAL_MAGIC) + SEAL_KEY_ID_BYTES + SEAL_NONCE_BYTES
+SEAL_OVERHEAD_BYTES = SEAL_HEADER_BYTES + SEAL_TAG_BYTES
+NETWORK_KEY_BYTES = 32
+NETWORK_KEY_HEADER = "# meshchat network key: anyone holding this file can read and write in the mesh; keep it secret"
+_AEAD_INFO = b"meshchat/seal/v1/aead-key"
+_KEY_ID_INFO = b"meshchat/seal/v1/key-id"
+_MAX_KEY_FILE_BYTES = 4096  # a key file is two short lines; anything bigger is not one
+
+
+class NetworkKeyError(ValueError):
+    """A network key file that cannot be used; the message is the one line the user sees."""
+
+
+class NetworkKey:
+    """A network key, derived once: what seal() and unseal() need (the raw key is not kept)."""
+
+    __slots__ = ("key_id", "_aead", "_prefix")
+
+    def __init__(self, raw: bytes) -> None:
+        require("--network-key")
+        if len(raw) != NETWORK_KEY_BYTES:
+            raise NetworkKeyError(f"a network key is {NETWORK_KEY_BYTES} bytes, not {len(raw)}")
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+        self.key_id = _hkdf(raw, _KEY_ID_INFO, SEAL_KEY_ID_BYTES)
+        self._aead = ChaCha20Poly1305(_hkdf(raw, _AEAD_INFO, 32))
+        self._prefix = SEAL_MAGIC + self.key_id
+
+
+def _hkdf(raw: bytes, info: bytes, length: int) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(raw)
+
+
+def seal(key: NetworkKey, plaintext: bytes) -> bytes:
+    """``plaintext`` as a sealed datagram, under a fresh random nonce."""
+    header = key._prefix + os.urandom(SEAL_NONCE_BYTES)
+    return header + key._aead.encrypt(header[-SEAL_NONCE_BYTES:], plaintext, header)
+
+
+def unseal(key: NetworkKey, datagram: bytes) -> Optional[bytes]:
+    """The plaintext of a datagram sealed under ``key``; None for anything else (plaintext,
+    another key, truncated, changed in any bit)."""
+    if len(datagram) < SEAL_OVERHEAD_BYTES or not datagram.startswith(key._prefix):
+        return None
+    header = datagram[:SEAL_HEADER_BYTES]
+    try:
+        return key._aead.decrypt(header[-SEAL_NONCE_BYTES:], datagram[SEAL_HEADER_BYTES:], header)
+    except Exception:  # cryptography's InvalidTag: forged, damaged, or sealed under another key
+        return None
+
+
+_JSON_SPACE = b" \t\r\n"
+
+
+def opener(key: NetworkKey, optional: bool = False):
+    """The relay's ``unseal``: a datagram to (plaintext, sealed) or None (an outsider's: drop it).
+
+    With ``optional`` (--network-key-optional), a plaintext message (a JSON object, as nodes
+    without the key send) is let in, marked as such; anything else, such as a datagram that
+    claims a seal it does not have, never is."""
+    def open_datagram(datagram: bytes) -> Optional[Tuple[bytes, bool]]:
+        plain = unseal(key, datagram)
+        if plain is not None:
+            return plain, True
+        if optional and datagram.lstrip(_JSON_SPACE)[:1] == b"{":
+            return datagram, False
+        return None
+
+    return open_datagram
+
+
+def new_network_key() -> bytes:
+    return os.urandom(NETWORK_KEY_BYTES)
+
+
+def format_network_key(raw: bytes) -> str:
+    """The text of a key file: a comment line, then the key in base64 (so it can be copied)."""
+    return f"{NETWORK_KEY_HEADER}\n{base64.b64encode(raw).decode('ascii')}\n"
+
+
+def parse_network_key(text: str) -> bytes:
+    """The key in a key file's text; NetworkKeyError saying what is wrong."""
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if len(lines) != 1:
+        raise NetworkKeyError("not a meshchat network key (expected one base64 line; "
+                              "make one with --new-network-key FILE)")
+    try:
+        raw = base64.b64decode(lines[0], validate=True)
+    except (ValueError, TypeError):
+        raise NetworkKeyError("not a meshchat network key (its key line is not base64)") from None
+    if len(raw) != NETWORK_KEY_BYTES:
+        raise NetworkKeyError(f"not a meshchat network key ({len(raw)} bytes, not {NETWORK_KEY_BYTES})")
+    return raw
+
+
+def write_network_key(path: str) -> None:
+    """Write a fresh key to ``path``, readable by its owner only (POSIX); never over an existing
+    file (FileExistsError). Created exclusively, so two writers cannot both think they made it."""
+    require("--new-network-key")
+    text = format_network_key(new_network_key()).encode("ascii")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    try:
+        os.write(fd, text)
+    finally:
+        os.close(fd)
+
+
+def load_network_key(path: str) -> NetworkKey:
+    """The key in the file at ``path``; NetworkKeyError (one line, naming the file) if unusable."""
+    require("--network-key")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_KEY_FILE_BYTES + 1)
+    except OSError as e:
+        raise NetworkKeyError(f"cannot read network key file {path}: {e.strerror or e}") from None
+    try:
+        if len(data) > _MAX_KEY_FILE_BYTES:
+            raise NetworkKeyError("not a meshchat network key (too big)")
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise NetworkKeyError("not a meshchat network key (not text)") from None
+        return NetworkKey(parse_network_key(text))
+    except NetworkKeyError as e:
+        raise NetworkKeyError(f"network key file {path}: {e}") from None

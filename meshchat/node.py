@@ -28,8 +28,11 @@ import threading
 import time
 import traceback
 from dataclasses import replace
+from functools import partial
 from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Set, Tuple
 
+from . import crypto
+from .crypto import NetworkKey
 from .delivery import CAPS as DELIVERY_CAPS
 from .delivery import Delivery, DeliveryConfig, HeldDrop, HeldItem, HeldPut, OutboxDrop, OutboxItem, OutboxPut
 from .delivery import ServeSince, direct_key, stream_of
@@ -148,6 +151,8 @@ class Node:
         discovery: Optional[Discovery] = None,
         history: Optional[History] = None,
         security: Optional[Security] = None,
+        network_key: Optional[NetworkKey] = None,
+        network_key_optional: bool = False,
     ) -> None:
         """Bind the socket (OSError if the port is taken); ``start()`` starts the threads.
 
@@ -194,6 +199,13 @@ class Node:
             self.membership = Membership(mcfg, secret=os.urandom(32))
             if history is not None:
                 self.delivery = self._new_delivery(history)
+        # A closed mesh: every datagram is sealed once per Send on its way out (_send, _beacon),
+        # and opened by the relay first thing on its way in.
+        self._seal: Optional[Callable[[bytes], bytes]] = None
+        sealing = {}
+        if network_key is not None:
+            self._seal = partial(crypto.seal, network_key)
+            sealing["unseal"] = crypto.opener(network_key, network_key_optional)
         self.identity: Any = None  # crypto.Identity, with security
         self.identity_where = ""  # the file, or "" for one in memory
         trust, sign = None, None
@@ -207,7 +219,8 @@ class Node:
                 raise
         self.trust: Optional[Trust] = trust
         self.relay = relay_factory(replace(config, label=self.label), peers, membership=self.membership,
-                                   delivery=self.delivery, **({"trust": trust, "sign": sign} if trust else {}))
+                                   delivery=self.delivery, **({"trust": trust, "sign": sign} if trust else {}),
+                                   **sealing)
         if self.store is not None:  # a replay dated before this start may have been shown then
             self.relay.replay_before_ts = self.store.last_ts()
         self._discovery = discovery
@@ -466,6 +479,8 @@ class Node:
 
     def _beacon(self, data: bytes) -> None:
         assert self._discovery is not None
+        if self._seal is not None:
+            data = self._seal(data)
         for iface in self._discovery.interfaces:
             try:
                 self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(iface))
@@ -558,9 +573,10 @@ class Node:
 
     def _send(self, send: Send) -> None:
         sendto = self._io.sendto
+        data = send.data if self._seal is None else self._seal(send.data)  # one seal for all its copies
         for addr in send.addrs:
             try:
-                sendto(send.data, addr)
+                sendto(data, addr)
             except OSError as e:
                 # One unreachable or slow peer must not stop the others.
                 log.debug("send to %s:%s failed: %s", addr[0], addr[1], e)

@@ -41,6 +41,8 @@ from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want, direct_key
 from .bucket import take
 from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
 from .seen import SeenCache
+from .delivery import ServeSince
+from .membership import Beacon, Originate
 from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
 
 MAX_SEND_BYTES = 1400  # one Ethernet frame; also under macOS's 9216-byte default
@@ -79,6 +81,9 @@ COUNTERS = (
     "dropped_key_changed",  # signed by another key than the one pinned for its origin
     "dropped_unsigned",  # --require-signed: not verified
     "dropped_internal",  # handling it raised: a bug, contained to that datagram by the node
+    "dropped_unauthenticated",  # a closed mesh: not sealed under our network key (an outsider's)
+    "received_plaintext",  # --network-key-optional: let in unsealed (also counted as received)
+    "plaintext_withheld",  # sends a plaintext datagram led to, not made (nothing answers an outsider)
     "sent",
     "link_received",
     "link_sent",
@@ -97,11 +102,13 @@ class Send(NamedTuple):
 
 class Display(NamedTuple):
     """Show ``message`` to the user; ``late``: it came by repair or catch-up, after later ones;
-    ``verified``: signed by its origin's pinned key (None: this node cannot check signatures)."""
+    ``verified``: signed by its origin's pinned key (None: this node cannot check signatures).
+    ``sealed``: None outside a closed mesh, else whether it came sealed under the network key."""
 
     message: Message
     late: bool = False
     verified: Optional[bool] = None
+    sealed: Optional[bool] = None
 
 
 class Pong(NamedTuple):
@@ -226,12 +233,15 @@ class Relay:
         delivery: "Optional[Delivery]" = None,
         trust: "Optional[Trust]" = None,
         sign: Optional[Callable[[Message], Message]] = None,
+        unseal: "Optional[Callable[[bytes], Optional[Tuple[bytes, bool]]]]" = None,
     ) -> None:
         self.config = config
         # Signatures (trust.py): verify first copies with ``trust``, sign what we originate with ``sign``.
         self.trust = trust
         self._sign = sign
         self.replay_before_ts: Optional[float] = None  # newest ts in history at start (see _deliver)
+        # A closed mesh: a datagram to (plaintext, sealed), or None if an outsider's (crypto.opener).
+        self._unseal = unseal
         # Who our neighbours are, when there is a membership layer; else the configured peers, all alive.
         self.membership = membership
         self._targets_version = -1
@@ -285,6 +295,26 @@ class Relay:
     # -- receiving -----------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
+        if self._unseal is None:
+            return self._opened(data, addr, now, wall)
+        # First of all: an outsider's datagram touches nothing (no stranger table, no token
+        # bucket: a forged neighbour address must not drain that neighbour's; no liveness).
+        # Plaintext and other keys fail on an 8-byte prefix; only our key id costs an AEAD try.
+        opened = self._unseal(data)
+        if opened is None:
+            self.counters.received += 1
+            self.counters.dropped_unauthenticated += 1
+            return []
+        data, sealed = opened
+        if not sealed:
+            return self._plaintext(data, addr, now, wall)
+        actions = self._opened(data, addr, now, wall)
+        for i, a in enumerate(actions):
+            if type(a) is Display:
+                actions[i] = a._replace(sealed=True)
+        return actions
+
+    def _opened(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
         m = self.membership
         if m is None or addr not in m.neighbours:
             return self._received(data, addr, now, wall)
@@ -296,6 +326,24 @@ class Relay:
             heard.extend(self.delivery.peer_heard(label, now, wall, caps))
         actions = self._received(data, addr, now, wall)
         return self._sends(heard, now, wall) + actions if heard else actions
+
+    def _plaintext(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
+        """--network-key-optional: an unsealed datagram, taken as a node without a key would take
+        it and shown marked, but nothing it leads to is sent: an outsider neither makes us answer
+        (we would be its reflector) nor reaches the sealed mesh under our seal. It proves no
+        neighbour alive, and no HELLO of ours reaches it readable, so it never becomes one."""
+        c = self.counters
+        c.received_plaintext += 1
+        out = []
+        for a in self._received(data, addr, now, wall):
+            kind = type(a)
+            if kind in _SENDS:
+                c.plaintext_withheld += 1
+                if kind is Send:
+                    c.sent -= len(a.addrs)
+            else:
+                out.append(a._replace(sealed=False) if kind is Display else a)
+        return out
 
     def _received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
         c = self.counters
@@ -870,6 +918,9 @@ class Relay:
             if addr not in self.peers:
                 rows.append((format_addr(addr), False, now - last))
         return rows
+
+
+_SENDS = (Send, Originate, Beacon, ServeSince)  # actions that make the node send
 
 
 def _full_bucket() -> List[float]:

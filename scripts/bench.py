@@ -63,7 +63,7 @@ QUICK = dict(
     repair_settle_s=1.5, repair_deadline_s=5.0, repair_tail_s=0.3, repair_idle_s=0.0,
 )
 QUICK_NODES = 10
-SECTIONS = ("relay", "history", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery", "repair")
+SECTIONS = ("relay", "history", "seal", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery", "repair")
 MESH_SECTIONS = {"scale", "direct", "idle", "liveness"}  # these share one mesh per --nodes size
 LATENCY_HOPS = (1, 4, 8)
 DEGREE = 4
@@ -687,6 +687,82 @@ def bench_history(cfg: dict, fleet: Fleet) -> dict:
         fleet.stop(list(procs.values()))
         for s in (src, *sinks):
             s.close()
+
+
+# -- 1c. relay cost with a network key on and off (closed meshes) -------------------------------
+
+SEAL_RELAYS = ("off", "on")
+
+
+def bench_seal(cfg: dict, fleet: Fleet) -> dict:
+    """Relay cost of a node with --network-key (every datagram opened, and every copy sealed) against
+    one without, as in section 1 (--quiet, same peers and pacing, taking turns). The benchmark seals
+    what it sends to the keyed node beforehand, so its own sealing is not in the figures; and the
+    primitives alone, in this process: seal and open of one chat datagram."""
+    sys.path.insert(0, REPO)
+    from meshchat import crypto
+
+    if not crypto.available():
+        raise RuntimeError("needs the secure extra: pip install 'meshchat[secure]'")
+    key_dir = tempfile.mkdtemp(prefix="meshchat-bench-key-")
+    key_file = os.path.join(key_dir, "mesh.key")
+    crypto.write_network_key(key_file)
+    key = crypto.load_network_key(key_file)
+    src = udp_socket()
+    sinks = [udp_socket(RCVBUF_BYTES, blocking=False) for _ in range(2)]
+    peer_labels = [label_of(s) for s in (src, *sinks)]
+    common = ("--port", "0", "--peers", *peer_labels, "--headless", "--quiet", "--json", "--rate-limit", "1000000")
+    argvs = {"off": meshchat_argv(*common), "on": meshchat_argv(*common, "--network-key", key_file)}
+    procs = {name: fleet.spawn(argv, tag=("seal", name), stdin=False) for name, argv in argvs.items()}
+    try:
+        fleet.wait_ready(list(procs.values()))
+        fleet.drain(0.3)
+        gen = Datagrams(label_of(src))
+        rows = {name: {"rounds_cpu_us": [], "rounds_cpu_us_burst": [], "sent": 0, "received": 0}
+                for name in SEAL_RELAYS}
+        index = 0
+        for _ in range(cfg["relay_rounds"]):
+            for burst, k in ((1, "rounds_cpu_us"), (cfg["relay_burst"], "rounds_cpu_us_burst")):
+                for name in SEAL_RELAYS:
+                    p = procs[name]
+                    batch = [gen.make(index + i) for i in range(cfg["relay_messages"])]
+                    index += len(batch)
+                    if name == "on":
+                        batch = [crypto.seal(key, d) for d in batch]
+                    before = cpu_seconds(p.pid)
+                    got = drive_paced(src, (HOST, p.port), sinks, batch, cfg["relay_rate"], burst)
+                    used = delta(cpu_seconds(p.pid), before)
+                    row = rows[name]
+                    row["sent"] += got["sent"]
+                    row["received"] += sum(got["received"])
+                    if used is not None:
+                        row[k].append(used / got["sent"] * 1e6)
+        for name in SEAL_RELAYS:
+            row = rows[name]
+            row["delivered_fraction"] = row["received"] / (2 * row["sent"]) if row["sent"] else None
+            row["cpu_us_per_msg"] = median(row["rounds_cpu_us"])
+            row["cpu_us_per_msg_burst"] = median(row["rounds_cpu_us_burst"])
+        one = gen.make(index)
+        n = 20_000 if cfg is FULL else 2000
+        t0 = time.perf_counter()
+        sealed = [crypto.seal(key, one) for _ in range(n)]
+        t1 = time.perf_counter()
+        for d in sealed:
+            crypto.unseal(key, d)
+        t2 = time.perf_counter()
+        out = {"paced_rate_per_s": cfg["relay_rate"], "burst": cfg["relay_burst"], "rounds": cfg["relay_rounds"],
+               "messages_per_relay": 2 * cfg["relay_messages"] * cfg["relay_rounds"], "relays": rows,
+               "datagram_bytes": len(one), "overhead_bytes": crypto.SEAL_OVERHEAD_BYTES,
+               "seal_us": (t1 - t0) / n * 1e6, "unseal_us": (t2 - t1) / n * 1e6}
+        for suffix in ("", "_burst"):
+            on, off = (rows[name]["cpu_us_per_msg" + suffix] for name in SEAL_RELAYS[::-1])
+            out["ratio_on_off" + suffix] = on / off if on and off else None
+        return out
+    finally:
+        fleet.stop(list(procs.values()))
+        for s in (src, *sinks):
+            s.close()
+        shutil.rmtree(key_dir, ignore_errors=True)
 
 
 def history_rows(data_dir: Optional[str]) -> Optional[int]:
@@ -1787,6 +1863,17 @@ def report(r: dict) -> str:
                      f"{hist['messages_per_relay']:,} messages each as in section 1, taking turns\n" + table(
                          ["relay", "CPU µs/msg, one at a time", f"CPU µs/msg, bursts of {hist['burst']}", "delivered",
                           "shown / sent", "rows in history"], rows))
+    seal = r.get("seal")
+    if seal and "relays" in seal:
+        rows = [[f"network key {name}", x["cpu_us_per_msg"], x["cpu_us_per_msg_burst"], x["delivered_fraction"]]
+                for name, x in seal["relays"].items()]
+        rows.append(["on / off", seal["ratio_on_off"], seal["ratio_on_off_burst"], ""])
+        parts.append(f"1c. Relay cost with a network key on and off (--quiet), {seal['messages_per_relay']:,} "
+                     f"messages each as in section 1, taking turns; seal {seal['seal_us']:.1f} µs, open "
+                     f"{seal['unseal_us']:.1f} µs a {seal['datagram_bytes']}-byte datagram in this process "
+                     f"(+{seal['overhead_bytes']} bytes)\n" + table(
+                         ["relay", "CPU µs/msg, one at a time", f"CPU µs/msg, bursts of {seal['burst']}",
+                          "delivered"], rows))
     lat = r.get("latency")
     if lat and "lines" in lat:
         rows = [[f"{x['hops']} hops", x.get("p50_ms"), x.get("p99_ms"), x.get("max_ms"), x.get("p50_per_hop_ms"),
@@ -1971,6 +2058,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             r["relay"] = run("relay cost", lambda: bench_relay(cfg, fleet))
         if "history" in sections:
             r["history"] = run("relay cost, history on and off", lambda: bench_history(cfg, fleet))
+        if "seal" in sections:
+            r["seal"] = run("relay cost, network key on and off", lambda: bench_seal(cfg, fleet))
         if "latency" in sections:
             r["latency"] = run("latency", lambda: bench_latency(cfg, fleet))
         if "memory" in sections:

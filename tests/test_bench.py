@@ -52,6 +52,15 @@ def test_quick_benchmark_runs_and_reports_every_section():
     if have_proc:
         assert 0.2 < hist["ratio_on_off"] < 10 and 0.2 < hist["ratio_on_off_burst"] < 10, hist
 
+    # A network key on and off: both relay everything; the primitives cost something, under a millisecond.
+    seal = r["seal"]
+    assert set(seal["relays"]) == {"off", "on"}
+    for name, row in seal["relays"].items():
+        assert row["sent"] > 0 and row["delivered_fraction"] > 0.5, (name, row)
+    assert 0 < seal["seal_us"] < 1000 and 0 < seal["unseal_us"] < 1000 and seal["overhead_bytes"] == 36
+    if have_proc:
+        assert 0.2 < seal["ratio_on_off"] < 10 and 0.2 < seal["ratio_on_off_burst"] < 10, seal
+
     lat = r["latency"]
     assert [x["hops"] for x in lat["lines"]] == [1, 4, 8]
     for row in lat["lines"]:

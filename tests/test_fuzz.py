@@ -525,3 +525,72 @@ def test_signed_messages_with_hostile_keys_and_signatures_are_counted_never_rais
     # A damaged field that still decodes to the same bytes does not exist (one spelling per key):
     # nothing forged came through as verified.
     assert shown_verified == 0
+
+# -- sealed datagrams (closed meshes) -----------------------------------------------------------
+
+def _sealed_case(rng: random.Random, key, other, serial: int) -> Tuple[bytes, str]:
+    """A datagram for a node holding ``key``, and the one drop reason it must get ("" if it may pass)."""
+    from meshchat import crypto
+
+    inner = structured(rng, serial).data if rng.random() < 0.5 else malformed(rng)
+    sealed = crypto.seal(key, inner)
+    kind = rng.randrange(8)
+    if kind == 0:  # right key, whatever is inside: garbage, malformed or valid JSON, hostile fields
+        return sealed, ""
+    if kind == 1:  # truncated
+        return sealed[:rng.randrange(len(sealed))], "unauthenticated"
+    if kind == 2:  # bit-flipped, anywhere: header, nonce, ciphertext or tag
+        data = bytearray(sealed)
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        return bytes(data), "unauthenticated"
+    if kind == 3:  # another mesh's key
+        return crypto.seal(other, inner), "unauthenticated"
+    if kind == 4:  # wrong length: bytes added after the tag
+        return sealed + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))), "unauthenticated"
+    if kind == 5:  # the magic and our key id, then anything
+        return sealed[:8] + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 80))), "unauthenticated"
+    if kind == 6:  # not sealed at all: plaintext, as a node without the key sends it
+        return inner, "plaintext"
+    return sealed[:rng.randrange(1, 8)], "unauthenticated"  # a piece of the header only
+
+
+@pytest.mark.skipif(not __import__("meshchat.crypto").crypto.available(), reason="needs the secure extra")
+def test_sealed_datagrams_damaged_every_way_never_raise_and_each_is_counted_once():
+    from meshchat import crypto
+
+    rng = random.Random(20261127)
+    key, other = crypto.NetworkKey(bytes(range(32))), crypto.NetworkKey(bytes(range(1, 33)))
+    strict, optional = (Relay(RelayConfig(label=label_of(1), rate_limit=0, seen_max=1_000_000),
+                              [addr_of(2), addr_of(3)], unseal=crypto.opener(key, opt)) for opt in (False, True))
+    out = io.StringIO()
+    consoles = [TerminalConsole(out, color=True, interactive=False), JsonConsole(out)]
+    passed = {"strict": 0, "optional": 0}
+    for i in range(3000):
+        data, reason = _sealed_case(rng, key, other, i)
+        for name, r in (("strict", strict), ("optional", optional)):
+            must = reason
+            before = r.stats()
+            actions = r.datagram_received(data, addr_of(9), 100.0 + i * 0.01, WALL)
+            after = r.stats()
+            assert after["received"] == before["received"] + 1 and _adds_up(r), data[:80]
+            unauth = after["dropped_unauthenticated"] - before["dropped_unauthenticated"]
+            plain = after["received_plaintext"] - before["received_plaintext"]
+            if must == "plaintext" and (name == "strict" or data.lstrip()[:1] != b"{"):
+                must = "unauthenticated"  # only a JSON object is taken for plaintext, and only if optional
+            if must == "unauthenticated":
+                assert unauth == 1 and actions == [], (name, must, data[:80])
+            elif must == "plaintext":
+                assert unauth == 0 and plain == 1 and not [a for a in actions if type(a) is Send]
+            else:
+                assert unauth == 0
+                passed[name] += after["handled"] > before["handled"]
+            for action in actions:
+                if type(action) is Send:
+                    decode(action.data)  # what the node would seal is valid
+                else:
+                    for c in consoles:
+                        c.show(action)
+    assert passed["strict"] > 25 and passed["optional"] > 25  # valid inside: handled, not just opened
+    assert strict.stats()["dropped_malformed"] > 100  # garbage under the right key is refused after opening
+    assert not any(c.broken for c in consoles)
