@@ -256,13 +256,15 @@ def history_of(args: argparse.Namespace) -> History:
                    hold_s=args.hold_hours * 3600.0, catch_up_s=args.catch_up_hours * 3600.0)
 
 
-def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[[object], None]) -> Node:
+def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[[object], None],
+              on_events: Optional[Callable[[List[object]], None]] = None) -> Node:
     """The node bound to --port; without --port, to the first free port from the default on
     (so that `meshchat` run in three terminals gives three nodes). OSError if none is free."""
     tries = 1 if args.port_chosen else DEFAULT_PORT_TRIES
     for i in range(tries):
         try:
             return Node(config, args.host, args.port, args.peers, on_event, advertise=args.advertise,
+                        on_events=on_events,
                         membership=MembershipConfig(label="", mesh=args.mesh, nick=args.nick or "",
                                                     max_peers=args.max_peers),
                         discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover
@@ -464,6 +466,11 @@ def _saved_marker(events: "queue.Queue[object]") -> Callable[[object], bool]:
     return saved
 
 
+class _Batch(NamedTuple):
+    """Events of one drain of the socket, for the main thread to show together."""
+    events: List[object]
+
+
 class _Stop(Exception):
     """Raised in the main thread by the first SIGINT or SIGTERM."""
 
@@ -642,23 +649,40 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   on_broken=stop_reading, get_typed=readline_buffer(), columns=columns)
 
     unshown = [0]  # events dropped while the console was not keeping up
+    pending = [0]  # events handed to the main thread and not shown yet (batches count each of theirs)
+
+    def kept(event: object) -> object:
+        if isinstance(event, Display) and event.message.extra:
+            # Unknown fields are relayed, never shown (but a valid "part" and "nick"): do not keep them waiting.
+            part, nick = part_of(event.message), nick_of(event.message)
+            kept = {"part": part} if part else {}
+            if nick:
+                kept["nick"] = nick
+            event = event._replace(message=event.message._replace(extra=kept))
+        return event
 
     def on_event(event: object) -> None:  # on the socket thread: never blocks on the console
         if isinstance(event, Failure):
             lines.put(event)
         elif args.quiet:
             pass
-        elif lines.qsize() < MAX_PENDING_EVENTS:
-            if isinstance(event, Display) and event.message.extra:
-                # Unknown fields are relayed, never shown (but a valid "part" and "nick"): do not keep them waiting.
-                part, nick = part_of(event.message), nick_of(event.message)
-                kept = {"part": part} if part else {}
-                if nick:
-                    kept["nick"] = nick
-                event = event._replace(message=event.message._replace(extra=kept))
-            lines.put(event)
+        elif pending[0] < MAX_PENDING_EVENTS:
+            pending[0] += 1
+            lines.put(kept(event))
         else:
             unshown[0] += 1
+
+    def on_events(events: List[object]) -> None:
+        """One drain of the socket's events, in history already: one hand-over, one wake-up."""
+        if args.quiet:
+            return
+        room = MAX_PENDING_EVENTS - pending[0]
+        if room < len(events):
+            unshown[0] += len(events) - max(room, 0)
+            events = events[:max(room, 0)]
+        if events:
+            pending[0] += len(events)
+            lines.put(_Batch([kept(e) for e in events]))
 
     config = RelayConfig(label="", ttl=args.ttl, seen_ttl_s=args.seen_ttl, seen_max=args.seen_max,
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
@@ -667,7 +691,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          require_signed=args.require_signed)
     first = args.port
     try:
-        node = open_node(args, config, on_event)
+        node = open_node(args, config, on_event, on_events)
     except (StoreError, crypto.IdentityError) as e:
         print(f"meshchat: {e}", file=sys.stderr)
         return 1
@@ -721,6 +745,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if item.done is not None:
                     item.done.set()
                 continue
+            if isinstance(item, _Batch):
+                # Already in history (the store's writer handed them on after its commit).
+                pending[0] -= len(item.events)
+                with console.batch():  # written together, flushed once
+                    for event in item.events:
+                        console.show(shown_nick(event, node.nick_of) if isinstance(event, Display) else event)
+                if unshown[0]:
+                    missed, unshown[0] = unshown[0], 0
+                    console.show(Notice(f"{missed} events were not shown: the output was not being read"))
+                continue
+            if not isinstance(item, Failure):
+                pending[0] -= 1
             if isinstance(item, Display):
                 if node.store is not None and not saved_through(item):
                     # What is shown is in history first, so that a restart never shows it again;

@@ -13,6 +13,7 @@ Both are called from the main thread, which also shows the node's events
 console's own lock.
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,7 +24,7 @@ import threading
 import time
 import unicodedata
 import zlib
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, TextIO, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, TextIO, Tuple, Union
 
 from .membership import MAX_NICK_CHARS, PeerDown, PeerUp, Refused, display_name, valid_nick
 from .delivery import Delivered, Undelivered
@@ -344,6 +345,17 @@ class Console:
         self._lock = threading.Lock()
         self._on_broken = on_broken
         self.broken = False
+        self._held = False  # inside batch(): written, flushed once at its end
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Show several events with one flush (one write to the terminal or pipe, not one each)."""
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+            self._write("")
 
     def _write(self, text: str) -> None:
         with self._lock:
@@ -356,7 +368,8 @@ class Console:
                     # A lone surrogate, or a character the stream's encoding lacks (an
                     # ASCII or cp1252 stdout): shown as escapes, never a broken console.
                     self._stream.write(_encodable(text, getattr(self._stream, "encoding", None)))
-                self._stream.flush()
+                if not self._held:
+                    self._stream.flush()
             except (OSError, ValueError) as e:  # closed or broken pipe
                 self.broken = True
                 log.debug("stdout is gone: %s", e)

@@ -90,6 +90,12 @@ class Security(NamedTuple):
     identity_file: Optional[str] = None  # None: in the data dir; in memory for the run without history
 
 
+class _Batch(NamedTuple):
+    """What one drain of the socket gives: events to show, and the messages among them to save first."""
+    events: List[object]
+    saves: list
+
+
 class Failure(NamedTuple):
     """A worker thread died; the node is no longer relaying."""
 
@@ -143,6 +149,7 @@ class Node:
         peers: Iterable[Addr] = (),
         on_event: Callable[[object], None] = lambda event: None,
         advertise: Optional[str] = None,
+        on_events: Optional[Callable[[List[object]], None]] = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         relay_factory: Callable[..., Relay] = Relay,
@@ -159,10 +166,13 @@ class Node:
         The label in ``config`` is replaced by ``ADVERTISE_OR_HOST:PORT`` once bound.
         ``relay_factory`` and ``wrap_socket`` let tests trace the relay and inject
         socket faults; the selector always watches the real socket.
+        ``on_events``: if given, what one drain of the socket gives to show goes to it as one
+        list (one hand-over per wake-up, not per message), after the history has it.
         """
         self._clock = clock
         self._wall = wall
         self._on_event = on_event
+        self._on_events = on_events
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: List[threading.Thread] = []
@@ -402,8 +412,10 @@ class Node:
             self._act(actions)
         return None if deadline is None else max(deadline - clock(), MIN_TIMER_S)
 
-    def _act(self, actions: list) -> None:
-        """Carry out what the relay and membership asked for, outside the lock."""
+    def _act(self, actions: list, batch: "Optional[_Batch]" = None) -> None:
+        """Carry out what the relay and membership asked for, outside the lock.
+
+        What there is to show (and to save) goes to ``batch`` if given, else on at once."""
         for action in actions:
             kind = type(action)
             if kind is Send:
@@ -420,20 +432,29 @@ class Node:
                 self._pin(action)
             else:
                 if kind is Display and self.store is not None:
-                    self._save(action.message, action.late)
-                self._on_event(action)
+                    self._save(action.message, action.late, batch.saves if batch is not None else None)
+                if batch is not None:
+                    batch.events.append(action)
+                else:
+                    self._on_event(action)
 
     # -- the store: history, outbox, held messages (its own writer thread does the disk) -------------
 
-    def _save(self, msg: Message, late: bool = False) -> None:
-        """History: a message shown or sent (a direct one under its original id, for dedup after a restart)."""
+    def _save(self, msg: Message, late: bool = False, saves: Optional[list] = None) -> None:
+        """History: a message shown or sent (a direct one under its original id, for dedup after a restart).
+
+        ``saves``: collect it there (a drain's batch, queued in one go) instead of queueing it now."""
         assert self.store is not None
         key = direct_key(msg) if msg.dst else msg.mid
         stream = stream_of(msg.mid) if not msg.dst else None
-        self.store.put(SaveMessage(key, msg.ts, msg.src, msg.dst, msg.kind, msg.body,
-                                   stream[0] if stream else None, stream[1] if stream else None, late,
-                                   encode(msg._replace(extra={k: v for k, v in msg.extra.items() if k != "re"})
-                                          if "re" in msg.extra else msg)))
+        item = SaveMessage(key, msg.ts, msg.src, msg.dst, msg.kind, msg.body,
+                           stream[0] if stream else None, stream[1] if stream else None, late,
+                           encode(msg._replace(extra={k: v for k, v in msg.extra.items() if k != "re"})
+                                  if "re" in msg.extra else msg))
+        if saves is not None:
+            saves.append(item)
+        else:
+            self.store.put(item)
 
     def _store_actions(self, actions: Iterable[Any]) -> None:
         st = self.store
@@ -505,6 +526,23 @@ class Node:
             pass
 
     def _datagrams_ready(self, sock: Any = None) -> None:
+        batch = _Batch([], []) if self._on_events is not None else None
+        try:
+            self._drain(sock, batch)
+        finally:
+            if batch is not None and batch.events:
+                self._hand_over(batch)
+
+    def _hand_over(self, batch: "_Batch") -> None:
+        """One drain's messages saved and events shown, each in one go: the store's writer wakes
+        once, commits, and hands the events on (shown means in history, and nobody waits)."""
+        assert self._on_events is not None
+        if self.store is not None:
+            self.store.put_many(batch.saves, self._on_events, batch.events)
+        else:
+            self._on_events(batch.events)
+
+    def _drain(self, sock: Any, batch: "Optional[_Batch]") -> None:
         recvfrom = (sock or self._io).recvfrom
         relay = self.relay
         lock = self._lock
@@ -533,7 +571,7 @@ class Node:
                 continue
             for action in actions:
                 try:
-                    self._act((action,))
+                    self._act((action,), batch)
                 except Exception as e:  # counted as handled: the relay did decide; the rest still go
                     self._log_internal(data, e, "handled, but handing on one of its actions failed")
 
@@ -668,6 +706,7 @@ class Node:
         if self.store is not None:
             st = self.store.stats()
             out["history_written"], out["history_dropped"] = st["store_written"], st["store_dropped"]
+            out["history_commits"] = st["store_commits"]
         out["rcvbuf_bytes"] = self.rcvbuf_bytes
         return out
 

@@ -120,6 +120,18 @@ class _Flush(NamedTuple):
     done: threading.Event
 
 
+class _Forward(NamedTuple):
+    """Call ``fn(events)`` once everything queued before it is committed (see ``forward``)."""
+    fn: Callable[[List[Any]], None]
+    events: List[Any]
+
+
+class _Many(NamedTuple):
+    """Items queued together (one wake-up of the writer), and maybe events to hand on after them."""
+    items: List[Any]
+    forward: Optional[_Forward]
+
+
 class _Stop(NamedTuple):
     pass
 
@@ -267,6 +279,7 @@ class Store:
         # Counters, for /stats.
         self.dropped = 0
         self.written = 0
+        self.commits = 0  # transactions: what history costs is mostly one of these per batch
         self.write_errors = 0
         self.history_trimmed = 0
         self.outbox_dropped = 0
@@ -452,6 +465,38 @@ class Store:
         self._queue.put(_Flush(done))
         return done.wait(timeout_s)
 
+    def forward(self, fn: Callable[[List[Any]], None], events: List[Any]) -> None:
+        """``fn(events)``, on the writer thread, once what was queued before is committed."""
+        self.put_many([], fn, events)
+
+    def put_many(self, items: List[Item], fn: Optional[Callable[[List[Any]], None]] = None,
+                 events: Optional[List[Any]] = None) -> None:
+        """``items`` in one go (the writer wakes once for them all), then ``fn(events)`` on the
+        writer thread once they are committed.
+
+        How the node saves and shows what one drain of its socket gave: a message is shown only
+        once it is in history (so a restart never shows it again), and the main thread never
+        waits for a commit. Never blocks. Past the queue's bound the items are dropped (counted)
+        but the events still go on: history falling behind must not hide the conversation.
+        Without a writer, or once closed, everything happens at once on the calling thread."""
+        for item in items:
+            if type(item) not in self._HANDLERS:
+                raise TypeError(f"not a store item: {item!r}")
+        forward = _Forward(fn, events if events is not None else []) if fn is not None else None
+        if items and self._queue.qsize() >= self.queue_max:
+            with self._drop_lock:
+                self.dropped += len(items)
+            items = []
+        if self._closed or not self._writer_alive():
+            if not self._closed:
+                for item in items:
+                    self._queue.put(item)
+                self._drain_inline()
+            if forward is not None:
+                self._call_forward(forward)
+            return
+        self._queue.put(_Many(items, forward))
+
     def _writer_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -465,6 +510,13 @@ class Store:
                 break
             if isinstance(item, _Flush):
                 item.done.set()
+            elif isinstance(item, _Many):
+                batch.extend(item.items)
+                if item.forward is not None:
+                    if batch:
+                        self._write_batch(batch)
+                        batch = []
+                    self._call_forward(item.forward)
             elif not isinstance(item, _Stop):
                 batch.append(item)
             if len(batch) >= BATCH_MAX_ITEMS:
@@ -487,18 +539,27 @@ class Store:
             item = q.get()
             batch: List[Any] = []
             waiting: List[threading.Event] = []
+            forwards: List[_Forward] = []
             stop = False
             deadline = time.monotonic() + COMMIT_INTERVAL_S
             while True:
-                if isinstance(item, _Stop):
+                kind = type(item)
+                if kind is _Stop:
                     stop = True
                     break
-                if isinstance(item, _Flush):
+                if kind is _Flush:
                     waiting.append(item.done)
                     break
-                batch.append(item)
+                if kind is _Many:
+                    batch.extend(item.items)
+                    if item.forward is not None:
+                        forwards.append(item.forward)
+                else:
+                    batch.append(item)
                 if len(batch) >= BATCH_MAX_ITEMS:
                     break
+                if forwards and q.empty():
+                    break  # someone waits for this commit: now (what is queued already goes along)
                 remaining_s = deadline - time.monotonic()
                 if remaining_s <= 0:
                     break
@@ -510,8 +571,17 @@ class Store:
                 self._write_batch(batch)
             for done in waiting:
                 done.set()
+            for f in forwards:
+                self._call_forward(f)
             if stop:
                 return
+
+    @staticmethod
+    def _call_forward(f: _Forward) -> None:
+        try:
+            f.fn(f.events)
+        except Exception:  # the receiver's bug must not stop the writer
+            log.exception("store: handing on %d events failed", len(f.events))
 
     _HANDLERS: Dict[type, str] = {
         SaveMessage: "_save_message",
@@ -562,6 +632,7 @@ class Store:
             if touched_holds:
                 self._expire(db)
             db.execute("COMMIT")
+            self.commits += 1
         except BaseException:
             self._message_count, self._next_order = count, order
             raise
@@ -782,6 +853,7 @@ class Store:
             "store_queued": self._queue.qsize(),
             "store_dropped": self.dropped,
             "store_written": self.written,
+            "store_commits": self.commits,
             "store_write_errors": self.write_errors,
             "history_trimmed": self.history_trimmed,
             "outbox_dropped": self.outbox_dropped,

@@ -676,6 +676,7 @@ def bench_history(cfg: dict, fleet: Fleet) -> dict:
             row["cpu_us_per_msg_burst"] = median(row["rounds_cpu_us_burst"])
             row["shown"] = shown[name]
             row["displayed"] = st.get("displayed")
+            row["history_commits"] = st.get("history_commits")
             row["history_rows"] = history_rows(data_dir) if name == "on" else None
         out = {"paced_rate_per_s": cfg["relay_rate"], "burst": cfg["relay_burst"], "rounds": cfg["relay_rounds"],
                "messages_per_relay": 2 * cfg["relay_messages"] * cfg["relay_rounds"], "relays": rows}

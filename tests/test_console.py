@@ -506,3 +506,26 @@ def test_a_nick_from_the_network_is_made_harmless_in_tables():
 def test_help_names_the_new_commands():
     for command in ("/nick NAME", "/who", "/msg NAME text", "@NAME text", "nick#tag"):
         assert command in HELP
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self):
+        self.flushes += 1
+        super().flush()
+
+
+@pytest.mark.parametrize("make", [lambda s: JsonConsole(s), lambda s: TerminalConsole(s, color=False, interactive=False)])
+def test_a_batch_of_events_is_written_with_one_flush(make):
+    stream = _CountingStream()
+    console = make(stream)
+    msgs = [Message("m%d" % i, 1.0, 3, "CHAT", "1.2.3.4:5", "", "hello %d" % i) for i in range(5)]
+    with console.batch():
+        for m in msgs:
+            console.show(Display(m))
+    assert stream.flushes == 1 and all("hello %d" % i in stream.getvalue() for i in range(5))
+    console.show(Display(msgs[0]))
+    assert stream.flushes == 2  # outside a batch, each event is flushed as it is written

@@ -225,3 +225,29 @@ def test_an_event_handler_that_raises_does_not_stop_the_copies_or_the_thread(cap
         assert shown.get(timeout=5).message.body == "good event"
         assert a.failure is None and _counters_add_up(a.stats())
         assert sum("internal error" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_drain_is_handed_over_as_one_batch_once_its_messages_are_in_history(tmp_path):
+    from meshchat.node import History
+
+    batches = queue.Queue()
+    src = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    src.bind(("127.0.0.1", 0))
+    peer = src.getsockname()
+    node = Node(RelayConfig(label="", rate_limit=0), peers=[peer], history=History(data_dir=str(tmp_path)),
+                on_events=lambda events: batches.put((list(events), [node.store.has_message(e.message.mid)
+                                                                      for e in events if isinstance(e, Display)])))
+    try:
+        now = time.time()  # the node is not started: the datagrams wait in its socket
+        for i in range(5):
+            src.sendto(encode(Message("m%d" % i, now, 2, "CHAT", "%s:%d" % peer, "", "hi %d" % i)),
+                       node._sock.getsockname())
+        node.store.start()
+        node._datagrams_ready()  # one drain, as the socket thread does on a wake-up
+        events, in_history = batches.get(timeout=5.0)
+        assert [e.message.body for e in events] == ["hi %d" % i for i in range(5)]
+        assert in_history == [True] * 5  # shown means saved: a restart never shows them again
+        assert batches.empty()
+    finally:
+        node.stop()
+        src.close()

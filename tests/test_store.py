@@ -440,3 +440,31 @@ def test_reads_from_another_thread_beside_the_writer(opened):
     t.join(5)
     assert errors == []
     assert len(s.last_messages(5000)) == 2000
+
+
+def test_forward_hands_events_on_once_their_messages_are_committed(opened):
+    # How the node shows what it saves: the main thread never waits for a commit of its own.
+    s = opened()
+    s.start()
+    got = []
+    done = threading.Event()
+
+    def hand_on(events):
+        got.append((list(events), s.has_message(chat(7).mid)))  # another connection: committed data only
+        done.set()
+
+    s.put(chat(7))
+    s.forward(hand_on, ["shown"])
+    assert done.wait(5.0)
+    assert got == [(["shown"], True)]
+
+
+def test_forward_without_a_writer_or_after_close_calls_at_once(opened):
+    s = opened()
+    got = []
+    s.put(chat(1))
+    s.forward(got.append, ["a"])  # no writer thread: written inline first
+    assert got == [["a"]] and s.has_message(chat(1).mid)
+    s.close()
+    s.forward(got.append, ["b"])
+    assert got == [["a"], ["b"]]
