@@ -147,9 +147,9 @@ if TYPE_CHECKING:
     from .trust import Trust
 
 _ONE_HOP = (Unicast, Want, Have, Since, Serve)
-RECENTLY_HEARD_S = 60.0
+RECENTLY_HEARD_S = 60.0  # a direct message for a node silent longer than this is kept to hand over
 MAX_ACKS_WAITING = 256  # acks with no neighbour to take them yet
-ACK_WAIT_S = 30.0  # how long such an ack waits for one  # a direct message for a node silent longer than this is kept to hand over
+ACK_WAIT_S = 30.0  # how long such an ack waits for one
 
 # Link-local kinds that make us send (repair answers): taken only from neighbours that proved themselves.
 _NEIGHBOURS_ONLY = frozenset(("WANT", "HAVE", "SINCE"))
