@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8192  # request line and headers; more is 431
 REQUEST_TIMEOUT_S = 2.0  # a whole request, read and answered; a slower client is cut off (408)
+LINGER_S = 0.5  # after an error reply, what the client still sends is read (and dropped) this long at most
+DRAIN_MAX_BYTES = 64 * 1024
 LISTEN_BACKLOG = 8  # connections waiting while one is served; the kernel refuses the rest
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PATHS = ("/metrics", "/map.json")
@@ -316,6 +318,27 @@ class MetricsServer:
                 log.error("metrics page %s failed: %r", path, e, exc_info=True)
                 code, body = 500, b"500 Internal Server Error\n"
         self._reply(conn, code, ctype, deadline, body, head_only=method == "HEAD")
+        if code != 200:
+            self._drain(conn, min(deadline, self._clock() + LINGER_S))
+
+    def _drain(self, conn: socket.socket, deadline: float) -> None:
+        """Read what the client still sends before closing: closing with unread input resets the
+        connection, and the client may lose our reply (a lingering close, as web servers do)."""
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        left = DRAIN_MAX_BYTES
+        while left > 0 and self._wait(conn, selectors.EVENT_READ, deadline):
+            try:
+                chunk = conn.recv(min(left, 16384))
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
+            if not chunk:
+                return
+            left -= len(chunk)
 
     def _reply(self, conn: socket.socket, code: int, ctype: str, deadline: float, body: bytes = b"",
                head_only: bool = False) -> None:
