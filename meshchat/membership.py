@@ -629,7 +629,7 @@ class Membership:
         caps = parse_caps(x.get("caps")) if x and msg.kind == "PRESENCE" else None
         n = self.neighbours.get(addr)
         self._learn_member(src, nick, hops, addr if n is not None and n.up else None, now, caps)
-        if caps and "links" in x:
+        if x and msg.kind == "PRESENCE" and "links" in x:
             links = parse_links(x["links"])
             if links is not None:
                 self.members[src].links = links

@@ -212,7 +212,7 @@ def svg(snapshot: Dict[str, Any]) -> str:
         dash = ' stroke-dasharray="6,4"' if k["how"] != "ours" or k.get("state") == "down" else ""
         what = _health(k) or k["how"]
         out.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{colour}" '
-                   f'stroke-width="{3 if k["how"] == "ours" else 1.5}"{dash}><title>{esc(k["a"])} - '
+                   f'data-a="{esc(k["a"])}" data-b="{esc(k["b"])}" stroke-width="{3 if k["how"] == "ours" else 1.5}"{dash}><title>{esc(k["a"])} - '
                    f'{esc(k["b"])}: {esc(what)}</title></line>')
     for label in sorted(nodes, key=lambda k: (k != me, k)):
         row = nodes[label]
