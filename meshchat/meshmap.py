@@ -131,9 +131,13 @@ def text_lines(snapshot: Dict[str, Any]) -> List[str]:
     root = nodes.get(me, {"label": me})
     out.append(f"{_name(root)} (you{', ' + me if root.get('nick') else ''})")
     shown = set()
+    drawn = {me}
 
     def walk(label: str, prefix: str) -> None:
-        kids = sorted(children.get(label, []), key=lambda k: (nodes[k].get("hops") or 0, k))
+        # Parents are strictly nearer, so there is no cycle; ``drawn`` keeps it so whatever the input.
+        kids = sorted((k for k in children.get(label, []) if k not in drawn),
+                      key=lambda k: (nodes[k].get("hops") or 0, k))
+        drawn.update(kids)
         for i, kid in enumerate(kids):
             last = i == len(kids) - 1
             row = nodes[kid]

@@ -45,7 +45,6 @@ GAUGES = {
     "rcvbuf_bytes": "the UDP socket's receive buffer",
     "neighbours_up": "neighbours up now",
     "outbox": "direct messages of ours waiting for an ack",
-    "held": "direct messages held for later delivery",
     "relay_holding": "direct messages held for other nodes",
 }
 HELP = {
@@ -53,6 +52,7 @@ HELP = {
     "displayed": "messages shown", "relayed": "messages relayed", "relayed_late": "messages relayed late",
     "consumed": "messages handled but neither shown nor relayed", "sent": "datagrams sent",
     "send_errors": "failed sends", "recv_errors": "failed receives",
+    "held": "direct messages of ours put in the outbox to be sent again later",
 }
 
 

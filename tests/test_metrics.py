@@ -293,3 +293,27 @@ def test_metrics_is_off_by_default_and_binds_loopback_for_a_bare_port():
     assert parse_args(["--no-discover"]).metrics is None
     assert parse_args(["--no-discover", "--metrics", "9100"]).metrics == ("127.0.0.1", 9100)
     assert parse_args(["--no-discover", "--metrics", ":9100"]).metrics == ("127.0.0.1", 9100)
+
+
+def test_a_meshchat_process_with_metrics_says_where_and_serves_its_counters_and_map(tmp_path):
+    import json
+    import urllib.request
+
+    from procs import Proc
+
+    with Proc("--port", "0", "--json", "--no-history", "--metrics", "0", "--nick", "m") as p:
+        label = p.ready()
+        url = p.event("notice")["text"].split("metrics at ", 1)[1]
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as r:
+            assert r.status == 200
+            s = parse_exposition(r.read().decode("utf-8"))
+        assert ("meshchat_info", (("label", label), ("version", __import__("meshchat").__version__))) in s
+        with urllib.request.urlopen(url.replace("/metrics", "/map.json"), timeout=TIMEOUT_S) as r:
+            assert json.loads(r.read())["nodes"][0]["label"] == label
+        svg = tmp_path / "m.svg"
+        p.send(f"/map {svg}")
+        assert "written to" in p.event("notice")["text"]
+        p.send("/quit")
+        assert p.wait() == 0
+    assert svg.read_text().startswith("<svg")
