@@ -151,7 +151,8 @@ def text_lines(snapshot: Dict[str, Any]) -> List[str]:
             bits.append(health if health else row.get("state", ""))
             if link is None:
                 bits.append("link not known")
-            out.append(f"{prefix}{'└── ' if last else '├── '}{_name(row)}  " + ", ".join(b for b in bits if b))
+            branch = "└── " if last else "├── "
+            out.append(f"{prefix}{branch}{_name(row)}  " + ", ".join(b for b in bits if b))
             walk(kid, prefix + ("    " if last else "│   "))
 
     walk(me, "")
@@ -215,8 +216,9 @@ def svg(snapshot: Dict[str, Any]) -> str:
         colour = loss_colour(k.get("loss"), k.get("state", "")) if k["how"] == "ours" else UNKNOWN_COLOUR
         dash = ' stroke-dasharray="6,4"' if k["how"] != "ours" or k.get("state") == "down" else ""
         what = _health(k) or k["how"]
+        width = 3 if k["how"] == "ours" else 1.5
         out.append(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{colour}" '
-                   f'data-a="{esc(k["a"])}" data-b="{esc(k["b"])}" stroke-width="{3 if k["how"] == "ours" else 1.5}"{dash}><title>{esc(k["a"])} - '
+                   f'data-a="{esc(k["a"])}" data-b="{esc(k["b"])}" stroke-width="{width}"{dash}><title>{esc(k["a"])} - '
                    f'{esc(k["b"])}: {esc(what)}</title></line>')
     for label in sorted(nodes, key=lambda k: (k != me, k)):
         row = nodes[label]

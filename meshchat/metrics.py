@@ -88,7 +88,8 @@ class _Families:
         self._meta: Dict[str, Tuple[str, str]] = {}
         self._samples: Dict[str, List[str]] = {}
 
-    def add(self, name: str, kind: str, help_text: str, value: float, labels: Iterable[Tuple[str, object]] = ()) -> None:
+    def add(self, name: str, kind: str, help_text: str, value: float,
+            labels: Iterable[Tuple[str, object]] = ()) -> None:
         if name not in self._meta:
             self._order.append(name)
             self._meta[name] = (kind, help_text)

@@ -7,8 +7,6 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
-import pytest
-
 from meshchat import meshmap
 from meshchat.cli import run_command
 from meshchat.console import Bad, JsonConsole, Map, TerminalConsole, parse_line
