@@ -23,9 +23,12 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 
 from . import __version__, crypto
 from .console import (
-    MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
-    TerminalConsole, TrustCmd, Who, WhoAmI, History as HistoryCmd, terminal_columns, nick_of, parse_line, part_of, readline_buffer,
+    MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Map, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
+    TerminalConsole, TrustCmd, Who, WhoAmI, History as HistoryCmd, terminal_columns, nick_of, parse_line, part_of,
+    readline_buffer,
 )
+from . import meshmap
+from .metrics import MetricsError, parse_bind
 from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, display_name, valid_nick
 from .node import Discovery, Failure, History, Node, Security, start_without_signals
 from .store import StoreError
@@ -88,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true",
                    help="show no messages, ours included, and no prompt; only the ready line, errors and "
                    "what commands answer: for relay-only nodes (/stats then counts nothing as displayed)")
+    p.add_argument("--metrics", type=_metrics, default=None, metavar="HOST:PORT",
+                   help="serve counters at http://HOST:PORT/metrics for Prometheus or curl (PORT or :PORT: "
+                   "on 127.0.0.1; another host only when named; default off)")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"], help="logging on stderr (default warning)")
     members = p.add_argument_group("membership")
@@ -198,6 +204,14 @@ def _ttl(text: str) -> int:
     return _number(int, 1, 255, "an integer or auto")(text)
 
 
+def _metrics(text: str) -> Addr:
+    try:
+        host, port = parse_bind(text)
+        return resolve_host(host), port
+    except (ValueError, WireError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _nick(text: str) -> str:
     if not valid_nick(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a nick: 1 to {MAX_NICK_CHARS} printable characters, "
@@ -270,7 +284,8 @@ def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[
                         discovery=Discovery(args.discover_group, discovery_interfaces(args)) if args.discover
                         else None, history=history_of(args),
                         security=Security(args.identity) if crypto.available() else None,
-                        network_key=args.network_key, network_key_optional=args.network_key_optional)
+                        network_key=args.network_key, network_key_optional=args.network_key_optional,
+                        metrics=args.metrics)
         except OSError as e:
             if not _in_use(e) or i == tries - 1 or args.port >= 65535:
                 raise
@@ -592,6 +607,18 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
                        ident.fingerprint if ident is not None else None)
     elif isinstance(cmd, TrustCmd):
         console_trust(cmd.name, node, console)
+    elif isinstance(cmd, Map):
+        if not cmd.path:
+            console.map(node.mesh_map())
+        else:
+            snapshot = node.mesh_map()
+            try:  # the user's own file, written where they asked: the main thread, like the console
+                with open(cmd.path, "w", encoding="utf-8") as f:
+                    f.write(meshmap.svg(snapshot))
+            except OSError as e:
+                console.error(f"cannot write {cmd.path}: {e.strerror or e}")
+            else:
+                console.notice(f"map of {len(snapshot['nodes'])} nodes written to {cmd.path}")
     elif isinstance(cmd, Quit):
         return False
     else:
@@ -692,7 +719,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     first = args.port
     try:
         node = open_node(args, config, on_event, on_events)
-    except (StoreError, crypto.IdentityError) as e:
+    except (StoreError, crypto.IdentityError, MetricsError) as e:
         print(f"meshchat: {e}", file=sys.stderr)
         return 1
     except OSError as e:
@@ -717,6 +744,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             where = node.identity_where or "in memory for this run only: --no-history without --identity FILE"
             identity = f"{node.identity.fingerprint} (key {where})"
         console.ready(node.label, identity)
+        if node.metrics is not None:
+            console.notice(f"metrics at {node.metrics.url}")
         for warning in node.store.warnings if node.store is not None else ():
             print(f"meshchat: warning: {warning}", file=sys.stderr)
         if isinstance(console, TerminalConsole):

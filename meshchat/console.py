@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 
 from .membership import MAX_NICK_CHARS, PeerDown, PeerUp, Refused, display_name, valid_nick
 from .delivery import Delivered, Undelivered
+from .meshmap import text_lines as map_lines
 from .relay import MAX_PARTS, Display, Notice, Pong
 from .wire import Message, WireError, parse_addr
 
@@ -48,6 +49,7 @@ Type a line to send it to everyone.
   /stats             what this node received, relayed and dropped
   /whoami            your label, nick and key fingerprint (compare it with others')
   /trust NAME        accept the new key NAME offered (after checking its fingerprint)
+  /map [FILE.svg]    the mesh as this node knows it; with a file, as a picture
   /history [N]       the last N messages (20) shown or sent, kept on disk
   /help              this text
   /quit              leave (so do Ctrl-C and Ctrl-D)
@@ -99,6 +101,10 @@ class TrustCmd(NamedTuple):
     name: str
 
 
+class Map(NamedTuple):
+    path: str = ""  # empty: print it; else write an SVG there
+
+
 class Nothing(NamedTuple):
     pass
 
@@ -107,7 +113,7 @@ class Bad(NamedTuple):
     error: str
 
 
-Command = Union[Say, Ping, Nick, Who, History, Help, Peers, Stats, Quit, Nothing, Bad, WhoAmI, TrustCmd]
+Command = Union[Say, Ping, Nick, Who, History, Help, Peers, Stats, Quit, Nothing, Bad, WhoAmI, TrustCmd, Map]
 MAX_HISTORY_SHOWN = 1000
 
 _SIMPLE_COMMANDS = {"help": Help(), "peers": Peers(), "stats": Stats(), "who": Who(), "quit": Quit(),
@@ -166,6 +172,10 @@ def parse_line(line: str) -> Command:
             if not rest.isdigit() or not rest.isascii() or not 0 < int(rest[:6]) <= MAX_HISTORY_SHOWN:
                 return Bad(f"/history takes a number of messages from 1 to {MAX_HISTORY_SHOWN}")
             return History(int(rest))
+        if word == "map":
+            if rest and not rest.lower().endswith(".svg"):
+                return Bad("/map takes nothing, or the name of an .svg file to write: /map mesh.svg")
+            return Map(rest)
         if word in _SIMPLE_COMMANDS:
             if not rest:
                 return _SIMPLE_COMMANDS[word]
@@ -460,6 +470,9 @@ class JsonConsole(Console):
     def who(self, rows: List[dict]) -> None:
         self.emit("who", nodes=rows)
 
+    def map(self, snapshot: dict) -> None:
+        self.emit("map", **snapshot)
+
 
 # Sender colours: never the magenta of "(private)", the yellow of notices or the
 # red of errors, nor their light variants, so a sender cannot pass for either.
@@ -663,6 +676,10 @@ class TerminalConsole(Console):
     def who(self, rows: List[dict]) -> None:
         for line in who_lines(rows):
             self.notice(line)
+
+    def map(self, snapshot: dict) -> None:
+        for line in map_lines(snapshot):
+            self._line("", sanitize(line))
 
 
 def _rows_below_start(text: str, columns: int) -> int:

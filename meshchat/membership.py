@@ -96,6 +96,8 @@ MAX_TOKEN_CHARS = 32
 MAX_CAPS = 32
 RTT_SAMPLES = 8  # HELLO sequence numbers remembered per neighbour for round-trip times
 LOSS_WINDOW = 64  # HELLOs over which loss is estimated
+MAX_LINKS = 16  # neighbour labels a PRESENCE may carry (for /map); more, and the field is ignored
+MAX_LINK_LABEL_CHARS = 64
 
 # Kinds every seed-design node accepts; anything else goes only to neighbours that said HELLO.
 BASE_KINDS = frozenset(("CHAT", "PING"))
@@ -226,7 +228,7 @@ class Neighbour:
 
 
 class Member:
-    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at", "caps", "announced", "gone")
+    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at", "caps", "announced", "gone", "links")
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -238,6 +240,7 @@ class Member:
         self.last_seen = 0.0
         self.via: Optional[Addr] = None
         self.via_at = 0.0
+        self.links: Tuple[str, ...] = ()  # its up neighbours, as its last PRESENCE said (for /map only)
 
 
 def _int(value: object, low: int, high: int) -> Optional[int]:
@@ -278,6 +281,22 @@ def parse_caps(caps: object) -> frozenset:
     if isinstance(caps, list) and len(caps) <= MAX_CAPS and all(isinstance(c, str) and len(c) <= 16 for c in caps):
         return frozenset(caps)
     return frozenset()
+
+
+def parse_links(links: object) -> Optional[Tuple[str, ...]]:
+    """A PRESENCE's ``links`` (labels of its up neighbours), or None if absent or malformed."""
+    if not isinstance(links, list) or len(links) > MAX_LINKS:
+        return None
+    out = []
+    for label in links:
+        if not isinstance(label, str) or len(label) > MAX_LINK_LABEL_CHARS:
+            return None
+        try:
+            parse_addr(label)
+        except WireError:
+            return None
+        out.append(label)
+    return tuple(dict.fromkeys(out))
 
 
 def parse_hello(msg: Message) -> Hello:
@@ -631,6 +650,10 @@ class Membership:
         caps = parse_caps(x.get("caps")) if x and msg.kind == "PRESENCE" else None
         n = self.neighbours.get(addr)
         self._learn_member(src, nick, hops, addr if n is not None and n.up else None, now, caps)
+        if x and msg.kind == "PRESENCE" and "links" in x:
+            links = parse_links(x["links"])
+            if links is not None:
+                self.members[src].links = links
 
     def _learn_member(self, label: str, nick: Optional[str], hops: Optional[int], via: Optional[Addr],
                       now: float, caps: Optional[frozenset] = None) -> None:
@@ -736,6 +759,8 @@ class Membership:
         extra: Dict[str, Any] = {"caps": list(self.config.caps)}
         if self.nick:
             extra["nick"] = self.nick
+        # Our up neighbours, so that every node can draw the mesh's links (/map); a few at most.
+        extra["links"] = sorted(n.label for n in self.neighbours.values() if n.up)[:MAX_LINKS]
         return Originate("PRESENCE", "", extra, self.config.max_ttl)
 
     def set_nick(self, nick: str, now: float) -> None:
@@ -878,3 +903,15 @@ class Membership:
                 "loss": None if n.loss is None else round(n.loss, 3),
             })
         return rows
+
+    def mesh_map(self, now: float) -> Dict[str, Any]:
+        """What /map draws: /who's nodes with the neighbour each is reached through (``via``) and the
+        links each announced, and our neighbours' rows (state, rtt, loss)."""
+        nodes = self.who(now)
+        by_label = {m.label: m for m in self.members.values()}
+        for row in nodes:
+            m = by_label.get(row["label"])
+            via = self.neighbours.get(m.via) if m is not None and m.via is not None else None
+            row["via"] = via.label if via is not None and via.up else None
+            row["links"] = list(m.links) if m is not None else []
+        return {"label": self.label, "nodes": nodes, "neighbours": self.peer_rows(now)}

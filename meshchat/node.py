@@ -8,6 +8,8 @@ Threads:
   counted as ``dropped_internal``, logged once per cause, and the thread
   goes on (the last line of defence: validation should have caught it).
 - ``meshchat-reaper`` expires old ids every ``REAP_INTERVAL_S``.
+- ``meshchat-metrics`` (only with ``metrics``): serves GET /metrics, reading
+  snapshots taken under the lock like the caller's thread does (metrics.py).
 - The caller's thread (the CLI's main thread, or a test) calls ``say``,
   ``ping``, ``stats``, ``peer_table`` and ``stop``.
 
@@ -38,6 +40,8 @@ from .delivery import Delivery, DeliveryConfig, HeldDrop, HeldItem, HeldPut, Out
 from .delivery import ServeSince, direct_key, stream_of
 from .delivery import Store as StoreAction
 from .membership import Beacon, Membership, MembershipConfig, Originate
+from .metrics import MetricsServer, exposition, json_page
+from . import __version__
 from .relay import COUNTERS, Display, Relay, RelayConfig, Send
 from .store import HeldAdd, HeldRemove, OutboxAdd, OutboxRemove, SaveMessage, SetMeta, Store, data_dir_for
 from .trust import PinKey, Trust, signer
@@ -160,6 +164,7 @@ class Node:
         security: Optional[Security] = None,
         network_key: Optional[NetworkKey] = None,
         network_key_optional: bool = False,
+        metrics: Optional[Addr] = None,
     ) -> None:
         """Bind the socket (OSError if the port is taken); ``start()`` starts the threads.
 
@@ -252,6 +257,16 @@ class Node:
             self._selector.register(self._group_sock, selectors.EVENT_READ, self._beacons_ready)
         self._closed = False
         self._causes_logged: Set[Tuple[str, str, int]] = set()
+        self.metrics: Optional[MetricsServer] = None
+        if metrics is not None:
+            try:  # MetricsError (one line) if its port is taken: not an OSError, so not taken for ours
+                self.metrics = MetricsServer(metrics, {"/metrics": self.metrics_page, "/map.json": self.map_page},
+                                             self._stopping)
+            except BaseException:
+                self._close()
+                if self.store is not None:
+                    self.store.close()
+                raise
 
     def _security(self, security: Security) -> Tuple[Trust, Callable[[Message], Message]]:
         """Our identity (loaded, made on first start, or in memory) and the trust layer with its pins.
@@ -313,7 +328,10 @@ class Node:
     def start(self) -> "Node":
         if self.store is not None:
             self.store.start()
-        for name, body in (("meshchat-net", self._net_loop), ("meshchat-reaper", self._reap_loop)):
+        bodies = [("meshchat-net", self._net_loop), ("meshchat-reaper", self._reap_loop)]
+        if self.metrics is not None:
+            bodies.append(("meshchat-metrics", self.metrics.serve))
+        for name, body in bodies:
             t = threading.Thread(target=self._guarded, args=(name, body), name=name, daemon=True)
             self._threads.append(t)
             start_without_signals(t)
@@ -327,6 +345,8 @@ class Node:
         first = not self._stopping.is_set()
         self._stopping.set()
         self._wake()
+        if self.metrics is not None:
+            self.metrics.wake()
         ok = True
         for t in self._threads:
             if t is not threading.current_thread():
@@ -366,6 +386,8 @@ class Node:
         for s in (self._sock, self._waker_r, self._waker_w, self._group_sock):
             if s is not None:
                 s.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _wake(self) -> None:
         try:
@@ -713,6 +735,32 @@ class Node:
     def peer_table(self) -> list:
         with self._lock:
             return self.relay.peer_table(self._clock())
+
+    # -- what --metrics and /map read: snapshots under the lock, formatted outside it -----------
+
+    def mesh_map(self) -> dict:
+        """The mesh as this node knows it (meshmap.py draws it); without membership, just us."""
+        if self.membership is None:
+            me = {"label": self.label, "nick": "", "hops": 0, "last_seen_s": 0.0, "state": "you", "via": None,
+                  "links": []}
+            return {"label": self.label, "nodes": [me], "neighbours": []}
+        with self._lock:
+            return self.membership.mesh_map(self._clock())
+
+    def metrics_page(self) -> Tuple[str, bytes]:
+        """GET /metrics: the counters of /stats and the neighbours' rows, as exposition text."""
+        stats = self.stats()
+        rows = self.neighbour_rows() if self.membership is not None else [
+            {"label": addr, "configured": configured, "last_heard_s": ago}
+            for addr, configured, ago in self.peer_table()]
+        known = len(self.who()) - 1 if self.membership is not None else None
+        assert self.metrics is not None
+        text = exposition(stats, rows, self.label, __version__, known, dict(self.metrics.requests))
+        return "text/plain; version=0.0.4; charset=utf-8", text.encode("utf-8")
+
+    def map_page(self) -> Tuple[str, bytes]:
+        """GET /map.json: what /map draws (scripts/meshmap.py reads it)."""
+        return json_page(self.mesh_map())
 
 
 def _open_group(discovery: Discovery, unicast: socket.socket) -> socket.socket:

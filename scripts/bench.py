@@ -9,6 +9,7 @@ killed node's neighbours say peer_down, time until a new node is discovered.
     python scripts/bench.py --nodes 50 200  # the mesh sections at 50 and at 200 nodes (about six minutes)
     python scripts/bench.py --quick         # a small version of each section, for CI
     python scripts/bench.py --json          # one JSON object instead of the tables
+    python scripts/bench.py --html run.html # also the tables and charts as one HTML file
 
 Every figure comes from real processes talking UDP on 127.0.0.1, except the
 seen-dict bytes per entry, measured in this process with tracemalloc. CPU time
@@ -2007,6 +2008,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small version of each section (CI: checks it runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    p.add_argument("--html", metavar="FILE", help="also write the tables and charts as one HTML file")
     p.add_argument("--nodes", type=int, nargs="+", metavar="N",
                    help=f"mesh sizes for the scale section (default 50; {QUICK_NODES} with --quick; "
                         f"at most {MAX_NODES})")
@@ -2125,6 +2127,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(r, indent=1))
     else:
         print(report(r))
+    if args.html:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import reports
+
+        error = reports.write(args.html, reports.bench_html(r, report(r)))
+        say(error or f"report written to {args.html}")
+        failed = failed or error is not None
     return 1 if failed else 0
 
 

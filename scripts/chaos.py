@@ -34,6 +34,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 from lossy import NetnsUnavailable, format_report, install_stop_signals, run_chaos  # noqa: E402
 
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-delivery", type=_fraction, help="exit 1 below this delivery")
     p.add_argument("--json", action="store_true", help="also print the report as one JSON line at the end")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    p.add_argument("--html", metavar="FILE", help="also write the report with its charts as one HTML file")
     return p
 
 
@@ -119,6 +121,12 @@ def main(argv=None) -> int:
     print(format_report(report), flush=True)
     if args.json:
         print(json.dumps(report.as_dict(), sort_keys=True), flush=True)
+    if args.html:
+        import reports
+
+        error = reports.write(args.html, reports.chaos_html(dict(report.as_dict(), loss=args.loss),
+                                                            head + "\n" + format_report(report)))
+        print(f"chaos: {error or 'report written to ' + args.html}", file=sys.stderr, flush=True)
     if report.duplicates or (args.min_delivery is not None and report.delivery < args.min_delivery):
         return 1
     return 0

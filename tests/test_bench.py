@@ -20,9 +20,10 @@ def fraction(value) -> bool:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="bench.py reads child pipes through a selector: POSIX only")
-def test_quick_benchmark_runs_and_reports_every_section():
-    done = subprocess.run([sys.executable, SCRIPT, "--quick", "--json"], capture_output=True, text=True,
-                          timeout=120)
+def test_quick_benchmark_runs_and_reports_every_section(tmp_path):
+    html = tmp_path / "bench.html"
+    done = subprocess.run([sys.executable, SCRIPT, "--quick", "--json", "--html", str(html)], capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout)
     have_proc = os.path.exists("/proc/self/stat")
@@ -156,6 +157,12 @@ def test_quick_benchmark_runs_and_reports_every_section():
     assert 0.05 < lossy["hub_dropped_fraction"] < 0.4, lossy
     assert lossy["delivery_fraction"] >= 0.9, lossy
     assert lossy["per_message"]["all_datagrams"] < 10 * lossless["per_message"]["all_datagrams"], (lossless, lossy)
+
+    # --html: one well-formed page with a chart per section that ran (relay, history, latency, flood, ...).
+    import xml.etree.ElementTree as ET
+
+    svgs = list(ET.parse(html).getroot().iter("{http://www.w3.org/2000/svg}svg"))
+    assert len(svgs) >= 6
 
     names = [t["target"] for t in r["targets"]]
     assert len(names) >= 15 and all(t["met"] in (True, False, None) for t in r["targets"])

@@ -242,10 +242,11 @@ def test_sigkilled_nodes_leave_the_others_talking_and_rejoin_on_the_same_port():
     assert mesh.exits == {i: 0 for i in range(12)}
 
 
-def test_the_chaos_script_reports_delivery_duplicates_and_memory():
+def test_the_chaos_script_reports_delivery_duplicates_and_memory(tmp_path):
+    html = tmp_path / "chaos.html"
     p = subprocess.run([sys.executable, SCRIPT, "--nodes", "6", "--degree", "3", "--loss", "10%",
                         "--duration", "4", "--kills-per-minute", "30", "--down", "0.5,1", "--seed", "5",
-                        "--json", "--min-delivery", "0.8"],
+                        "--json", "--min-delivery", "0.8", "--html", str(html)],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
@@ -259,6 +260,13 @@ def test_the_chaos_script_reports_delivery_duplicates_and_memory():
     assert report["exits"] == {str(i): 0 for i in range(6)}
     if os.path.exists("/proc/self/status"):
         assert all(isinstance(v, int) and v > 0 for v in report["rss_kib"].values())
+    # --html: one well-formed page, its charts inline, the delivery chart's bars the report's figures.
+    import xml.etree.ElementTree as ET
+
+    svgs = list(ET.parse(html).getroot().iter("{http://www.w3.org/2000/svg}svg"))
+    assert len(svgs) >= 2
+    bars = [float(t.text.split(": ")[1].split()[0]) for t in svgs[0].iter("{http://www.w3.org/2000/svg}title")]
+    assert bars == [float(f"{100 * report['first_flood_delivery']:.3g}"), float(f"{100 * report['delivery']:.3g}")]
 
 
 def test_the_chaos_script_rejects_bad_arguments():

@@ -8,6 +8,7 @@ a short share; ``MESHCHAT_SLOW=1`` adds the full run of 100,000 cases.
 
 import io
 import json
+import xml.etree.ElementTree as ET
 import os
 import queue
 import random
@@ -420,13 +421,14 @@ def test_structured_hostile_datagrams_through_the_whole_path_100k():
 
 MEMBER_FIELDS = {
     "HELLO": ("mesh", "tok", "echo", "ask", "caps", "nick", "seq", "ack", "held", "ivl"),
-    "PRESENCE": ("nick", "ttl0", "caps"),
+    "PRESENCE": ("nick", "ttl0", "caps", "links"),
     "CHAT": ("nick", "ttl0", "part"),
 }
 MEMBER_VALUES = WRONG_VALUES + [
     10 ** 20, -(10 ** 20), 2 ** 53 + 1, 1e308, -1e308, 0.0, 1e-300, "a" * 5000, ["HELLO"] * 10_000,
     [["x"]], [1, "a"], {"k": "v"}, "meshchat", "0123456789abcdef", "g" * 16, "alice", "a#b", "@x", " x",
     [1, 2], [2, 1], [0, 0], [1, 1001],
+    ["127.0.0.1:9"], ["127.0.0.1:%d" % p for p in range(1, 18)], ["127.0.0.1:0"], ["x:1" * 30], ["a\u202eb:1"],
 ]
 
 
@@ -467,6 +469,16 @@ def test_membership_fields_with_hostile_values_never_raise_and_keep_the_bounds()
                     decode(action.data)
     assert _adds_up(r)
     assert len(m.neighbours) <= 4 and len(m.members) <= 4096 and len(m._challenged) <= 4096
+    # What PRESENCE's links taught us stays bounded, and /map draws it whatever it was.
+    from meshchat import meshmap
+    from meshchat.membership import MAX_LINKS
+
+    assert all(len(x.links) <= MAX_LINKS for x in m.members.values())
+    assert any(x.links for x in m.members.values())  # the field's path was taken
+    snapshot = m.mesh_map(now)
+    ET.fromstring(meshmap.svg(snapshot))
+    for c in consoles:
+        c.map(snapshot)
     assert not any(c.broken for c in consoles)
 
 

@@ -221,11 +221,11 @@ def test_names_resolve_and_ambiguity_is_refused():
 def test_presence_is_announced_once_links_settle_and_on_a_new_nick():
     net = Net(2, configured=[(1, 2), (2, 1)], nick="n")
     net.advance(3.0)
-    assert [e for e in net.events[1] if isinstance(e, Originate)] == [Originate("PRESENCE", "", {"caps": list(CAPS), "nick": "n"}, 16)]
+    assert [e for e in net.events[1] if isinstance(e, Originate)] == [Originate("PRESENCE", "", {"caps": list(CAPS), "nick": "n", "links": [label(2)]}, 16)]
     net.events[1].clear()
     net.ms[1].set_nick("alice", net.now)
     net.advance(0.25)
-    assert Originate("PRESENCE", "", {"caps": list(CAPS), "nick": "alice"}, 16) in net.events[1]
+    assert Originate("PRESENCE", "", {"caps": list(CAPS), "nick": "alice", "links": [label(2)]}, 16) in net.events[1]
 
 
 def test_who_lists_us_neighbours_and_far_nodes():
