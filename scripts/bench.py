@@ -1588,6 +1588,7 @@ def bench_discovery(cfg: dict, fleet: Fleet) -> dict:
             t0 = time.perf_counter()
             new = fleet.spawn(argv, tag=("discovery", t))
             marks: Dict[str, float] = {}
+            first_ups: Dict[str, float] = {}  # the first node's peer_up may come before we read the new one's label
             body = f"found {t}"
             try:
                 deadline = t0 + READY_TIMEOUT_S
@@ -1600,10 +1601,12 @@ def bench_discovery(cfg: dict, fleet: Fleet) -> dict:
                             if "new_up" not in marks:
                                 marks["new_up"] = at
                                 new.write(body)  # as soon as it has a neighbour: what a user types first
-                        elif child is first and event == "peer_up" and new.label and obj.get("peer") == new.label:
-                            marks.setdefault("first_up", at)
+                        elif child is first and event == "peer_up":
+                            first_ups.setdefault(str(obj.get("peer")), at)
                         elif child is first and event == "chat" and obj.get("body") == body:
                             marks.setdefault("chat", at)
+                    if new.label and new.label in first_ups:
+                        marks.setdefault("first_up", first_ups[new.label])
                 if len(marks) < 4:
                     raise RuntimeError(f"trial {t}: only {sorted(marks)} within {READY_TIMEOUT_S:g} s"
                                        f"{fleet.stderr_tail()}")
