@@ -219,6 +219,7 @@ class Node:
 
             private = Private(self.identity.box.key_text, crypto.seal_to, self.identity.box.open, crypto.unb64)
         self.private: Optional[Private] = private  # direct messages are sealed end to end
+        self._key_came = threading.Event()  # a key a message of ours waited for came, and it went
         self.relay = relay_factory(replace(config, label=self.label), peers, membership=self.membership,
                                    delivery=self.delivery, **({"trust": trust, "sign": sign} if trust else {}),
                                    **({"private": private} if private else {}))
@@ -535,6 +536,9 @@ class Node:
                     self._act((action,))
                 except Exception as e:  # counted as handled: the relay did decide; the rest still go
                     self._log_internal(data, e, "handled, but handing on one of its actions failed")
+            if self.private is not None and self.private.released:  # read without the lock: a flag
+                self.private.released = False
+                self._key_came.set()
 
     def _count_internal_drop(self, before: tuple) -> None:
         """Under the lock: undo what the failed datagram counted, and count it dropped."""
@@ -588,6 +592,24 @@ class Node:
 
         A direct one is sealed end to end when this node can (``encrypts``), unless ``plain``."""
         return self._originate("CHAT", body, dst, plain=plain)
+
+    def wait_for_keys(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until no message of ours waits for a key; False if some still do.
+
+        For the end of piped input: a private message held for its destination's key goes once the
+        key comes, which takes a round trip, not a restart."""
+        if self.private is None:
+            return True
+        deadline = self._clock() + timeout_s
+        while True:
+            with self._lock:
+                if not self.private.waiting:
+                    return True
+                self._key_came.clear()
+            left = deadline - self._clock()
+            if left <= 0 or self._stopping.is_set():
+                return False
+            self._key_came.wait(left)
 
     @property
     def encrypts(self) -> bool:

@@ -93,6 +93,8 @@ class Private:
         self._asked: "OrderedDict[str, float]" = OrderedDict()  # label we asked for its key -> when
         self._answered: "OrderedDict[str, float]" = OrderedDict()  # asker -> when we answered
         self._answers = new_bucket(ANSWERS_PER_S)
+        self.waiting: "OrderedDict[str, None]" = OrderedDict()  # labels a message of ours waits for the key of
+        self.released = False  # a key came that a message waited for (the node wakes whoever waits)
         self.counters = {"boxes_sealed": 0, "boxes_opened": 0, "box_keys_learned": 0, "keys_asked": 0,
                          "keys_answered": 0, "key_answers_refused": 0, "held_for_key": 0}
 
@@ -111,11 +113,19 @@ class Private:
             return False
         old = self.keys.pop(msg.src, None)
         self.keys[msg.src] = key
+        if self.waiting.pop(msg.src, 0) is None:
+            self.released = True
         while len(self.keys) > MAX_KEYS:
             self.keys.popitem(last=False)
         if old != key:
             self.counters["box_keys_learned"] += 1
         return old != key
+
+    def wait_for(self, label: str) -> None:
+        """A message of ours is held until ``label``'s key comes."""
+        self.waiting[label] = None
+        while len(self.waiting) > MAX_ASKED:
+            self.waiting.popitem(last=False)
 
     def may_ask(self, label: str, now: float) -> bool:
         """Rule 4: whether to send ``label`` a key request now."""

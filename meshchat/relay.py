@@ -574,6 +574,7 @@ class Relay:
         out: list = []
         m = self.membership
         if p.learn(msg, verified) and self.delivery is not None:
+            self.delivery.due_now(msg.src)  # a try that found no key must not delay the first sealed one
             caps = m.caps_of(msg.src) if m is not None else None
             out.extend(self._sends(self.delivery.peer_heard(msg.src, now, wall, caps), now, wall))
         if msg.kind == "KEY" and to_me and msg.extra.get("ask") == 1 and p.may_answer(msg, verified, now):
@@ -584,8 +585,8 @@ class Relay:
     def _ask_key(self, dst: str, now: float, wall: float) -> list:
         """A key request for ``dst``, unless one went lately (private.py rule 4)."""
         p = self.private
-        if p is None or not p.may_ask(dst, now):
-            return []
+        if p is None or not self._origin_targets("KEY", dst, now) or not p.may_ask(dst, now):
+            return []  # with no neighbour up yet, the next try asks (when one comes up)
         return self.originate("KEY", "", dst, now, wall, extra={"ask": 1})[1]
 
     def _shown_before(self, mid: str) -> bool:
@@ -844,6 +845,7 @@ class Relay:
                     d.remember(part, raw, now)
         if held:
             p.counters["held_for_key"] += len(shown)  # type: ignore[union-attr]
+            p.wait_for(dst)  # type: ignore[union-attr]
             if d is None:
                 later.append(Notice(f"no key for {dst} yet, and no outbox to hold the message in: not sent"))
             caps = m.caps_of(dst) if m is not None else None
@@ -852,6 +854,8 @@ class Relay:
                                     f"node, or one without the secure extra): the message is held until it "
                                     f"has one; /msg --plain NAME text sends it in clear"))
             else:
+                later.append(Notice(f"no key for {dst} yet: asked for it; the message is held and goes sealed "
+                                    f"once it comes (/msg --plain NAME text sends it in clear)"))
                 later.extend(self._ask_key(dst, now, wall))
         if later:
             sends.extend(self._sends(later, now, wall))
