@@ -148,6 +148,14 @@ def test_quick_benchmark_runs_and_reports_every_section():
     assert lossy["delivery_fraction"] >= 0.9, lossy
     assert lossy["per_message"]["all_datagrams"] < 10 * lossless["per_message"]["all_datagrams"], (lossless, lossy)
 
+    # Security: signatures and boxes cost something, and a sealed datagram is bigger than a signed one.
+    sec = r["security"]
+    if "error" not in sec or "secure extra" not in sec["error"]:
+        assert all(positive(sec[k]) for k in ("relay_off_us", "relay_on_us", "display_clear_us", "display_sealed_us",
+                                             "sign_us", "seal_and_sign_us")), sec
+        b = sec["datagram_bytes"]
+        assert b["unsigned"] < b["signed"] < b["sealed_signed"], sec
+
     names = [t["target"] for t in r["targets"]]
     assert len(names) >= 15 and all(t["met"] in (True, False, None) for t in r["targets"])
     assert all(key in r["machine"] for key in ("cpu", "cores", "python", "os"))
