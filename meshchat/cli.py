@@ -195,6 +195,7 @@ DISCOVERY_GROUP = ("239.255.77.77", 9977)
 UNWRAPPED_COLUMNS = 1 << 20  # "columns" of a pipe or file: no line is ever wrapped
 HISTORY_AT_START = 5  # messages from history a terminal shows when the node starts
 DEFAULT_PORT = 9001
+KEY_WAIT_S = 5.0  # at the end of piped input, how long a private message may wait for its key
 DEFAULT_PORT_TRIES = 100  # without --port: 9001, else 9002, ... so that plain `meshchat` runs N times on one machine
 
 
@@ -564,12 +565,16 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
     replace; ``echo`` False (--quiet) shows none of our own lines."""
     cmd = _resolved(cmd, node)
     if isinstance(cmd, Say):
-        messages = node.say(cmd.body, cmd.dst)
+        messages = node.say(cmd.body, cmd.dst, plain=cmd.plain)
+        # Sealed end to end (or held until it can be) unless asked plain; None: this node cannot seal.
+        encrypted = (not cmd.plain) if node.encrypts and cmd.dst else None
         if echo and isinstance(console, TerminalConsole):
             to = display_name(cmd.dst, node.nick_of(cmd.dst)) if cmd.dst else ""
-            console.sent(messages, replace_typed=typed, to=to)
+            console.sent(messages, replace_typed=typed, to=to, encrypted=encrypted)
         elif echo:
-            console.sent(messages)
+            console.sent(messages, encrypted=encrypted)
+        if cmd.plain and cmd.dst and node.encrypts:
+            console.notice("sent in clear, as asked (--plain): every node on the way can read it")
     elif isinstance(cmd, Ping):
         last = node.last_roll_call
         console.pinged(node.ping(cmd.dst))
@@ -766,6 +771,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         while True:
             item = _wait(lines.get)
             if item is _EOF:
+                # Piped input ended: a private message still waiting for its destination's key gets a
+                # moment to go sealed (a key request and its answer), rather than the next run.
+                if not node.wait_for_keys(KEY_WAIT_S) and not args.quiet:
+                    console.notice("a private message still waits for its destination's key: kept in the "
+                                   "outbox" + ("" if node.store is not None else " of this run only, so lost"))
                 break
             if isinstance(item, _Line):
                 typed = item.text if item.done is not None else ""

@@ -41,7 +41,9 @@ HELP = """\
 Type a line to send it to everyone.
   @NAME text         send text to one node only (others relay it unseen);
                      NAME is a nick, nick#tag (when two share a nick) or HOST:PORT
-  /msg NAME text     the same
+  /msg NAME text     the same; sealed end to end when both nodes can (held until
+                     NAME's key is known)
+  /msg --plain NAME text   send it in clear, on purpose
   /nick NAME         the name others see you by
   /who               every node known in the mesh: name, hops away, last seen
   /ping [NAME]       round-trip time to one node, or to every node that answers
@@ -59,6 +61,7 @@ Type a line to send it to everyone.
 class Say(NamedTuple):
     body: str
     dst: str = ""
+    plain: bool = False  # /msg --plain: a direct message in clear, asked for explicitly
 
 
 class Ping(NamedTuple):
@@ -156,6 +159,9 @@ def parse_line(line: str) -> Command:
         if word == "msg":
             if not rest:
                 return Bad("/msg needs a name and a text: /msg NAME text")
+            if rest == "--plain" or rest.startswith("--plain "):
+                cmd = _addressed(rest[len("--plain"):].strip())
+                return cmd._replace(plain=True) if isinstance(cmd, Say) else cmd
             return _addressed(rest)
         if word == "nick":
             if rest and not valid_nick(rest):
@@ -388,7 +394,7 @@ class Console:
     def show(self, event: object) -> None:
         """An event from the node."""
         if isinstance(event, Display):
-            self.chat(event.message, event.late, event.verified, event.sealed)
+            self.chat(event.message, event.late, event.verified, event.sealed, event.encrypted)
         elif isinstance(event, (Delivered, Undelivered)):
             self.delivery(event)
         elif isinstance(event, Pong):
@@ -416,13 +422,15 @@ class JsonConsole(Console):
         self.emit("ready", node=label, **({"fingerprint": identity.split(" (")[0]} if identity else {}))
 
     def chat(self, m: Message, late: bool = False, verified: Optional[bool] = None,
-             sealed: Optional[bool] = None) -> None:
+             sealed: Optional[bool] = None, encrypted: Optional[bool] = None) -> None:
         part = part_of(m)
         extra: Dict[str, object] = {"part": list(part)} if part else {}
         if late:
             extra["late"] = True
         if sealed is not None:  # a closed mesh: whether it came sealed under the network key
             extra["sealed"] = sealed
+        if m.dst:
+            extra["encrypted"] = bool(encrypted)
         self.emit("chat", mid=m.mid, src=m.src, nick=nick_of(m), dst=m.dst, body=m.body, ts=m.ts, ttl=m.ttl,
                   verified=bool(verified), **extra)
 
@@ -439,10 +447,13 @@ class JsonConsole(Console):
         if not replay:  # at start, history is for people; scripts have /history
             self.emit("history", messages=rows)
 
-    def sent(self, messages: Iterable[Message]) -> None:
+    def sent(self, messages: Iterable[Message], encrypted: Optional[bool] = None) -> None:
+        """``encrypted``: for direct messages, sealed end to end (or held until they can be)."""
         for m in messages:
             part = part_of(m)
-            extra = {"part": list(part)} if part else {}
+            extra: Dict[str, object] = {"part": list(part)} if part else {}
+            if m.dst and encrypted is not None:
+                extra["encrypted"] = encrypted
             self.emit("sent", mid=m.mid, dst=m.dst, body=m.body, **extra)
 
     def pinged(self, messages: Iterable[Message]) -> None:
@@ -577,7 +588,7 @@ class TerminalConsole(Console):
             self.notice(f"your fingerprint: {identity}")
 
     def chat(self, m: Message, late: bool = False, verified: Optional[bool] = None,
-             sealed: Optional[bool] = None) -> None:
+             sealed: Optional[bool] = None, encrypted: Optional[bool] = None) -> None:
         body = sanitize(m.body)
         # Only a node that checks signatures can say a sender is unverified (a seed-design node, or a
         # signature stripped on the way): then the name is not proof of who wrote it.
@@ -588,7 +599,7 @@ class TerminalConsole(Console):
         if sealed is False:  # --network-key-optional let it in unsealed: anyone could have sent it
             when = f"{self._fore.RED}{self._style.BRIGHT}(not sealed){self._style.RESET_ALL} " + when
         if m.dst:
-            mark = f"{self._fore.MAGENTA}{self._style.BRIGHT}(private){self._style.RESET_ALL}"
+            mark = f"{self._fore.MAGENTA}{self._style.BRIGHT}(private{_sealed(encrypted)}){self._style.RESET_ALL}"
             self._line(f"{self._who(m.src, nick_of(m))} {unverified}{mark} {when}{self._part(m)}",
                        f"{self._fore.MAGENTA}{body}{self._style.RESET_ALL}")
         else:
@@ -629,15 +640,17 @@ class TerminalConsole(Console):
                 to = f" (private to {sanitize(self.name_of(r['dst']))})"
             self._line(f"{self._style.DIM}[{when}] <{who}>{to} ", f"{sanitize(r['body'])}{self._style.RESET_ALL}")
 
-    def sent(self, messages: Iterable[Message], replace_typed: str = "", to: str = "") -> None:
+    def sent(self, messages: Iterable[Message], replace_typed: str = "", to: str = "",
+             encrypted: Optional[bool] = None) -> None:
         """Our own messages; ``replace_typed`` is the typed line whose echo they replace; ``to``
-        the name of a direct message's destination (nick#tag), if the mesh knows its nick."""
+        the name of a direct message's destination (nick#tag), if the mesh knows its nick;
+        ``encrypted``: a direct one is sealed end to end (True) or in clear (False)."""
         for i, m in enumerate(messages):
             you = f"{self._style.BRIGHT}<you>{self._style.RESET_ALL}"
             body = sanitize(m.body)
             if m.dst:
-                mark = (f"{self._fore.MAGENTA}{self._style.BRIGHT}(private to {sanitize(to or m.dst)})"
-                        f"{self._style.RESET_ALL}")
+                mark = (f"{self._fore.MAGENTA}{self._style.BRIGHT}(private to {sanitize(to or m.dst)}"
+                        f"{_sealed(encrypted)}){self._style.RESET_ALL}")
                 lead, text = f"{you} {mark} {self._part(m)}", f"{self._fore.MAGENTA}{body}{self._style.RESET_ALL}"
             else:
                 lead, text = f"{you} {self._part(m)}", body
@@ -680,6 +693,11 @@ class TerminalConsole(Console):
     def map(self, snapshot: dict) -> None:
         for line in map_lines(snapshot):
             self._line("", sanitize(line))
+
+
+def _sealed(encrypted: Optional[bool]) -> str:
+    """How a direct message travelled, for a node that can seal (None: this node cannot, says nothing)."""
+    return "" if encrypted is None else ", encrypted" if encrypted else ", in clear"
 
 
 def _rows_below_start(text: str, columns: int) -> int:

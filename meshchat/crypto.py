@@ -91,6 +91,7 @@ class Identity:
         self.public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.key_text = b64(self.public)
         self.fingerprint = fingerprint(self.public)
+        self.box = BoxKey.from_identity_seed(seed)  # end-to-end boxes (below): derived, never stored apart
 
     @classmethod
     def generate(cls) -> "Identity":
@@ -312,3 +313,77 @@ def load_network_key(path: str) -> NetworkKey:
         return NetworkKey(parse_network_key(text))
     except NetworkKeyError as e:
         raise NetworkKeyError(f"network key file {path}: {e}") from None
+
+
+# -- End-to-end boxes ---------------------------------------------------------------------------
+#
+# A node's box key is an X25519 key pair derived from its identity seed with HKDF-SHA256 (info
+# BOX_KEY_INFO, no salt): one file keeps both, and a restart keeps the same box key. Its public
+# half travels in the node's signed PRESENCE and KEY answers (covered by the identity's
+# signature), so it is bound to the identity.
+#
+# A box for one message: a fresh X25519 key pair per message (Reticulum's way; the sender keeps
+# nothing), the shared secret with the recipient's box key through HKDF-SHA256 (salt: both public
+# keys; info BOX_INFO) giving a 32-byte ChaCha20-Poly1305 key and its 12-byte nonce (the key is
+# never used twice, so a derived nonce is safe, as in HPKE), and the header fields as associated
+# data. The box is ephemeral public key (32 bytes) || ciphertext || tag (16 bytes).
+
+BOX_KEY_INFO = b"meshchat x25519 box key v1"
+BOX_INFO = b"meshchat box v1"
+BOX_KEY_BYTES = 32
+BOX_OVERHEAD_BYTES = 32 + 16  # ephemeral public key, Poly1305 tag
+
+
+def _hkdf(secret: bytes, salt: Optional[bytes], info: bytes, size: int) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=size, salt=salt, info=info).derive(secret)
+
+
+class BoxKey:
+    """Our X25519 box key: ``public`` (32 bytes), ``key_text`` (as it travels); ``open`` a box to us."""
+
+    def __init__(self, private_bytes: bytes) -> None:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        self._private = X25519PrivateKey.from_private_bytes(private_bytes)
+        self.public = self._private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.key_text = b64(self.public)
+
+    @classmethod
+    def from_identity_seed(cls, seed: bytes) -> "BoxKey":
+        return cls(_hkdf(seed, None, BOX_KEY_INFO, BOX_KEY_BYTES))
+
+    def open(self, box: bytes, aad: bytes) -> Optional[bytes]:
+        """The plaintext of ``box``, if it was sealed to us with ``aad``; else None. Never raises."""
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+        if len(box) < BOX_OVERHEAD_BYTES:
+            return None
+        eph = box[:32]
+        try:
+            shared = self._private.exchange(X25519PublicKey.from_public_bytes(eph))
+        except ValueError:  # a low-order point: the shared secret would be all zeros
+            return None
+        okm = _hkdf(shared, eph + self.public, BOX_INFO, 44)
+        try:
+            return ChaCha20Poly1305(okm[:32]).decrypt(okm[32:], box[32:], aad)
+        except InvalidTag:
+            return None
+
+
+def seal_to(their_public: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """A box only the holder of ``their_public``'s private key opens, bound to ``aad``."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    eph = X25519PrivateKey.generate()
+    eph_public = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    shared = eph.exchange(X25519PublicKey.from_public_bytes(their_public))
+    okm = _hkdf(shared, eph_public + their_public, BOX_INFO, 44)
+    return eph_public + ChaCha20Poly1305(okm[:32]).encrypt(okm[32:], plaintext, aad)

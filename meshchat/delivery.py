@@ -644,6 +644,11 @@ class Delivery:
                 del self._held[label]
         return actions
 
+    def due_now(self, dst: str) -> None:
+        """What waits in the outbox for ``dst`` may go at its next chance (its key just came: private.py)."""
+        for o in self._outbox.get(dst, {}).values():
+            o.due = -math.inf
+
     # -- rule 2: direct messages to us -------------------------------------------------------------
 
     def direct_received(self, msg: Message, now: float) -> Tuple[bool, list]:

@@ -156,6 +156,7 @@ class MembershipConfig:
     discover: bool = False  # beacon to the LAN's discovery group
     hello_max_s: float = HELLO_MAX_S  # tests shorten it to see a neighbour go down in a second
     caps: Tuple[str, ...] = CAPS  # what we say we speak (the delivery layer adds its own)
+    announce: Tuple[Tuple[str, Any], ...] = ()  # more fields for our PRESENCE (our box key, signed with it)
 
 
 def valid_nick(text: object) -> bool:
@@ -647,7 +648,7 @@ class Membership:
                 known = self.members.get(src)
                 if (known is None or nick != known.nick) and not valid_nick(nick):
                     nick = None
-        caps = parse_caps(x.get("caps")) if x and msg.kind == "PRESENCE" else None
+        caps = parse_caps(x.get("caps")) if x and msg.kind in ("PRESENCE", "KEY") else None
         n = self.neighbours.get(addr)
         self._learn_member(src, nick, hops, addr if n is not None and n.up else None, now, caps)
         if x and msg.kind == "PRESENCE" and "links" in x:
@@ -761,6 +762,7 @@ class Membership:
             extra["nick"] = self.nick
         # Our up neighbours, so that every node can draw the mesh's links (/map); a few at most.
         extra["links"] = sorted(n.label for n in self.neighbours.values() if n.up)[:MAX_LINKS]
+        extra.update(self.config.announce)
         return Originate("PRESENCE", "", extra, self.config.max_ttl)
 
     def set_nick(self, nick: str, now: float) -> None:

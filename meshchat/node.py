@@ -42,6 +42,8 @@ from .delivery import Store as StoreAction
 from .membership import Beacon, Membership, MembershipConfig, Originate
 from .metrics import MetricsServer, exposition, json_page
 from . import __version__
+from .private import BOX_FIELD, Private
+from .private import CAP as PRIVATE_CAP
 from .relay import COUNTERS, Display, Relay, RelayConfig, Send
 from .store import HeldAdd, HeldRemove, OutboxAdd, OutboxRemove, SaveMessage, SetMeta, Store, data_dir_for
 from .trust import PinKey, Trust, signer
@@ -206,14 +208,6 @@ class Node:
         except BaseException:
             self._sock.close()
             raise
-        if membership is not None or discovery is not None:
-            mcfg = replace(membership or MembershipConfig(label=""), label=self.label,
-                           peers_only=config.peers_only, max_ttl=config.max_ttl, discover=discovery is not None)
-            if history is not None:
-                mcfg = replace(mcfg, caps=mcfg.caps + DELIVERY_CAPS)
-            self.membership = Membership(mcfg, secret=os.urandom(32))
-            if history is not None:
-                self.delivery = self._new_delivery(history)
         # A closed mesh: every datagram is sealed once per Send on its way out (_send, _beacon),
         # and opened by the relay first thing on its way in.
         self._seal: Optional[Callable[[bytes], bytes]] = None
@@ -232,10 +226,30 @@ class Node:
                 if self.store is not None:
                     self.store.close()
                 raise
+        if membership is not None or discovery is not None:
+            mcfg = replace(membership or MembershipConfig(label=""), label=self.label,
+                           peers_only=config.peers_only, max_ttl=config.max_ttl, discover=discovery is not None)
+            if history is not None:
+                mcfg = replace(mcfg, caps=mcfg.caps + DELIVERY_CAPS)
+            if self.identity is not None and history is not None:
+                # End-to-end boxes need the outbox (a message waits there for its key): our box key
+                # goes in our signed PRESENCE, and E2E in our caps.
+                mcfg = replace(mcfg, caps=mcfg.caps + (PRIVATE_CAP,),
+                               announce=mcfg.announce + ((BOX_FIELD, self.identity.box.key_text),))
+            self.membership = Membership(mcfg, secret=os.urandom(32))
+            if history is not None:
+                self.delivery = self._new_delivery(history)
         self.trust: Optional[Trust] = trust
+        private = None
+        if self.identity is not None and self.delivery is not None:
+            from . import crypto
+
+            private = Private(self.identity.box.key_text, crypto.seal_to, self.identity.box.open, crypto.unb64)
+        self.private: Optional[Private] = private  # direct messages are sealed end to end
+        self._key_came = threading.Event()  # a key a message of ours waited for came, and it went
         self.relay = relay_factory(replace(config, label=self.label), peers, membership=self.membership,
                                    delivery=self.delivery, **({"trust": trust, "sign": sign} if trust else {}),
-                                   **sealing)
+                                   **sealing, **({"private": private} if private else {}))
         if self.store is not None:  # a replay dated before this start may have been shown then
             self.relay.replay_before_ts = self.store.last_ts()
         self._discovery = discovery
@@ -596,6 +610,9 @@ class Node:
                     self._act((action,), batch)
                 except Exception as e:  # counted as handled: the relay did decide; the rest still go
                     self._log_internal(data, e, "handled, but handing on one of its actions failed")
+            if self.private is not None and self.private.released:  # read without the lock: a flag
+                self.private.released = False
+                self._key_came.set()
 
     def _count_internal_drop(self, before: tuple) -> None:
         """Under the lock: undo what the failed datagram counted, and count it dropped."""
@@ -645,18 +662,45 @@ class Node:
 
     # -- the caller's side -------------------------------------------------------
 
-    def say(self, body: str, dst: str = "") -> List[Message]:
-        """Send a CHAT; returns the messages it became (more than one if it was long)."""
-        return self._originate("CHAT", body, dst)
+    def say(self, body: str, dst: str = "", plain: bool = False) -> List[Message]:
+        """Send a CHAT; returns the messages it became (more than one if it was long), as written.
+
+        A direct one is sealed end to end when this node can (``encrypts``), unless ``plain``."""
+        return self._originate("CHAT", body, dst, plain=plain)
+
+    def wait_for_keys(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until no message of ours waits for a key; False if some still do.
+
+        For the end of piped input: a private message held for its destination's key goes once the
+        key comes, which takes a round trip, not a restart."""
+        if self.private is None:
+            return True
+        deadline = self._clock() + timeout_s
+        while True:
+            with self._lock:
+                if not self.private.waiting:
+                    return True
+                self._key_came.clear()
+            left = deadline - self._clock()
+            if left <= 0 or self._stopping.is_set():
+                return False
+            self._key_came.wait(left)
+
+    @property
+    def encrypts(self) -> bool:
+        """Whether our direct messages are sealed end to end (or held until they can be)."""
+        return self.private is not None
 
     def ping(self, dst: str = "") -> List[Message]:
         if not dst:
             self.last_roll_call = self._clock()
         return self._originate("PING", "", dst)
 
-    def _originate(self, kind: str, body: str, dst: str, extra: Optional[dict] = None, ttl: int = 0) -> List[Message]:
+    def _originate(self, kind: str, body: str, dst: str, extra: Optional[dict] = None, ttl: int = 0,
+                   plain: bool = False) -> List[Message]:
         with self._lock:
-            messages, actions = self.relay.originate(kind, body, dst, self._clock(), self._wall(), extra, ttl)
+            messages, actions = self.relay.originate(kind, body, dst, self._clock(), self._wall(), extra, ttl,
+                                                     **({"plain": True} if plain else {}))
         if kind == "CHAT" and self.store is not None:
             self._reserve(messages)
             for msg in messages:
@@ -715,6 +759,8 @@ class Node:
         """The relay's counters, and the capabilities' (membership, delivery, the store) beside them."""
         with self._lock:
             out = self.relay.stats()
+            if self.private is not None:
+                out.update(self.private.counters)
             m, d = self.membership, self.delivery
             if m is not None:
                 out.update(m.counters)

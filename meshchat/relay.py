@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTupl
 from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want, direct_key
 from .bucket import take
 from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
+from .private import CAP, split_plain
 from .seen import SeenCache
 from .delivery import ServeSince
 from .membership import Beacon, Originate
@@ -80,6 +81,8 @@ COUNTERS = (
     "dropped_bad_signature",  # signed, but the signature does not verify (forged, or damaged)
     "dropped_key_changed",  # signed by another key than the one pinned for its origin
     "dropped_unsigned",  # --require-signed: not verified
+    "dropped_bad_box",  # a private message to us that does not open (tampered, moved, not ours)
+    "dropped_unverified_ack",  # an ACK from a node whose key is pinned, not signed by that key
     "dropped_internal",  # handling it raised: a bug, contained to that datagram by the node
     "dropped_unauthenticated",  # a closed mesh: not sealed under our network key (an outsider's)
     "received_plaintext",  # --network-key-optional: let in unsealed (also counted as received)
@@ -109,6 +112,7 @@ class Display(NamedTuple):
     late: bool = False
     verified: Optional[bool] = None
     sealed: Optional[bool] = None
+    encrypted: Optional[bool] = None  # a direct message: it came sealed to us (None: a broadcast, or no E2E here)
 
 
 class Pong(NamedTuple):
@@ -144,6 +148,7 @@ class RelayConfig:
 if TYPE_CHECKING:
     from .delivery import Delivery
     from .membership import Membership
+    from .private import Private
     from .trust import Trust
 
 _ONE_HOP = (Unicast, Want, Have, Since, Serve)
@@ -234,8 +239,10 @@ class Relay:
         trust: "Optional[Trust]" = None,
         sign: Optional[Callable[[Message], Message]] = None,
         unseal: "Optional[Callable[[bytes], Optional[Tuple[bytes, bool]]]]" = None,
+        private: "Optional[Private]" = None,
     ) -> None:
         self.config = config
+        self.private = private  # end-to-end boxes for direct messages (private.py): seal ours, open ours
         # Signatures (trust.py): verify first copies with ``trust``, sign what we originate with ``sign``.
         self.trust = trust
         self._sign = sign
@@ -397,10 +404,15 @@ class Relay:
         verified, told, dropped = self._verified(msg, now)
         if dropped:
             return told
+        encrypted = None
+        if msg.dst == self.label and (self.private is not None or self.trust is not None):
+            msg, encrypted = self._private_in(msg, verified)
+            if msg is None:  # like a bad signature: before the seen cache, so it silences nothing
+                return told
         self.seen.add(msg.mid, now, ts)
         if msg.kind == "PONG" and msg.dst != self.label:
             return self._relay_pong(msg, addr, now, data, head)
-        actions = self._handle(msg, addr, now, wall, data, head, verified)
+        actions = self._handle(msg, addr, now, wall, data, head, verified, encrypted)
         return told + actions if told else actions
 
     def _verified(self, msg: Message, now: float) -> Tuple[Optional[bool], list, bool]:
@@ -423,6 +435,22 @@ class Relay:
             return False, [Notice(text) for text in extra], True
         c.dropped_bad_signature += 1
         return False, [], True
+
+    def _private_in(self, msg: Message, verified: Optional[bool]) -> Tuple[Optional[Message], Optional[bool]]:
+        """A first copy addressed to us: a box opened (None: it does not open, counted), and an ACK
+        from a node whose key is pinned taken only if that key signed it (None: counted)."""
+        c = self.counters
+        if msg.kind == "ACK":
+            if verified is False and self.trust is not None and msg.src in self.trust.pins:
+                c.dropped_unverified_ack += 1  # a relay could forge it: our message may never have arrived
+                return None, None
+            return msg, None
+        if msg.kind != "CHAT" or self.private is None:
+            return msg, None
+        opened, encrypted = self.private.open(msg)
+        if opened is None:
+            c.dropped_bad_box += 1
+        return opened, encrypted
 
     def _link_local(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> list:
         """A one-hop message (HELLO): never flooded, never in the seen cache; its owner decides."""
@@ -479,6 +507,13 @@ class Relay:
 
     def _send_direct(self, msg: Message, now: float, flood: bool = False) -> List[Send]:
         """A retry or hand-over: a fresh datagram, routed like a direct message of ours (or flooded)."""
+        p = self.private
+        if (p is not None and msg.kind == "CHAT" and msg.src == self.label and msg.dst
+                and not p.sealed_or_plain(msg)):
+            sealed = p.seal(msg)  # held for want of a key (private.py rule 2): sealed now, or not sent
+            if sealed is None:
+                return self._ask_key(msg.dst, now, msg.ts)  # a retry's ts is the wall clock now
+            msg = sealed
         msg = self._signed_again(msg)
         self.seen.add(msg.mid, now, msg.ts)
         targets = self.membership.flood_targets(msg.kind) if flood else self._origin_targets(msg.kind, msg.dst, now)
@@ -497,7 +532,8 @@ class Relay:
         return msg
 
     def _handle(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
-                head: "Optional[re.Match[bytes]]", verified: Optional[bool] = None) -> list:
+                head: "Optional[re.Match[bytes]]", verified: Optional[bool] = None,
+                encrypted: Optional[bool] = None) -> list:
         c = self.counters
         c.handled += 1
         actions: list = []
@@ -512,10 +548,12 @@ class Relay:
         late = False
         d = self.delivery
         shown_msg = msg
+        if self.private is not None and kind in ("PRESENCE", "KEY"):
+            actions.extend(self._key_message(msg, verified, to_me, now, wall))
         if d is not None:
             shown, late, shown_msg = self._deliver(msg, addr, data, now, wall, to_me, shown, actions)
         if shown:
-            actions.append(Display(shown_msg, late, verified))
+            actions.append(Display(shown_msg, late, verified, encrypted))
             c.displayed += 1
         if kind == "PING":
             if to_me or (msg.dst == "" and self._may_answer(msg.src, now)):
@@ -575,6 +613,29 @@ class Relay:
         if out:
             actions.extend(self._sends(out, now, wall))
         return shown, late, msg
+
+    def _key_message(self, msg: Message, verified: Optional[bool], to_me: bool, now: float, wall: float) -> list:
+        """A PRESENCE or KEY (first copy): learn its origin's box key (verified only: private.py rule 3),
+        send what waited for that key, and answer a key request addressed to us (rule 4)."""
+        p = self.private
+        assert p is not None
+        out: list = []
+        m = self.membership
+        if p.learn(msg, verified) and self.delivery is not None:
+            self.delivery.due_now(msg.src)  # a try that found no key must not delay the first sealed one
+            caps = m.caps_of(msg.src) if m is not None else None
+            out.extend(self._sends(self.delivery.peer_heard(msg.src, now, wall, caps), now, wall))
+        if msg.kind == "KEY" and to_me and msg.extra.get("ask") == 1 and p.may_answer(msg, verified, now):
+            caps = m.config.caps if m is not None else ()
+            out.extend(self.originate("KEY", "", msg.src, now, wall, extra=p.answer_fields(caps))[1])
+        return out
+
+    def _ask_key(self, dst: str, now: float, wall: float) -> list:
+        """A key request for ``dst``, unless one went lately (private.py rule 4)."""
+        p = self.private
+        if p is None or not self._origin_targets("KEY", dst, now) or not p.may_ask(dst, now):
+            return []  # with no neighbour up yet, the next try asks (when one comes up)
+        return self.originate("KEY", "", dst, now, wall, extra={"ask": 1})[1]
 
     def _shown_before(self, mid: str) -> bool:
         return self.delivery is not None and self.delivery.in_history(mid)
@@ -747,13 +808,21 @@ class Relay:
 
     def originate(
         self, kind: str, body: str, dst: str, now: float, wall: float,
-        extra: Optional[Dict[str, Any]] = None, ttl: int = 0,
+        extra: Optional[Dict[str, Any]] = None, ttl: int = 0, plain: bool = False,
     ) -> Tuple[List[Message], list]:
         """New messages from this node, split so each datagram fits MAX_SEND_BYTES.
 
         With a delivery layer, our CHATs get stream mids (broadcasts ``<node_id>-<seq>``, direct
-        messages ``<node_id>-d<n>`` asking for an ack); what it asks for comes back with the Sends."""
+        messages ``<node_id>-d<n>`` asking for an ack); what it asks for comes back with the Sends.
+        With end-to-end boxes, a direct CHAT is sealed part by part, or, while its destination's key
+        is unknown, held and the key asked for; ``plain`` sends it in clear (marked so). The messages
+        returned are as the user wrote them (the text, not the boxes)."""
         d = self.delivery if kind == "CHAT" else None
+        p = self.private if kind == "CHAT" and dst else None
+        if p is not None and plain:
+            extra = dict(extra or {}, plain=1)
+            p = None
+        sealing = p is not None and p.key_of(dst) is not None
         later: list = []  # the delivery layer's actions, after the sends
 
         def new_mid() -> str:
@@ -779,26 +848,32 @@ class Relay:
         sign = self._sign
         if sign is not None:
             fields["key"] = fields["sig"] = ""  # sized with a signature (signed below, part by part)
-        msg = Message(mid, wall, ttl, kind, self.label, dst, body, fields)
-        if sign is not None:
-            msg = sign(msg)
+        plain_msg = Message(mid, wall, ttl, kind, self.label, dst, body, fields)
+
+        def finish(part: Message) -> Message:
+            if sealing:
+                part = p.seal(part)  # type: ignore[union-attr]
+            return sign(part) if sign is not None else part
+
+        msg = finish(plain_msg)
         data = encode(msg)
         if len(data) <= MAX_SEND_BYTES:
-            messages = [msg]
+            shown, messages = [plain_msg], [msg]
         else:
             # Each piece says it is part i of n, so a lost part shows; room is kept for the largest mark.
             room = MAX_SEND_BYTES - len(encode(msg._replace(body="", extra=dict(msg.extra, part=[MAX_PARTS, MAX_PARTS]))))
-            pieces = split_body(body, room)
+            pieces = split_plain(body, room) if sealing else split_body(body, room)
             n = len(pieces)
             # n stays far below MAX_PARTS for any line the console takes (64 KiB is at most ~320 parts).
-            messages = [msg._replace(mid=mid if i == 0 else new_mid(), body=p,
-                                     extra=dict(msg.extra, part=[i + 1, n]) if n <= MAX_PARTS else msg.extra)
-                        for i, p in enumerate(pieces)]
-            if sign is not None:
-                messages = [sign(part) for part in messages]
-        targets = self._origin_targets(kind, dst, now)
+            shown = [plain_msg._replace(mid=mid if i == 0 else new_mid(), body=piece,
+                                        extra=dict(fields, part=[i + 1, n]) if n <= MAX_PARTS else fields)
+                     for i, piece in enumerate(pieces)]
+            messages = [finish(part) for part in shown]
+        # Held for want of a key: nothing goes until it is known (private.py rule 2).
+        held = p is not None and not sealing
+        targets = () if held else self._origin_targets(kind, dst, now)
         sends = []
-        for part in messages:
+        for part, plain_part in zip(messages, shown):
             self.seen.add(part.mid, now, part.ts)
             if kind == "PING":
                 self._pings[part.mid] = now
@@ -811,13 +886,28 @@ class Relay:
             if d is not None:
                 if dst:
                     member = m.members.get(dst) if m is not None else None
-                    later.extend(d.direct_sent(part, now, member.hops if member is not None else None,
-                                               m.speaks(dst, "ACK") is True, m.is_down(dst)))
+                    later.extend(d.direct_sent(plain_part if held else part, now,
+                                               member.hops if member is not None else None,
+                                               m.speaks(dst, "ACK") is True, held or m.is_down(dst)))
                 else:
                     d.remember(part, raw, now)
+        if held:
+            p.counters["held_for_key"] += len(shown)  # type: ignore[union-attr]
+            p.wait_for(dst)  # type: ignore[union-attr]
+            if d is None:
+                later.append(Notice(f"no key for {dst} yet, and no outbox to hold the message in: not sent"))
+            caps = m.caps_of(dst) if m is not None else None
+            if caps is not None and CAP not in caps:
+                later.append(Notice(f"{dst} announced no key for private messages (an older or seed-design "
+                                    f"node, or one without the secure extra): the message is held until it "
+                                    f"has one; /msg --plain NAME text sends it in clear"))
+            else:
+                later.append(Notice(f"no key for {dst} yet: asked for it; the message is held and goes sealed "
+                                    f"once it comes (/msg --plain NAME text sends it in clear)"))
+                later.extend(self._ask_key(dst, now, wall))
         if later:
             sends.extend(self._sends(later, now, wall))
-        return messages, sends
+        return shown, sends
 
     def _origin_targets(self, kind: str, dst: str, now: float) -> Tuple[Addr, ...]:
         m = self.membership

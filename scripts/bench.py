@@ -53,6 +53,7 @@ FULL = dict(
     liveness_victims=3, liveness_settle_s=15.0, liveness_timeout_s=40.0, discovery_trials=5, discovery_wait_s=4.0,
     repair_nodes=12, repair_loss=(0.0, 0.2), repair_broadcasts=40, repair_directs=20, repair_gap_s=0.1,
     repair_settle_s=5.0, repair_deadline_s=30.0, repair_tail_s=40.0, repair_idle_s=30.0,
+    security_messages=20_000,
 )
 QUICK = dict(
     relay_rounds=1, relay_messages=1000, relay_rate=5000.0, relay_burst=50, relay_max_s=0.3,
@@ -62,9 +63,11 @@ QUICK = dict(
     liveness_victims=1, liveness_settle_s=1.0, liveness_timeout_s=10.0, discovery_trials=1, discovery_wait_s=0.5,
     repair_nodes=6, repair_loss=(0.0, 0.2), repair_broadcasts=8, repair_directs=4, repair_gap_s=0.05,
     repair_settle_s=1.5, repair_deadline_s=5.0, repair_tail_s=0.3, repair_idle_s=0.0,
+    security_messages=300,
 )
 QUICK_NODES = 10
-SECTIONS = ("relay", "history", "seal", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery", "repair")
+SECTIONS = ("relay", "history", "seal", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery",
+            "repair", "security")
 MESH_SECTIONS = {"scale", "direct", "idle", "liveness"}  # these share one mesh per --nodes size
 LATENCY_HOPS = (1, 4, 8)
 DEGREE = 4
@@ -1203,8 +1206,10 @@ def bench_direct(mesh: Mesh, cfg: dict, seed: int) -> dict:
         d, a = rng.sample(range(n), 2)
         for kind, sender, line, body, dst, ours in (
                 ("broadcast", d, f"route {rounds}", f"route {rounds}", None, 1),
-                ("routed", a, f"@{nodes[d].label} direct {rounds}", f"direct {rounds}", d, 0),
-                ("flooded", a, f"@{mesh.sink_label} flood {rounds}", f"flood {rounds}", -1, 1)):
+                # In clear (--plain): this counts routing's datagrams; a sealed message is as many, each
+                # bigger (section 11), and one to the sink, a seed-design socket with no key, would be held.
+                ("routed", a, f"/msg --plain {nodes[d].label} direct {rounds}", f"direct {rounds}", d, 0),
+                ("flooded", a, f"/msg --plain {mesh.sink_label} flood {rounds}", f"flood {rounds}", -1, 1)):
             datagrams, fraction, arrival = measure(kind, sender, line, body, dst, ours)
             if datagrams is None:
                 continue
@@ -1815,6 +1820,10 @@ def fmt(value: object, digits: int = 2) -> str:
     return str(value)
 
 
+def ratio_of(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return round(a / b, 1) if a and b else None
+
+
 def ratio(relays: dict, ref: str) -> Optional[float]:
     a, b = relays["meshchat"]["max_rate_cpu_us_per_msg"], relays[ref]["max_rate_cpu_us_per_msg"]
     return a / b if a and b else None
@@ -1829,6 +1838,74 @@ def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
+
+
+def bench_security(cfg: dict) -> dict:
+    """In-process, one relay and no sockets: what signatures and end-to-end boxes add per message.
+
+    Relay cost: first copies of chat-sized broadcasts through a relay with one neighbour, signed
+    and verified against unsigned with no trust layer. Display cost: direct messages to a node
+    that shows them, sealed and opened against in clear. Also the sender's side: signing, sealing."""
+    from meshchat import crypto
+    from meshchat.private import Private
+    from meshchat.relay import Display, Relay, RelayConfig
+    from meshchat.trust import Trust, signer
+    from meshchat.wire import Message, encode
+
+    if not crypto.available():
+        return {"error": "needs the secure extra: pip install 'meshchat[secure]'"}
+    n = cfg["security_messages"]
+    me, them = "127.0.0.1:9000", "127.0.0.1:9001"
+    peer = ("127.0.0.1", 9001)
+    wall = 1_700_000_000.0
+    mine, theirs = crypto.Identity.generate(), crypto.Identity.generate()
+    sign = signer(theirs.key_text, theirs.sign)
+    body = "a chat line of a usual length, some sixty characters or so."
+
+    def per_message_us(make: Callable[[], Relay], datagrams: List[bytes], want_shown: bool) -> float:
+        """CPU time (this thread's process, so other processes' load counts less), the best of 2 runs."""
+        best = math.inf
+        for _ in range(2):
+            relay = make()
+            gc.collect()
+            start = time.process_time()
+            shown = 0
+            for i, data in enumerate(datagrams):
+                for action in relay.datagram_received(data, peer, 1.0 + i * 1e-4, wall):
+                    shown += type(action) is Display
+            best = min(best, time.process_time() - start)
+            if want_shown and shown != len(datagrams):
+                raise RuntimeError(f"{shown} of {len(datagrams)} messages shown")
+        return round(best / len(datagrams) * 1e6, 1)
+
+    def trust() -> Trust:
+        return Trust(crypto.verify, crypto.unb64, crypto.fingerprint)
+
+    def msg(i: int, dst: str = "") -> Message:
+        return Message(f"m{i}", wall, 5, "CHAT", them, dst, body, {"ttl0": 5})
+
+    cfg_relay = RelayConfig(me, rate_limit=0.0)
+    t0 = time.perf_counter()
+    signed = [encode(sign(msg(i))) for i in range(n)]
+    sign_us = (time.perf_counter() - t0) / n * 1e6
+    plain = [encode(msg(i)) for i in range(n)]
+    out: dict = {"messages": n, "sign_us": round(sign_us, 1)}
+    peers = [peer, ("127.0.0.1", 9002)]
+    out["relay_off_us"] = per_message_us(lambda: Relay(cfg_relay, peers=peers), plain, True)
+    out["relay_on_us"] = per_message_us(lambda: Relay(cfg_relay, peers=peers, trust=trust()), signed, True)
+    sealer = Private(theirs.box.key_text, crypto.seal_to, theirs.box.open, crypto.unb64)
+    sealer.keys[me] = mine.box.public
+    t0 = time.perf_counter()
+    sealed = [encode(sign(sealer.seal(msg(i, me)))) for i in range(n)]
+    out["seal_and_sign_us"] = round((time.perf_counter() - t0) / n * 1e6, 1)
+    clear = [encode(sign(msg(i, me))) for i in range(n)]
+    opener = Private(mine.box.key_text, crypto.seal_to, mine.box.open, crypto.unb64)
+    out["display_clear_us"] = per_message_us(lambda: Relay(cfg_relay, peers=[peer], trust=trust()), clear, True)
+    out["display_sealed_us"] = per_message_us(lambda: Relay(cfg_relay, peers=[peer], trust=trust(), private=opener),
+                                              sealed, True)
+    out["duplicate_us"] = per_message_us(lambda: Relay(cfg_relay, peers=[peer], trust=trust()), signed[:1] * n, False)
+    out["datagram_bytes"] = {"unsigned": len(plain[0]), "signed": len(signed[0]), "sealed_signed": len(sealed[0])}
+    return out
 
 
 def report(r: dict) -> str:
@@ -1998,6 +2075,20 @@ def report(r: dict) -> str:
     rows = [[t["target"], t["value"], f"{ops[t['op']]} {fmt(t['limit'])} {t['unit']}".rstrip(),
              {True: "met", False: "NOT MET", None: "n/a"}[t["met"]] + (f" ({t['note']})" if t["note"] else "")]
             for t in r["targets"]]
+    sec = r.get("security")
+    if sec and "relay_on_us" in sec:
+        b = sec["datagram_bytes"]
+        parts.append(f"11. Security, in-process, {sec['messages']:,} chat-sized messages through one relay (CPU µs "
+                     f"per message)\n" + table(
+                         ["what", "off", "on", "on / off"],
+                         [["relay, first copies (on: verified)", sec["relay_off_us"], sec["relay_on_us"],
+                           ratio_of(sec["relay_on_us"], sec["relay_off_us"])],
+                          ["display, direct messages (on: sealed, opened)", sec["display_clear_us"],
+                           sec["display_sealed_us"], ratio_of(sec["display_sealed_us"], sec["display_clear_us"])],
+                          ["sender: sign / seal and sign", "", f"{sec['sign_us']} / {sec['seal_and_sign_us']}", ""],
+                          ["duplicates (never verified)", "", sec["duplicate_us"], ""],
+                          ["datagram bytes: unsigned, signed, sealed", b["unsigned"], f"{b['signed']}, "
+                           f"{b['sealed_signed']}", ""]]))
     parts.append("Targets\n" + table(["target", "this run", "target", "status"], rows))
     errors = [f"{k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
     errors += [f"{k}: {x['error']}" for k in ("scale", "idle", "liveness", "repair") for x in r.get(k) or []
@@ -2117,6 +2208,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "repair" in sections:
             got = run("delivery's datagrams, lossless and lossy", lambda: bench_repair(cfg, fleet, args.seed))
             r["repair"] = got if isinstance(got, list) else [got]
+        if "security" in sections:
+            r["security"] = run("security: signatures and private messages", lambda: bench_security(cfg))
     except KeyboardInterrupt:
         say("interrupted")
         return 130

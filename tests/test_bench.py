@@ -163,6 +163,13 @@ def test_quick_benchmark_runs_and_reports_every_section(tmp_path):
 
     svgs = list(ET.parse(html).getroot().iter("{http://www.w3.org/2000/svg}svg"))
     assert len(svgs) >= 6
+    # Security: signatures and boxes cost something, and a sealed datagram is bigger than a signed one.
+    sec = r["security"]
+    if "error" not in sec or "secure extra" not in sec["error"]:
+        assert all(positive(sec[k]) for k in ("relay_off_us", "relay_on_us", "display_clear_us", "display_sealed_us",
+                                             "sign_us", "seal_and_sign_us")), sec
+        b = sec["datagram_bytes"]
+        assert b["unsigned"] < b["signed"] < b["sealed_signed"], sec
 
     names = [t["target"] for t in r["targets"]]
     assert len(names) >= 15 and all(t["met"] in (True, False, None) for t in r["targets"])

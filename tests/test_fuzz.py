@@ -606,3 +606,74 @@ def test_sealed_datagrams_damaged_every_way_never_raise_and_each_is_counted_once
     assert passed["strict"] > 25 and passed["optional"] > 25  # valid inside: handled, not just opened
     assert strict.stats()["dropped_malformed"] > 100  # garbage under the right key is refused after opening
     assert not any(c.broken for c in consoles)
+
+
+def test_private_boxes_and_key_messages_with_hostile_values_are_counted_never_raise():
+    """Sealed bodies truncated, bit-flipped, re-encoded or under another header, and KEY and PRESENCE
+    messages with hostile box, ask and caps fields: each datagram is handled or dropped for one named
+    reason, nothing that does not open is shown, and the key tables stay bounded."""
+    from meshchat import crypto
+    from meshchat.delivery import Delivery, DeliveryConfig
+    from meshchat.membership import Membership, MembershipConfig
+    from meshchat.private import MARKER, Private
+    from meshchat.trust import Trust, signer
+
+    if not crypto.available():
+        pytest.skip("needs the secure extra")
+    rng = random.Random(12)
+    me, other = crypto.Identity.generate(), crypto.Identity.generate()
+    label, sender = "127.0.0.1:9000", "127.0.0.1:9002"
+    m = Membership(MembershipConfig(label=label, caps=("HELLO", "ACK", "E2E")), secret=b"fuzz")
+    relay = Relay(RelayConfig(label, rate_limit=0.0), peers=[("127.0.0.1", 9001)], membership=m,
+                  delivery=Delivery(DeliveryConfig(label, "0123456789abcdef")),
+                  trust=Trust(crypto.verify, crypto.unb64, crypto.fingerprint),
+                  sign=signer(me.key_text, me.sign),
+                  private=Private(me.box.key_text, crypto.seal_to, me.box.open, crypto.unb64))
+    sealer = Private(other.box.key_text, crypto.seal_to, other.box.open, crypto.unb64)
+    sealer.keys[label] = me.box.public
+    sign = signer(other.key_text, other.sign)
+    values = WRONG_VALUES + ["", "A" * 43, other.box.key_text, other.box.key_text[:-1] + "B", 1, [1], {"a": 1}]
+    bad_shown = 0
+    for i in range(1500):
+        how = rng.randrange(6)
+        if how < 4:
+            msg = sealer.seal(Message(f"x-d{i}xaaaaaaaa", 1000.0, 5, "CHAT", sender, label, f"secret {i}",
+                                      {"ack": 1}))
+            body = msg.body
+            if how == 0:
+                body = body[:rng.randrange(len(body))]
+            elif how == 1:
+                j = rng.randrange(len(MARKER), len(body))
+                body = body[:j] + chr(ord(body[j]) ^ (1 << rng.randrange(6))) + body[j + 1:]
+            elif how == 2:
+                msg = msg._replace(ts=1000.5)  # the box under another header
+            else:
+                body = MARKER + rng.choice(["", "=", "\u00e9" * 10, "A" * 20000, "!!!!"])
+            msg = msg._replace(body=body)
+            if rng.random() < 0.5:
+                msg = sign(msg)
+        else:
+            kind = rng.choice(["KEY", "PRESENCE"])
+            extra = {rng.choice(["box", "ask", "caps"]): rng.choice(values)}
+            if rng.random() < 0.5:
+                extra["ask"] = 1
+            msg = Message(f"k{i}", 1000.0, 5, kind, sender, rng.choice(["", label]), "", extra)
+            if rng.random() < 0.7:
+                try:
+                    msg = sign(msg)
+                except UnicodeEncodeError:  # a lone surrogate: no origin could sign it, the wire refuses it
+                    pass
+        try:
+            data = encode(msg)
+        except WireError:
+            continue
+        for action in relay.datagram_received(data, ("127.0.0.1", 9001), 1.0 + i * 0.01, 1000.0):
+            if isinstance(action, Send):
+                decode(action.data)
+            elif isinstance(action, Display) and (action.encrypted or action.message.body.startswith(MARKER)):
+                # Opened: only a genuine box (how 1 may flip a bit base64 ignores); never a box shown as text.
+                bad_shown += not action.message.body.startswith("secret")
+        assert _adds_up(relay)
+    s = relay.stats()
+    assert s["dropped_bad_box"] > 500 and bad_shown == 0
+    assert len(relay.private.keys) <= 4096 and relay.private.counters["keys_answered"] <= 1 + 15 * 10
