@@ -208,16 +208,9 @@ class NetworkKey:
             raise NetworkKeyError(f"a network key is {NETWORK_KEY_BYTES} bytes, not {len(raw)}")
         from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-        self.key_id = _hkdf(raw, _KEY_ID_INFO, SEAL_KEY_ID_BYTES)
-        self._aead = ChaCha20Poly1305(_hkdf(raw, _AEAD_INFO, 32))
+        self.key_id = _hkdf(raw, None, _KEY_ID_INFO, SEAL_KEY_ID_BYTES)
+        self._aead = ChaCha20Poly1305(_hkdf(raw, None, _AEAD_INFO, 32))
         self._prefix = SEAL_MAGIC + self.key_id
-
-
-def _hkdf(raw: bytes, info: bytes, length: int) -> bytes:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(raw)
 
 
 def seal(key: NetworkKey, plaintext: bytes) -> bytes:
@@ -335,6 +328,7 @@ BOX_OVERHEAD_BYTES = 32 + 16  # ephemeral public key, Poly1305 tag
 
 
 def _hkdf(secret: bytes, salt: Optional[bytes], info: bytes, size: int) -> bytes:
+    """HKDF-SHA256: every key we use is derived under its own label, never used raw."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 

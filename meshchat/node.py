@@ -242,8 +242,6 @@ class Node:
         self.trust: Optional[Trust] = trust
         private = None
         if self.identity is not None and self.delivery is not None:
-            from . import crypto
-
             private = Private(self.identity.box.key_text, crypto.seal_to, self.identity.box.open, crypto.unb64)
         self.private: Optional[Private] = private  # direct messages are sealed end to end
         self._key_came = threading.Event()  # a key a message of ours waited for came, and it went
@@ -286,8 +284,6 @@ class Node:
         """Our identity (loaded, made on first start, or in memory) and the trust layer with its pins.
 
         Raises crypto.CryptoUnavailable or crypto.IdentityError (one line each)."""
-        from . import crypto
-
         crypto.require("signatures")
         path = security.identity_file
         if path is None and self.store is not None:

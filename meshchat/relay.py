@@ -553,7 +553,7 @@ class Relay:
         if d is not None:
             shown, late, shown_msg = self._deliver(msg, addr, data, now, wall, to_me, shown, actions)
         if shown:
-            actions.append(Display(shown_msg, late, verified, encrypted))
+            actions.append(Display(shown_msg, late, verified, encrypted=encrypted))
             c.displayed += 1
         if kind == "PING":
             if to_me or (msg.dst == "" and self._may_answer(msg.src, now)):
