@@ -24,7 +24,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 from . import __version__
 from .console import (
     MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
-    TerminalConsole, Who, History as HistoryCmd, terminal_columns, nick_of, parse_line, part_of, readline_buffer,
+    TerminalConsole, TraceRoute, Who, Why, History as HistoryCmd, terminal_columns, nick_of, parse_line, part_of, readline_buffer,
 )
 from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, display_name, valid_nick
 from .node import Discovery, Failure, History, Node, start_without_signals
@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--catch-up-hours", type=_number(float, 0.0, 24 * 365, "a number"), default=24.0,
                       metavar="H", help="after a restart, ask neighbours for what was missed up to this far back "
                       "(default 24; 0: never)")
+    p.add_argument("--no-trace", action="store_true",
+                   help="keep no per-message records (/why) nor per-neighbour counters (/peers shows "
+                   "state, rtt and loss only); /trace still works")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-ttl", type=_number(int, 1, what="an integer"), default=16,
                         help="lower a received ttl above this to it (default 16)")
@@ -445,7 +448,7 @@ def _resolved(cmd: object, node: Node) -> object:
     ``address:port``, as --peers do (labels are addresses); anything else is a
     nick or nick#tag, which the node's membership knows or not. A name that does
     not resolve, or names several nodes, is an error, and nothing is sent."""
-    if not isinstance(cmd, (Say, Ping)) or not cmd.dst:
+    if not isinstance(cmd, (Say, Ping, TraceRoute)) or not cmd.dst:
         return cmd
     if ":" in cmd.dst:  # a nick never has one
         try:
@@ -527,6 +530,19 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
         console.peers(peer_rows(node))
     elif isinstance(cmd, Stats):
         console.stats(node.stats())
+    elif isinstance(cmd, Why):
+        record, error = node.why(cmd.prefix)
+        if record is None:
+            console.error(error)
+        else:
+            console.why(record)
+    elif isinstance(cmd, TraceRoute):
+        mid, error = node.trace_route(cmd.dst)
+        if mid is None:
+            console.error(f"cannot trace {cmd.dst}: {error}")
+        else:
+            console.notice(f"tracing the way to {display_name(cmd.dst, node.nick_of(cmd.dst))}; the hops follow "
+                           "when it answers (or within 10 s)")
     elif isinstance(cmd, Quit):
         return False
     else:
@@ -580,7 +596,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = RelayConfig(label="", ttl=args.ttl, seen_ttl_s=args.seen_ttl, seen_max=args.seen_max,
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
                          rate_limit=args.rate_limit, rate_limit_total=args.rate_limit_total,
-                         peers_only=args.peers_only, display=not args.quiet)
+                         peers_only=args.peers_only, display=not args.quiet, trace=not args.no_trace)
     first = args.port
     try:
         node = open_node(args, config, on_event)

@@ -28,7 +28,8 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, TextIO,
 from .membership import MAX_NICK_CHARS, PeerDown, PeerUp, Refused, display_name, valid_nick
 from .delivery import Delivered, Undelivered
 from .relay import MAX_PARTS, Display, Notice, Pong
-from .wire import Message, WireError, parse_addr
+from .traceroute import TraceResult
+from .wire import MAX_MID_CHARS, Message, WireError, parse_addr
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,10 @@ Type a line to send it to everyone.
   /nick NAME         the name others see you by
   /who               every node known in the mesh: name, hops away, last seen
   /ping [NAME]       round-trip time to one node, or to every node that answers
-  /peers             neighbours: state, last heard, round-trip time, loss
+  /peers             neighbours: state, last heard, round-trip time, loss, traffic, drops
+  /why [MID]         what this node did with a message (MID: a unique start of its id;
+                     none: the last one shown): first copy, duplicates, relayed to, acks
+  /trace NAME        the way to a node and back, hop by hop, with round-trip times
   /stats             what this node received, relayed and dropped
   /history [N]       the last N messages (20) shown or sent, kept on disk
   /help              this text
@@ -88,6 +92,14 @@ class Quit(NamedTuple):
     pass
 
 
+class Why(NamedTuple):
+    prefix: str = ""  # the start of a message id; empty: the last message shown
+
+
+class TraceRoute(NamedTuple):
+    dst: str
+
+
 class Nothing(NamedTuple):
     pass
 
@@ -96,7 +108,7 @@ class Bad(NamedTuple):
     error: str
 
 
-Command = Union[Say, Ping, Nick, Who, History, Help, Peers, Stats, Quit, Nothing, Bad]
+Command = Union[Say, Ping, Nick, Who, History, Help, Peers, Stats, Quit, Why, TraceRoute, Nothing, Bad]
 MAX_HISTORY_SHOWN = 1000
 
 _SIMPLE_COMMANDS = {"help": Help(), "peers": Peers(), "stats": Stats(), "who": Who(), "quit": Quit(),
@@ -150,6 +162,15 @@ def parse_line(line: str) -> Command:
             if not rest.isdigit() or not rest.isascii() or not 0 < int(rest[:6]) <= MAX_HISTORY_SHOWN:
                 return Bad(f"/history takes a number of messages from 1 to {MAX_HISTORY_SHOWN}")
             return History(int(rest))
+        if word == "why":
+            if rest and (len(rest) > MAX_MID_CHARS or not rest.isprintable() or " " in rest):
+                return Bad(f"/why takes the start of a message id (at most {MAX_MID_CHARS} characters, no spaces)")
+            return Why(rest)
+        if word == "trace":
+            if not rest:
+                return Bad("/trace needs a name: /trace NAME")
+            error = _check_name(rest)
+            return Bad(error) if error else TraceRoute(rest)
         if word in _SIMPLE_COMMANDS:
             if not rest:
                 return _SIMPLE_COMMANDS[word]
@@ -361,6 +382,8 @@ class Console:
             self.peer_state(event)
         elif isinstance(event, Refused):
             self.notice(event.text)
+        elif isinstance(event, TraceResult):
+            self.trace(event)
         else:
             self.error(f"the node stopped: {event}")
 
@@ -425,6 +448,13 @@ class JsonConsole(Console):
 
     def who(self, rows: List[dict]) -> None:
         self.emit("who", nodes=rows)
+
+    def why(self, record: dict) -> None:
+        self.emit("why", **record)
+
+    def trace(self, r: TraceResult) -> None:
+        self.emit("trace", target=r.target, mid=r.mid, complete=r.complete,
+                  hops=[{"hop": h.hop, "label": h.label, "rtt_ms": h.rtt_ms} for h in r.hops])
 
 
 # Sender colours: never the magenta of "(private)", the yellow of notices or the
@@ -617,6 +647,14 @@ class TerminalConsole(Console):
         for line in who_lines(rows):
             self.notice(line)
 
+    def why(self, record: dict) -> None:
+        for line in why_lines(record, self.name_of):
+            self.notice(line)
+
+    def trace(self, r: TraceResult) -> None:
+        for line in trace_lines(r, self.name_of):
+            self.notice(line)
+
 
 def _rows_below_start(text: str, columns: int) -> int:
     """Rows from where ``text`` (the prompt and what is typed) starts down to the cursor after it.
@@ -706,14 +744,74 @@ def peer_lines(rows: List[dict]) -> List[str]:
             lines.append(f"{'peer' if r['configured'] else 'heard':5} {sanitize(r['addr'])}  {heard}")
         return lines
     body = []
+    counted = "in" in rows[0]  # with tracing on: the flags here, the traffic in a second table
     for r in rows:
         where = r["addr"] if r["label"] == r["addr"] else f"{r['addr']} ({r['label']})"
         rtt = r["rtt_ms"]
-        body.append([display_name(r["label"], r["nick"]) if r["nick"] else "-", where,
-                     "peer" if r["configured"] else "found", r["state"], _ago(r["last_heard_s"], " s"),
-                     "-" if rtt is None else f"{rtt:.1f} ms" if rtt < 10 else f"{rtt:.0f} ms",
-                     "-" if r["loss"] is None else f"{r['loss']:.0%}"])
-    return table(["name", "address", "kind", "state", "heard", "rtt", "loss"], body)
+        cells = [display_name(r["label"], r["nick"]) if r["nick"] else "-", where,
+                 "peer" if r["configured"] else "found", r["state"], _ago(r["last_heard_s"], " s"),
+                 "-" if rtt is None else f"{rtt:.1f} ms" if rtt < 10 else f"{rtt:.0f} ms",
+                 "-" if r["loss"] is None else f"{r['loss']:.0%}"]
+        if counted:
+            cells.append(" ".join("!" + f for f in r["flags"]))
+        body.append(cells)
+    head = ["name", "address", "kind", "state", "heard", "rtt", "loss"]
+    if not counted:
+        return table(head, body)
+    lines = table(head + ["flag"], body)
+    traffic = []
+    for r in rows:
+        drops = r["drops"]
+        top = max(drops, key=drops.get) if drops else ""
+        total = sum(drops.values())
+        traffic.append([r["addr"], str(r["in"]), str(r["out"]), str(r["dups"]),
+                        "-" if r["dup_share"] is None else f"{r['dup_share']:.0%}",
+                        f"{total} ({top.replace('_', ' ')}{', ...' if len(drops) > 1 else ''})" if total else "0"])
+    return lines + table(["address", "in", "out", "dups", "dup share", "dropped"], traffic)
+
+
+def why_lines(r: dict, name_of: Callable[[str], str] = lambda label: label) -> List[str]:
+    """``/why`` for people: one message's story at this node (``Node.why``), a line per fact."""
+    kind = r["kind"] + ("" if not r["dst"] else f" to {name_of(r['dst'])}")
+    lines = [f"{r['mid']}: {kind} from {name_of(r['src'])}, {_ago(r['age_s'])}"]
+    if r["own"]:
+        to = ", ".join(name_of(a) for a in r["relayed_to"]) or "nobody (no neighbour took it)"
+        lines.append(f"sent by us to {to}")
+    elif r["first_from"] is not None:
+        hops = "" if r["hops"] is None else f", {r['hops']} hop{'s' if r['hops'] != 1 else ''} from its origin"
+        lines.append(f"first copy from {name_of(r['first_from'])} with ttl {r['ttl']}{hops}")
+    if r["dropped"]:
+        why = {"stale": "its timestamp is too far from our clock (see --max-skew)",
+               "replay": "dated before ids this node had to forget (a possible replay)"}.get(r["dropped"], "")
+        lines.append(f"dropped: {r['dropped']}" + (f": {why}" if why else ""))
+    dups = r["duplicates"]
+    if dups:
+        shown = ", ".join(f"{name_of(d['from'])} +{d['after_ms']:g} ms" for d in dups)
+        more = r["duplicates_total"] - len(dups)
+        lines.append(f"duplicates: {r['duplicates_total']}: {shown}" + (f" and {more} more" if more > 0 else ""))
+    elif not r["own"] and not r["dropped"]:
+        lines.append("duplicates: none")
+    if not r["own"] and not r["dropped"]:
+        lines.append("relayed to " + ", ".join(name_of(a) for a in r["relayed_to"]) if r["relayed_to"]
+                     else "not relayed (addressed to us, hops spent, or no other neighbour)")
+        lines.append(("shown" + (" late (repaired or caught up)" if r["late"] else "")) if r["shown"]
+                     else "not shown")
+    if r["own"] and r["dst"] and r["kind"] == "CHAT":
+        for t in r.get("retries", []):
+            lines.append(f"retry {t['mid']} at +{t['after_ms']:g} ms to {', '.join(name_of(a) for a in t['to'])}")
+        acked = r.get("acked")
+        lines.append(f"acknowledged after {acked['tries']} tr{'ies' if acked['tries'] != 1 else 'y'}, "
+                     f"{acked['rtt_ms']:g} ms after the last" if acked else "not acknowledged (yet)")
+    return [row for line in lines for row in _fold(line)]
+
+
+def trace_lines(r: TraceResult, name_of: Callable[[str], str] = lambda label: label) -> List[str]:
+    """``/trace`` for people: a row per hop that answered, nearest first."""
+    head = f"trace to {name_of(r.target)}: " + (
+        f"{len(r.hops)} hop{'s' if len(r.hops) != 1 else ''}" if r.complete
+        else "no answer from it; the hops that answered:" if r.hops else "no answer from any hop")
+    body = [[str(h.hop), name_of(h.label), f"{h.rtt_ms:.1f} ms"] for h in r.hops]
+    return [head] + (table(["hop", "node", "round trip"], body) if body else [])
 
 
 def who_lines(rows: List[dict]) -> List[str]:

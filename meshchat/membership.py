@@ -90,7 +90,7 @@ LOSS_WINDOW = 64  # HELLOs over which loss is estimated
 # Kinds every seed-design node accepts; anything else goes only to neighbours that said HELLO.
 BASE_KINDS = frozenset(("CHAT", "PING"))
 LINK_KINDS = frozenset(("HELLO",))  # one hop only: never flooded, never in the seen cache
-CAPS = ("HELLO", "PONG", "PRESENCE", "ROUTE")
+CAPS = ("HELLO", "PONG", "PRESENCE", "ROUTE", "TRACE")  # TRACE: traceroute.py
 
 
 class PeerUp(NamedTuple):

@@ -37,10 +37,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want, direct_key
+from .delivery import Ack, Delivered, Forward, Have, Resend, Serve, Since, Want, direct_key
 from .bucket import take
 from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
 from .seen import SeenCache
+from .trace import Trace, hops_of
+from .traceroute import CAP as TRACE_CAP, KINDS as TRACE_KINDS, Traceroute
 from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
 
 MAX_SEND_BYTES = 1400  # one Ethernet frame; also under macOS's 9216-byte default
@@ -75,6 +77,7 @@ COUNTERS = (
     "dropped_other_mesh",
     "dropped_unproven",
     "dropped_own",
+    "dropped_no_route",  # a traceroute answer with no way back
     "dropped_internal",  # handling it raised: a bug, contained to that datagram by the node
     "sent",
     "link_received",
@@ -126,6 +129,7 @@ class RelayConfig:
     rate_limit_total: Optional[float] = None  # all senders together; None: 10 x rate_limit; 0: no total
     peers_only: bool = False
     display: bool = True  # False (--quiet): no CHAT is displayed, so none is counted as displayed
+    trace: bool = True  # False (--no-trace): no per-message records or per-neighbour counters (trace.py)
 
 
 if TYPE_CHECKING:
@@ -256,6 +260,12 @@ class Relay:
         self._seen_full_told: Optional[float] = None
         self._skew_told: Dict[str, float] = {}
         self._spent: Dict[str, float] = {}  # mid whose first copy came with ttl 1 -> when
+        # Observability: /trace's capability (with membership), and /why's and /peers' records (trace.py).
+        self.traceroute = Traceroute() if membership is not None else None
+        self.trace: Optional[Trace] = None
+        if config.trace:
+            self.trace = Trace(links=membership.peer_rows if membership is not None else None)
+            self.trace.baseline(self.counters)
         for addr in peers:
             self.add_peer(addr)
 
@@ -272,6 +282,30 @@ class Relay:
     # -- receiving -----------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
+        t = self.trace
+        if t is None:
+            return self._arrived(data, addr, now, wall)
+        # Tracing: the datagram counted in its neighbour's row, its outcome charged to it (a drop by
+        # the reason the counters show), and every copy sent counted out per neighbour.
+        c = self.counters
+        handled, dups = c.handled, c.dropped_duplicate
+        m = self.membership
+        link = t.link_in(addr, addr in self._peer_set or (m is not None and addr in m.neighbours), now)
+        actions = self._arrived(data, addr, now, wall)
+        if c.handled == handled:
+            if c.dropped_duplicate != dups:
+                link.dups += 1
+            else:
+                t.dropped(link, c)
+        for a in actions:
+            kind = type(a)
+            if kind is Send:
+                t.sent(a.addrs)
+            elif kind is Delivered:
+                t.acked(a.mid, a.tries, a.rtt_ms, now)
+        return actions
+
+    def _arrived(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
         m = self.membership
         if m is None or addr not in m.neighbours:
             return self._received(data, addr, now, wall)
@@ -301,6 +335,8 @@ class Relay:
         mid, head = _peek(data)
         if mid is not None and mid in self.seen and mid not in self._spent:
             c.dropped_duplicate += 1
+            if self.trace is not None:
+                self.trace.duplicate(mid, addr, now)
             return []
         try:
             msg = decode(data)
@@ -315,24 +351,36 @@ class Relay:
             return self._link_local(msg, addr, len(data), now, wall)
         if msg.mid in self.seen and (msg.ttl == 1 or msg.mid not in self._spent):
             c.dropped_duplicate += 1
+            if self.trace is not None:
+                self.trace.duplicate(msg.mid, addr, now)
             return []
         ts = msg.ts
         # A repaired or caught-up message is old on purpose: one hop (ttl 1), and one we asked for.
         asked = self.delivery is not None and msg.ttl == 1 and self.delivery.is_late(msg.mid, ts, now)
         if abs(wall - ts) > cfg.max_skew_s and not asked:
             c.dropped_stale += 1
+            if self.trace is not None:
+                self.trace.refused(msg, addr, "stale", now)
             return self._tell_skew(msg, now, wall)
         if msg.mid in self.seen:
             if msg.dst == self.label:  # addressed to us: it has arrived, and goes no further
                 c.dropped_duplicate += 1
+                if self.trace is not None:
+                    self.trace.duplicate(msg.mid, addr, now)
                 return []
             return self._relay_late(msg, addr, data, head, now)
         if ts <= self.seen.horizon_ts and not asked:  # maybe a copy of an id we forgot: see seen.py
             c.dropped_replay += 1
+            if self.trace is not None:
+                self.trace.refused(msg, addr, "replay", now)
             return []
         self.seen.add(msg.mid, now, ts)
+        if self.trace is not None:
+            self.trace.first(msg, addr, now)
         if msg.kind == "PONG" and msg.dst != self.label:
             return self._relay_pong(msg, addr, now, data, head)
+        if msg.kind in TRACE_KINDS and self.traceroute is not None:
+            return self._traceroute(msg, addr, now, wall, data, head)
         return self._handle(msg, addr, now, wall, data, head)
 
     def _link_local(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> list:
@@ -371,7 +419,7 @@ class Relay:
             elif d is None:
                 out.append(a)
             elif kind is Ack:
-                sends = self.originate("ACK", a.mid, a.dst, now, wall)[1]
+                sends = self._originate("ACK", a.mid, a.dst, now, wall)[1]
                 if not sends and len(self._acks_waiting) < MAX_ACKS_WAITING:
                     # No neighbour takes it yet (we have just restarted, say): it goes with the next one up.
                     self._acks_waiting.append((a, now))
@@ -395,6 +443,8 @@ class Relay:
         if not targets:
             return []
         self.counters.sent += len(targets)
+        if self.trace is not None:
+            self.trace.retried(msg, targets, now)
         return [Send(encode(msg), targets)]
 
     def _handle(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
@@ -418,6 +468,8 @@ class Relay:
         if shown:
             actions.append(Display(shown_msg, late))
             c.displayed += 1
+            if self.trace is not None:
+                self.trace.shown(msg.mid, late)
         if kind == "PING":
             if to_me or (msg.dst == "" and self._may_answer(msg.src, now)):
                 actions.extend(self._answer(msg, addr, now, wall))
@@ -438,6 +490,8 @@ class Relay:
             if send is not None:
                 actions.append(send)
                 c.relayed += 1
+                if self.trace is not None:
+                    self.trace.relayed(msg.mid, send.addrs)
                 return actions
         if not shown:
             c.consumed += 1
@@ -515,6 +569,8 @@ class Relay:
             c.consumed += 1
             return []
         c.relayed += 1
+        if self.trace is not None:
+            self.trace.relayed(msg.mid, send.addrs)
         return [send]
 
     def _relay_late(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]",
@@ -529,6 +585,8 @@ class Relay:
             return []
         c.relayed += 1
         c.relayed_late += 1
+        if self.trace is not None:
+            self.trace.relayed(msg.mid, send.addrs)
         return [send]
 
     def _copy(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]",
@@ -646,6 +704,14 @@ class Relay:
         self, kind: str, body: str, dst: str, now: float, wall: float,
         extra: Optional[Dict[str, Any]] = None, ttl: int = 0,
     ) -> Tuple[List[Message], list]:
+        """New messages from this node (see ``_originate``), their datagrams counted per neighbour."""
+        messages, sends = self._originate(kind, body, dst, now, wall, extra, ttl)
+        return messages, self._count_out(sends)
+
+    def _originate(
+        self, kind: str, body: str, dst: str, now: float, wall: float,
+        extra: Optional[Dict[str, Any]] = None, ttl: int = 0,
+    ) -> Tuple[List[Message], list]:
         """New messages from this node, split so each datagram fits MAX_SEND_BYTES.
 
         With a delivery layer, our CHATs get stream mids (broadcasts ``<node_id>-<seq>``, direct
@@ -695,6 +761,8 @@ class Relay:
                 if dst:
                     self._unanswered[part.mid] = (now, dst)
             raw = data if part is msg else encode(part)
+            if self.trace is not None:
+                self.trace.originated(part, targets, now)
             if targets:
                 sends.append(Send(raw, targets))
                 self.counters.sent += len(targets)
@@ -726,6 +794,103 @@ class Relay:
                 targets = targets + (own,)
         return targets
 
+    # -- observability: traceroute (traceroute.py keeps its state; the way a probe goes is decided here) --
+
+    def trace_route(self, dst: str, now: float, wall: float) -> Tuple[Optional[Message], list, str]:
+        """Our TRACE to ``dst``: the message, its Sends, and "" (or None, [], why it cannot go)."""
+        m, tr = self.membership, self.traceroute
+        if m is None or tr is None:
+            return None, [], "this node has no membership, so no traceroute"
+        targets = self._trace_targets(dst, "", None, now)
+        if not targets:
+            return None, [], "no neighbour that speaks TRACE is up"
+        ttl = self.config.ttl or m.ttl_for(dst)
+        msg = Message(self._new_mid(), wall, ttl, "TRACE", self.label, dst, "", {"ttl0": ttl})
+        self.seen.add(msg.mid, now, wall)
+        tr.started(msg.mid, dst, now)
+        self.counters.sent += len(targets)
+        if self.trace is not None:
+            self.trace.originated(msg, targets, now)
+        return msg, self._count_out([Send(encode(msg), targets)]), ""
+
+    def _trace_targets(self, dst: str, origin: str, addr: Optional[Addr], now: float) -> Tuple[Addr, ...]:
+        """Where a TRACE goes: the route to ``dst`` if known, else every neighbour up but the sender and the
+        origin; always only to neighbours that said they speak TRACE."""
+        m = self.membership
+        assert m is not None
+        ns = m.neighbours
+
+        def speaks(a: Addr) -> bool:
+            n = ns.get(a)
+            return n is not None and TRACE_CAP in n.caps
+
+        hop = m.next_hop(dst, now)
+        if hop is not None and hop != addr and speaks(hop):
+            return (hop,)
+        back = m.addr_by_label.get(origin) if origin else None
+        return tuple(a for a in m.flood_targets("TRACE") if a != addr and a != back and speaks(a))
+
+    def _traceroute(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
+                    head: "Optional[re.Match[bytes]]") -> list:
+        """A TRACE (answered with a HOP, and sent on towards its target) or a HOP (back along its TRACE's path)."""
+        c, m, tr = self.counters, self.membership, self.traceroute
+        assert m is not None and tr is not None
+        if not m.is_up(addr):
+            c.dropped_unproven += 1  # an answer to a forged source would make us a reflector
+            return []
+        to_me = msg.dst == self.label
+        ttl = min(msg.ttl, self.config.max_ttl)
+        if msg.kind == "HOP":
+            if to_me:
+                c.handled += 1
+                c.consumed += 1
+                return tr.hop_received(msg, now)
+            back = tr.way_back(msg.body)
+            if back is None or back == addr or ttl <= 1 or not m.is_up(back):
+                c.dropped_no_route += 1  # never flooded: an answer costs one datagram a hop, or none
+                return []
+            c.handled += 1
+            c.relayed += 1
+            c.sent += 1
+            if self.trace is not None:
+                self.trace.relayed(msg.mid, (back,))
+            return [Send(_with_ttl(data, head, msg, ttl - 1), (back,))]
+        c.handled += 1
+        m.learn(msg, addr, now)
+        tr.came_from(msg.mid, addr, now)
+        actions: list = []
+        hop = hops_of(msg)  # from the TRACE's ttl0: how far its origin is
+        if hop is not None and tr.may_answer(now):
+            extra: Dict[str, Any] = {"hop": hop}
+            if to_me:
+                extra["end"] = 1
+            # It goes back the way the TRACE came: ``hop`` hops, and a little slack.
+            answer = Message(self._new_mid(), wall, min(hop + 2, self.config.max_ttl), "HOP", self.label,
+                             msg.src, msg.mid, extra)
+            self.seen.add(answer.mid, now, wall)
+            c.sent += 1
+            actions.append(Send(encode(answer), (addr,)))
+        if not to_me and ttl > 1:
+            targets = self._trace_targets(msg.dst, msg.src, addr, now)
+            if targets:
+                c.sent += len(targets)
+                c.relayed += 1
+                if self.trace is not None:
+                    self.trace.relayed(msg.mid, targets)
+                actions.append(Send(_with_ttl(data, head, msg, ttl - 1), targets))
+                return actions
+        c.consumed += 1
+        return actions
+
+    def _count_out(self, actions: list) -> list:
+        """With tracing on, the datagrams in ``actions`` counted per neighbour."""
+        t = self.trace
+        if t is not None:
+            for a in actions:
+                if type(a) is Send:
+                    t.sent(a.addrs)
+        return actions
+
     # -- housekeeping ----------------------------------------------------------
 
     def timers_due(self, now: float, wall: float) -> list:
@@ -735,7 +900,7 @@ class Relay:
         actions = self.membership.tick(now, wall)
         if self.delivery is not None:
             actions.extend(self.delivery.tick(now, wall))
-        return self._sends(actions, now, wall)
+        return self._count_out(self._sends(actions, now, wall))
 
     def next_deadline(self) -> Optional[float]:
         """When ``timers_due`` next has something to do; None: never, until something arrives."""
@@ -746,10 +911,11 @@ class Relay:
                 times.append(t)
         return min(times) if times else None
 
-    def expire(self, now: float) -> List[Notice]:
+    def expire(self, now: float) -> list:
         """Forget what is too old to matter; the reaper calls this every few seconds.
 
-        Returns a notice for each PING to one node that got no answer in time."""
+        Returns a notice for each PING to one node that got no answer in time, and the result of
+        each traceroute whose target did not answer in time."""
         late = [(mid, dst) for mid, (when, dst) in self._unanswered.items() if now - when >= PING_ANSWER_S]
         for mid, _ in late:
             del self._unanswered[mid]
@@ -782,6 +948,12 @@ class Relay:
             for a in [a for a in self._peer_buckets if a not in self._peer_set and a not in neighbours]:
                 del self._peer_buckets[a]  # a learned neighbour that was forgotten
         notices.extend(Notice(f"no answer from {dst} to our ping within {PING_ANSWER_S:g} s") for _, dst in late)
+        if self.traceroute is not None:
+            notices.extend(self.traceroute.expire(now))
+        if self.trace is not None:
+            m = self.membership
+            self.trace.forget(lambda a: a in self._peer_set or (m is not None and a in m.neighbours), now,
+                              HEARD_KEEP_S)
         return notices
 
     def stats(self) -> Dict[str, int]:
