@@ -781,8 +781,8 @@ def why_lines(r: dict, name_of: Callable[[str], str] = lambda label: label) -> L
         hops = "" if r["hops"] is None else f", {r['hops']} hop{'s' if r['hops'] != 1 else ''} from its origin"
         lines.append(f"first copy from {name_of(r['first_from'])} with ttl {r['ttl']}{hops}")
     if r["dropped"]:
-        why = {"stale": "its timestamp is too far from our clock (see --max-skew)",
-               "replay": "dated before ids this node had to forget (a possible replay)"}.get(r["dropped"], "")
+        why = {"stale": "its time is too far from our clock (--max-skew)",
+               "replay": "dated before ids we had to forget"}.get(r["dropped"], "")
         lines.append(f"dropped: {r['dropped']}" + (f": {why}" if why else ""))
     dups = r["duplicates"]
     if dups:

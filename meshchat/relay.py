@@ -838,6 +838,9 @@ class Relay:
         if not m.is_up(addr):
             c.dropped_unproven += 1  # an answer to a forged source would make us a reflector
             return []
+        if not msg.dst:
+            c.dropped_malformed += 1  # a trace has a target: one to everyone would make the whole mesh answer
+            return []
         to_me = msg.dst == self.label
         ttl = min(msg.ttl, self.config.max_ttl)
         if msg.kind == "HOP":
