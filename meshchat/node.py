@@ -584,8 +584,8 @@ class Node:
             t = self.relay.trace
             if t is None:
                 return None, "this node keeps no records: it runs with --no-trace"
-            rec, error = t.find(prefix)
-            if rec is None:
+            mid, error = t.find(prefix)
+            if mid is None:
                 return None, error
             m = self.membership
 
@@ -593,7 +593,7 @@ class Node:
                 n = m.neighbours.get(addr) if m is not None else None
                 return n.label if n is not None else f"{addr[0]}:{addr[1]}"
 
-            return t.why(rec, self._clock(), name), ""
+            return t.why(mid, self._clock(), name), ""
 
     def trace_route(self, dst: str) -> Tuple[Optional[str], str]:
         """/trace: send a TRACE to ``dst``; its id, or None and why it could not go. The result comes

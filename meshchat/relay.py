@@ -289,8 +289,13 @@ class Relay:
         # the reason the counters show), and every copy sent counted out per neighbour.
         c = self.counters
         handled, dups = c.handled, c.dropped_duplicate
-        m = self.membership
-        link = t.link_in(addr, addr in self._peer_set or (m is not None and addr in m.neighbours), now)
+        links = t.links
+        link = links.get(addr)
+        if link is None:
+            m = self.membership
+            link = t.new_link(addr, addr in self._peer_set or (m is not None and addr in m.neighbours))
+        link.rx += 1
+        link.last = now
         actions = self._arrived(data, addr, now, wall)
         if c.handled == handled:
             if c.dropped_duplicate != dups:
@@ -300,7 +305,10 @@ class Relay:
         for a in actions:
             kind = type(a)
             if kind is Send:
-                t.sent(a.addrs)
+                for to in a.addrs:
+                    out = links.get(to)
+                    if out is not None:
+                        out.tx += 1
             elif kind is Delivered:
                 t.acked(a.mid, a.tries, a.rtt_ms, now)
         return actions

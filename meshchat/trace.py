@@ -54,37 +54,27 @@ class Link:
         self.last = 0.0
 
 
-class Record:
-    """What this node knows of one message."""
+# A record is a list, cheap to make on the relaying path (a class with slots costs several times more
+# to build); these name its places.
+KIND, SRC, DST, AT, FROM, TTL, TTL0, DUPS, DUP_COUNT, RELAYED, SHOWN, REFUSED, OWN, RETRIES, ACKED = range(15)
+NOT_SHOWN, SHOWN_NOW, SHOWN_LATE = 0, 1, 2
 
-    __slots__ = ("mid", "kind", "src", "dst", "own", "at", "first_from", "ttl", "hops", "dups", "dup_count",
-                 "relayed", "shown", "late", "refused", "retries", "acked")
 
-    def __init__(self, msg: Message, now: float) -> None:
-        self.mid = msg.mid
-        self.kind = msg.kind
-        self.src = msg.src
-        self.dst = msg.dst
-        self.own = False
-        self.at = now  # first arrival, or when we sent it
-        self.first_from: Optional[Addr] = None
-        self.ttl = msg.ttl
-        self.hops: Optional[int] = None
-        self.dups: List[Tuple[Addr, float]] = []
-        self.dup_count = 0
-        self.relayed: Tuple[Addr, ...] = ()
-        self.shown = False
-        self.late = False
-        self.refused = ""  # a drop reason, for a message we never took
-        self.retries: List[Tuple[str, float, Tuple[Addr, ...]]] = []
-        self.acked: Optional[Tuple[int, float, float]] = None  # (tries, rtt_ms, when)
+def _record(msg: Message, addr: Optional[Addr], now: float) -> list:
+    """A new record: ``addr`` the neighbour of the first copy (None: ours), ``now`` when it came."""
+    x = msg.extra
+    return [msg.kind, msg.src, msg.dst, now, addr, msg.ttl, x.get("ttl0") if x else None, None, 0, (),
+            NOT_SHOWN, "", False, None, None]
 
 
 def hops_of(msg: Message) -> Optional[int]:
     """How many hops ``msg`` has come, from the starting ttl it carries (``ttl0``), if valid."""
-    ttl0 = msg.extra.get("ttl0") if msg.extra else None
-    if type(ttl0) is int and msg.ttl <= ttl0 <= 255:
-        return ttl0 - msg.ttl + 1
+    return _hops(msg.ttl, msg.extra.get("ttl0") if msg.extra else None)
+
+
+def _hops(ttl: int, ttl0: Any) -> Optional[int]:
+    if type(ttl0) is int and ttl <= ttl0 <= 255:
+        return ttl0 - ttl + 1
     return None
 
 
@@ -94,22 +84,25 @@ class Trace:
         """``links(now)``: membership's rows per neighbour (state, rtt, loss), merged into ours."""
         self._links_of = links
         self.max_records = max_records
-        self.records: "OrderedDict[str, Record]" = OrderedDict()
+        self.records: "OrderedDict[str, list]" = OrderedDict()  # mid -> record (see KIND, SRC, ...)
         self.links: Dict[Addr, Link] = {}
         self.strangers = Link(STRANGERS)
         self.last_shown: Optional[str] = None
         self._drops_seen: Optional[tuple] = None
 
-    # -- fed by the relay: links -------------------------------------------------------------
+    # -- fed by the relay: links (the relay reads ``links`` itself on its hot path) ----------------
+
+    def new_link(self, addr: Addr, neighbour: bool) -> Link:
+        """The row for ``addr``, not seen before: its own if it is a neighbour (within MAX_LINKS),
+        else the strangers' (never kept per address: forged sources cannot grow the table)."""
+        if not neighbour or len(self.links) >= MAX_LINKS:
+            return self.strangers
+        link = self.links[addr] = Link(addr)
+        return link
 
     def link_in(self, addr: Addr, neighbour: bool, now: float) -> Link:
-        """A datagram arrived from ``addr``; its row (a neighbour's own, or the strangers')."""
-        link = self.links.get(addr)
-        if link is None:
-            if not neighbour or len(self.links) >= MAX_LINKS:
-                link = self.strangers
-            else:
-                link = self.links[addr] = Link(addr)
+        """A datagram arrived from ``addr``: counted in its row, which is returned."""
+        link = self.links.get(addr) or self.new_link(addr, neighbour)
         link.rx += 1
         link.last = now
         return link
@@ -137,58 +130,56 @@ class Trace:
 
     # -- fed by the relay: messages -----------------------------------------------------------
 
-    def _new(self, msg: Message, now: float) -> Record:
+    def _keep(self, mid: str, rec: list) -> list:
         records = self.records
-        rec = records.get(msg.mid)
-        if rec is not None:
-            return rec
         if len(records) >= self.max_records:
             records.popitem(last=False)  # the oldest goes first
-        rec = records[msg.mid] = Record(msg, now)
+        records[mid] = rec
         return rec
 
     def first(self, msg: Message, addr: Addr, now: float) -> None:
-        """The first copy of ``msg`` came from ``addr``."""
-        rec = self._new(msg, now)
-        rec.first_from = addr
-        rec.ttl = msg.ttl
-        rec.hops = hops_of(msg)
+        """The first copy of ``msg`` came from ``addr`` (the relaying path: written out, no calls)."""
+        records = self.records
+        if len(records) >= self.max_records:
+            records.popitem(last=False)
+        x = msg.extra
+        records[msg.mid] = [msg.kind, msg.src, msg.dst, now, addr, msg.ttl, x.get("ttl0") if x else None, None,
+                            0, (), NOT_SHOWN, "", False, None, None]
 
     def duplicate(self, mid: Optional[str], addr: Addr, now: float) -> None:
         rec = self.records.get(mid) if mid is not None else None
         if rec is None:
             return
-        rec.dup_count += 1
-        if len(rec.dups) < MAX_DUPS_KEPT:
-            rec.dups.append((addr, now))
+        rec[DUP_COUNT] += 1
+        dups = rec[DUPS]
+        if dups is None:
+            rec[DUPS] = [(addr, now)]
+        elif len(dups) < MAX_DUPS_KEPT:
+            dups.append((addr, now))
 
     def refused(self, msg: Message, addr: Addr, reason: str, now: float) -> None:
         """A message dropped before it was taken (stale, a replay): remembered with its reason."""
-        rec = self.records.get(msg.mid)
-        if rec is not None:
+        if msg.mid in self.records:
             self.duplicate(msg.mid, addr, now)  # a later copy of one we took: it is that message's story
             return
-        rec = self._new(msg, now)
-        rec.first_from = addr
-        rec.hops = hops_of(msg)
-        rec.refused = reason
+        self._keep(msg.mid, _record(msg, addr, now))[REFUSED] = reason
 
     def relayed(self, mid: str, addrs: Tuple[Addr, ...]) -> None:
         rec = self.records.get(mid)
         if rec is not None:
-            rec.relayed = rec.relayed + tuple(a for a in addrs if a not in rec.relayed)
+            done = rec[RELAYED]
+            rec[RELAYED] = addrs if not done else done + tuple(a for a in addrs if a not in done)
 
     def shown(self, mid: str, late: bool) -> None:
         rec = self.records.get(mid)
         if rec is not None:
-            rec.shown = True
-            rec.late = late
+            rec[SHOWN] = SHOWN_LATE if late else SHOWN_NOW
         self.last_shown = mid
 
     def originated(self, msg: Message, addrs: Tuple[Addr, ...], now: float) -> None:
-        rec = self._new(msg, now)
-        rec.own = True
-        rec.relayed = tuple(addrs)
+        rec = self.records.get(msg.mid) or self._keep(msg.mid, _record(msg, None, now))
+        rec[OWN] = True
+        rec[RELAYED] = tuple(addrs)
         if msg.kind == "CHAT":
             self.last_shown = msg.mid  # /why alone: the last line on the screen, ours included
 
@@ -196,53 +187,60 @@ class Trace:
         """A retry (or a hand-over) of the message whose original id is in ``re``."""
         key = msg.extra.get("re") if msg.extra else None
         rec = self.records.get(key) if isinstance(key, str) else None
-        if rec is not None and len(rec.retries) < MAX_DUPS_KEPT:
-            rec.retries.append((msg.mid, now, tuple(addrs)))
+        if rec is None:
+            return
+        if rec[RETRIES] is None:
+            rec[RETRIES] = []
+        if len(rec[RETRIES]) < MAX_DUPS_KEPT:
+            rec[RETRIES].append((msg.mid, now, tuple(addrs)))
 
     def acked(self, mid: str, tries: int, rtt_ms: float, now: float) -> None:
         rec = self.records.get(mid)
         if rec is not None:
-            rec.acked = (tries, rtt_ms, now)
+            rec[ACKED] = (tries, rtt_ms, now)
 
     # -- read by the node ---------------------------------------------------------------------
 
-    def find(self, prefix: str) -> Tuple[Optional[Record], str]:
-        """The record whose mid starts with ``prefix`` (the last shown, if empty), or why there is none."""
+    def find(self, prefix: str) -> Tuple[Optional[str], str]:
+        """The id of the record whose mid starts with ``prefix`` (the last shown, if empty), or why none."""
         if not prefix:
             if self.last_shown is None or self.last_shown not in self.records:
                 return None, "no message shown yet that is still remembered; /why MID names one"
-            return self.records[self.last_shown], ""
-        rec = self.records.get(prefix)
-        if rec is not None:
-            return rec, ""
-        found = [r for mid, r in self.records.items() if mid.startswith(prefix)]
+            return self.last_shown, ""
+        if prefix in self.records:
+            return prefix, ""
+        found = [mid for mid in self.records if mid.startswith(prefix)]
         if not found:
             return None, (f"no message {prefix!r} among the last {len(self.records)} this node "
-                          "handled (it keeps the last {:,})".format(self.max_records))
+                          f"handled (it keeps the last {self.max_records:,})")
         if len(found) > 1:
             return None, f"{prefix!r} is the start of {len(found)} message ids; give more of it"
         return found[0], ""
 
-    def why(self, rec: Record, now: float, name: Callable[[Addr], str] = format_addr) -> Dict[str, Any]:
-        """One record as plain data: times are seconds ago, or milliseconds after the first arrival."""
+    def why(self, mid: str, now: float, name: Callable[[Addr], str] = format_addr) -> Dict[str, Any]:
+        """Record ``mid`` as plain data: times are seconds ago, or milliseconds after the first arrival."""
+        rec = self.records[mid]
+        at = rec[AT]
+
         def after(t: float) -> float:
-            return round((t - rec.at) * 1000.0, 1)
+            return round((t - at) * 1000.0, 1)
 
         out: Dict[str, Any] = {
-            "mid": rec.mid, "kind": rec.kind, "src": rec.src, "dst": rec.dst, "own": rec.own,
-            "age_s": round(now - rec.at, 1),
-            "first_from": None if rec.first_from is None else name(rec.first_from),
-            "ttl": rec.ttl, "hops": rec.hops,
-            "duplicates": [{"from": name(a), "after_ms": after(t)} for a, t in rec.dups],
-            "duplicates_total": rec.dup_count,
-            "relayed_to": [name(a) for a in rec.relayed],
-            "shown": rec.shown, "late": rec.late, "dropped": rec.refused or None,
+            "mid": mid, "kind": rec[KIND], "src": rec[SRC], "dst": rec[DST], "own": rec[OWN],
+            "age_s": round(now - at, 1),
+            "first_from": None if rec[FROM] is None else name(rec[FROM]),
+            "ttl": rec[TTL], "hops": None if rec[OWN] else _hops(rec[TTL], rec[TTL0]),
+            "duplicates": [{"from": name(a), "after_ms": after(t)} for a, t in rec[DUPS] or ()],
+            "duplicates_total": rec[DUP_COUNT],
+            "relayed_to": [name(a) for a in rec[RELAYED]],
+            "shown": rec[SHOWN] != NOT_SHOWN, "late": rec[SHOWN] == SHOWN_LATE, "dropped": rec[REFUSED] or None,
         }
-        if rec.own:
+        if rec[OWN]:
             out["retries"] = [{"mid": m, "after_ms": after(t), "to": [name(a) for a in to]}
-                              for m, t, to in rec.retries]
-            out["acked"] = None if rec.acked is None else {
-                "tries": rec.acked[0], "rtt_ms": rec.acked[1], "after_ms": after(rec.acked[2])}
+                              for m, t, to in rec[RETRIES] or ()]
+            acked = rec[ACKED]
+            out["acked"] = None if acked is None else {
+                "tries": acked[0], "rtt_ms": acked[1], "after_ms": after(acked[2])}
         return out
 
     def neighbour_rows(self, now: float) -> List[Dict[str, Any]]:
