@@ -244,8 +244,8 @@ class Trace:
         return out
 
     def neighbour_rows(self, now: float) -> List[Dict[str, Any]]:
-        """A row per neighbour (membership's fields, and ours: in, out, dups, dup share, drops, flags),
-        and one for strangers when any sent us something. Stable names: the metrics read them."""
+        """A row per neighbour (membership's fields, and ours: in, out, dups, dup share, drops, flags).
+        Stable names: the metrics read them (and ``strangers_row`` for the rest)."""
         base = self._links_of(now) if self._links_of is not None else []
         rows = []
         listed = set()
@@ -257,15 +257,19 @@ class Trace:
         for addr, link in self.links.items():
             if addr not in listed:  # configured without membership, or forgotten by membership lately
                 rows.append(self._counted({"addr": format_addr(addr), "label": format_addr(addr), "nick": "",
-                                           "configured": False, "state": "gone",
+                                           "configured": False,
+                                           "state": "gone" if self._links_of is not None else "-",
                                            "last_heard_s": round(now - link.last, 1), "rtt_ms": None,
                                            "loss": None}, link))
-        if self.strangers.rx:
-            rows.append(self._counted({"addr": "*", "label": "strangers", "nick": "", "configured": False,
-                                       "state": "-", "last_heard_s": round(now - self.strangers.last, 1),
-                                       "rtt_ms": None, "loss": None}, self.strangers))
         _flag(rows)
         return rows
+
+    def strangers_row(self, now: float) -> Dict[str, Any]:
+        """Everything from addresses that are not neighbours, as one row like a neighbour's (``addr`` "*")."""
+        s = self.strangers
+        return self._counted({"addr": "*", "label": "strangers", "nick": "", "configured": False, "state": "-",
+                              "last_heard_s": round(now - s.last, 1) if s.rx else None, "rtt_ms": None,
+                              "loss": None}, s)
 
     @staticmethod
     def _counted(row: Dict[str, Any], link: Optional[Link]) -> Dict[str, Any]:
@@ -298,12 +302,11 @@ def _median(values: List[float]) -> float:
 def _flag(rows: List[Dict[str, Any]]) -> None:
     """Mark the neighbours that stand out: loss of LOSS_FLAG or more, or a duplicate share well above
     the others' (duplicates are normal in a mesh: only one link much more redundant than the rest is news)."""
-    shares = [r["dup_share"] for r in rows if r["addr"] != "*" and r["dup_share"] is not None
-              and r["in"] >= MIN_FLAG_DATAGRAMS]
+    shares = [r["dup_share"] for r in rows if r["dup_share"] is not None and r["in"] >= MIN_FLAG_DATAGRAMS]
     typical = _median(shares) if len(shares) >= 2 else None
     for r in rows:
         if r["loss"] is not None and r["loss"] >= LOSS_FLAG:
             r["flags"].append("loss")
-        if (typical is not None and r["addr"] != "*" and r["dup_share"] is not None
+        if (typical is not None and r["dup_share"] is not None
                 and r["in"] >= MIN_FLAG_DATAGRAMS and r["dup_share"] > typical + DUP_FLAG_OVER):
             r["flags"].append("dups")

@@ -124,7 +124,7 @@ def test_neighbour_counters_add_up_to_the_node_wide_ones_and_strangers_share_one
             data = encode(Message("d%d" % (i % 40), WALL, 3, "CHAT", label_of(1), "", "x"))
         net._post(2, r.datagram_received(data, sender, net.now, WALL))
     net.run()
-    rows = {row["addr"]: row for row in r.trace.neighbour_rows(net.now)}
+    rows = {row["addr"]: row for row in r.trace.neighbour_rows(net.now) + [r.trace.strangers_row(net.now)]}
     assert set(rows) == {label_of(1), label_of(3), "*"}
     assert rows["*"]["label"] == "strangers" and len(r.trace.links) == 2
     s = r.stats()
@@ -394,3 +394,24 @@ def test_a_lossy_link_shows_its_loss_on_exactly_that_neighbour():
             p.node.stop()
         if hub._thread is not None:
             hub.stop()
+
+
+def test_why_and_trace_typed_at_a_running_node_and_no_trace_on_the_command_line():
+    from meshchat.cli import parse_args, run_command
+
+    assert parse_args(["--no-trace"]).no_trace and not parse_args([]).no_trace
+    with Cluster(2, [(1, 2)], membership=FAST) as c:
+        c[1].next(PeerUp)
+        c[2].next(PeerUp)
+        [msg] = c[1].node.say("hello")
+        c[2].wait_for_body("hello")
+        out = io.StringIO()
+        con = JsonConsole(out)
+        for line in ("/why", "/why " + msg.mid[:12], "/why zzz", "/trace nobody", f"/trace {c[1].label}"):
+            assert run_command(parse_line(line), c[2].node, con)
+        result = c[2].next(TraceResult)
+        events = [json.loads(x) for x in out.getvalue().splitlines()]
+        assert [e["event"] for e in events] == ["why", "why", "error", "error", "notice"]
+        assert events[0]["mid"] == events[1]["mid"] == msg.mid and events[0]["first_from"] == c[1].label
+        assert "no message 'zzz'" in events[2]["error"] and "no node called 'nobody'" in events[3]["error"]
+        assert result.complete and [h.label for h in result.hops] == [c[1].label]
