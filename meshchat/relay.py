@@ -29,6 +29,11 @@ Rules, so that a mesh of these (and of seed-design nodes) behaves:
 6. Nothing here touches a socket, a thread or a clock: ``now`` (monotonic
    seconds) and ``wall`` (unix seconds, for ``ts``) are arguments, so tests
    drive it with plain values. The node calls it under its one lock.
+7. Observability is told, never asked: with tracing on, ``datagram_received``
+   counts each datagram, its outcome and its copies per neighbour, and the
+   decision points (first copy, duplicate, refusal, relayed, shown, sent,
+   retried) tell ``trace.py`` in one line each. TRACE and HOP (traceroute.py)
+   go only to neighbours that speak them, like PONGs back along the path.
 """
 
 import re
