@@ -773,7 +773,8 @@ def peer_lines(rows: List[dict]) -> List[str]:
 def why_lines(r: dict, name_of: Callable[[str], str] = lambda label: label) -> List[str]:
     """``/why`` for people: one message's story at this node (``Node.why``), a line per fact."""
     kind = r["kind"] + ("" if not r["dst"] else f" to {name_of(r['dst'])}")
-    lines = [f"{r['mid']}: {kind} from {name_of(r['src'])}, {_ago(r['age_s'])}"]
+    origin = "of ours" if r["own"] else f"from {name_of(r['src'])}"
+    lines = [f"{r['mid']}: {kind} {origin}, {_ago(r['age_s'])}"]
     if r["own"]:
         to = ", ".join(name_of(a) for a in r["relayed_to"]) or "nobody (no neighbour took it)"
         lines.append(f"sent by us to {to}")
