@@ -814,6 +814,8 @@ class Relay:
         m, tr = self.membership, self.traceroute
         if m is None or tr is None:
             return None, [], "this node has no membership, so no traceroute"
+        if dst == self.label:
+            return None, [], "that is this node"
         targets = self._trace_targets(dst, "", None, now)
         if not targets:
             return None, [], "no neighbour that speaks TRACE is up"

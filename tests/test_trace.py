@@ -259,6 +259,7 @@ def test_a_neighbour_that_never_said_trace_gets_none():
     n3.caps = frozenset(("HELLO",))  # as an older meshchat says
     _, sends, error = net.relays[2].trace_route(label_of(3), net.now, net.wall)
     assert all(addr_of(3) not in s.addrs for s in sends)
+    assert net.relays[1].trace_route(label_of(1), net.now, net.wall) == (None, [], "that is this node")
     _, sends, error = net.relays[1].trace_route(label_of(3), net.now, net.wall)
     net._post(1, sends)
     net.run()
