@@ -24,8 +24,8 @@ from typing import Callable, Iterator, List, NamedTuple, Optional
 from . import __version__, crypto
 from .console import (
     MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Map, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
-    TerminalConsole, TrustCmd, Who, WhoAmI, History as HistoryCmd, terminal_columns, nick_of, parse_line, part_of,
-    readline_buffer,
+    TerminalConsole, TraceRoute, TrustCmd, Who, WhoAmI, Why, History as HistoryCmd, terminal_columns, nick_of,
+    parse_line, part_of, readline_buffer,
 )
 from . import meshmap
 from .metrics import MetricsError, parse_bind
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--catch-up-hours", type=_number(float, 0.0, 24 * 365, "a number"), default=24.0,
                       metavar="H", help="after a restart, ask neighbours for what was missed up to this far back "
                       "(default 24; 0: never)")
+    p.add_argument("--no-trace", action="store_true",
+                   help="keep no per-message records (/why) nor per-neighbour counters (/peers shows "
+                   "state, rtt and loss only); /trace still works")
     secure = p.add_argument_group("signatures (need: pip install 'meshchat[secure]')")
     secure.add_argument("--identity", metavar="FILE",
                         help="this node's key file (made on first start); default: identity.key in the data dir")
@@ -520,7 +523,7 @@ def _resolved(cmd: object, node: Node) -> object:
     ``address:port``, as --peers do (labels are addresses); anything else is a
     nick or nick#tag, which the node's membership knows or not. A name that does
     not resolve, or names several nodes, is an error, and nothing is sent."""
-    if not isinstance(cmd, (Say, Ping)) or not cmd.dst:
+    if not isinstance(cmd, (Say, Ping, TraceRoute)) or not cmd.dst:
         return cmd
     if ":" in cmd.dst:  # a nick never has one
         try:
@@ -624,6 +627,19 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
                 console.error(f"cannot write {cmd.path}: {e.strerror or e}")
             else:
                 console.notice(f"map of {len(snapshot['nodes'])} nodes written to {cmd.path}")
+    elif isinstance(cmd, Why):
+        record, error = node.why(cmd.prefix)
+        if record is None:
+            console.error(error)
+        else:
+            console.why(record)
+    elif isinstance(cmd, TraceRoute):
+        mid, error = node.trace_route(cmd.dst)
+        if mid is None:
+            console.error(f"cannot trace {cmd.dst}: {error}")
+        else:
+            console.notice(f"tracing the way to {display_name(cmd.dst, node.nick_of(cmd.dst))}; the hops follow "
+                           "when it answers (or within 10 s)")
     elif isinstance(cmd, Quit):
         return False
     else:
@@ -720,7 +736,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
                          rate_limit=args.rate_limit, rate_limit_total=args.rate_limit_total,
                          peers_only=args.peers_only, display=not args.quiet,
-                         require_signed=args.require_signed)
+                         require_signed=args.require_signed, trace=not args.no_trace)
     first = args.port
     try:
         node = open_node(args, config, on_event, on_events)

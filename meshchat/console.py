@@ -30,7 +30,8 @@ from .membership import MAX_NICK_CHARS, PeerDown, PeerUp, Refused, display_name,
 from .delivery import Delivered, Undelivered
 from .meshmap import text_lines as map_lines
 from .relay import MAX_PARTS, Display, Notice, Pong
-from .wire import Message, WireError, parse_addr
+from .traceroute import TraceResult
+from .wire import MAX_MID_CHARS, Message, WireError, parse_addr
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,10 @@ Type a line to send it to everyone.
   /nick NAME         the name others see you by
   /who               every node known in the mesh: name, hops away, last seen
   /ping [NAME]       round-trip time to one node, or to every node that answers
-  /peers             neighbours: state, last heard, round-trip time, loss
+  /peers             neighbours: state, last heard, round-trip time, loss, traffic, drops
+  /why [MID]         what this node did with a message (MID: a unique start of its id;
+                     none: the last one shown): first copy, duplicates, relayed to, acks
+  /trace NAME        the way to a node and back, hop by hop, with round-trip times
   /stats             what this node received, relayed and dropped
   /whoami            your label, nick and key fingerprint (compare it with others')
   /trust NAME        accept the new key NAME offered (after checking its fingerprint)
@@ -108,6 +112,14 @@ class Map(NamedTuple):
     path: str = ""  # empty: print it; else write an SVG there
 
 
+class Why(NamedTuple):
+    prefix: str = ""  # the start of a message id; empty: the last message shown
+
+
+class TraceRoute(NamedTuple):
+    dst: str
+
+
 class Nothing(NamedTuple):
     pass
 
@@ -116,7 +128,8 @@ class Bad(NamedTuple):
     error: str
 
 
-Command = Union[Say, Ping, Nick, Who, History, Help, Peers, Stats, Quit, Nothing, Bad, WhoAmI, TrustCmd, Map]
+Command = Union[Say, Ping, Nick, Who, History, Help, Peers, Stats, Quit, Why, TraceRoute, Nothing, Bad,
+                WhoAmI, TrustCmd, Map]
 MAX_HISTORY_SHOWN = 1000
 
 _SIMPLE_COMMANDS = {"help": Help(), "peers": Peers(), "stats": Stats(), "who": Who(), "quit": Quit(),
@@ -182,6 +195,15 @@ def parse_line(line: str) -> Command:
             if rest and not rest.lower().endswith(".svg"):
                 return Bad("/map takes nothing, or the name of an .svg file to write: /map mesh.svg")
             return Map(rest)
+        if word == "why":
+            if rest and (len(rest) > MAX_MID_CHARS or not rest.isprintable() or " " in rest):
+                return Bad(f"/why takes the start of a message id (at most {MAX_MID_CHARS} characters, no spaces)")
+            return Why(rest)
+        if word == "trace":
+            if not rest:
+                return Bad("/trace needs a name: /trace NAME")
+            error = _check_name(rest)
+            return Bad(error) if error else TraceRoute(rest)
         if word in _SIMPLE_COMMANDS:
             if not rest:
                 return _SIMPLE_COMMANDS[word]
@@ -405,6 +427,8 @@ class Console:
             self.peer_state(event)
         elif isinstance(event, Refused):
             self.notice(event.text)
+        elif isinstance(event, TraceResult):
+            self.trace(event)
         else:
             self.error(f"the node stopped: {event}")
 
@@ -483,6 +507,13 @@ class JsonConsole(Console):
 
     def map(self, snapshot: dict) -> None:
         self.emit("map", **snapshot)
+
+    def why(self, record: dict) -> None:
+        self.emit("why", **record)
+
+    def trace(self, r: TraceResult) -> None:
+        self.emit("trace", target=r.target, mid=r.mid, complete=r.complete,
+                  hops=[{"hop": h.hop, "label": h.label, "rtt_ms": h.rtt_ms} for h in r.hops])
 
 
 # Sender colours: never the magenta of "(private)", the yellow of notices or the
@@ -695,6 +726,15 @@ class TerminalConsole(Console):
             self._line("", sanitize(line))
 
 
+    def why(self, record: dict) -> None:
+        for line in why_lines(record, self.name_of):
+            self.notice(line)
+
+    def trace(self, r: TraceResult) -> None:
+        for line in trace_lines(r, self.name_of):
+            self.notice(line)
+
+
 def _sealed(encrypted: Optional[bool]) -> str:
     """How a direct message travelled, for a node that can seal (None: this node cannot, says nothing)."""
     return "" if encrypted is None else ", encrypted" if encrypted else ", in clear"
@@ -788,14 +828,75 @@ def peer_lines(rows: List[dict]) -> List[str]:
             lines.append(f"{'peer' if r['configured'] else 'heard':5} {sanitize(r['addr'])}  {heard}")
         return lines
     body = []
+    counted = "in" in rows[0]  # with tracing on: the flags here, the traffic in a second table
     for r in rows:
         where = r["addr"] if r["label"] == r["addr"] else f"{r['addr']} ({r['label']})"
         rtt = r["rtt_ms"]
-        body.append([display_name(r["label"], r["nick"]) if r["nick"] else "-", where,
-                     "peer" if r["configured"] else "found", r["state"], _ago(r["last_heard_s"], " s"),
-                     "-" if rtt is None else f"{rtt:.1f} ms" if rtt < 10 else f"{rtt:.0f} ms",
-                     "-" if r["loss"] is None else f"{r['loss']:.0%}"])
-    return table(["name", "address", "kind", "state", "heard", "rtt", "loss"], body)
+        cells = [display_name(r["label"], r["nick"]) if r["nick"] else "-", where,
+                 "peer" if r["configured"] else "found", r["state"], _ago(r["last_heard_s"], " s"),
+                 "-" if rtt is None else f"{rtt:.1f} ms" if rtt < 10 else f"{rtt:.0f} ms",
+                 "-" if r["loss"] is None else f"{r['loss']:.0%}"]
+        if counted:
+            cells.append(" ".join("!" + f for f in r["flags"]))
+        body.append(cells)
+    head = ["name", "address", "kind", "state", "heard", "rtt", "loss"]
+    if not counted:
+        return table(head, body)
+    lines = table(head + ["flag"], body)
+    traffic = []
+    for r in rows:
+        drops = r["drops"]
+        top = max(drops, key=drops.get) if drops else ""
+        total = sum(drops.values())
+        traffic.append([r["addr"], str(r["in"]), str(r["out"]), str(r["dups"]),
+                        "-" if r["dup_share"] is None else f"{r['dup_share']:.0%}",
+                        f"{total} ({top.replace('_', ' ')}{', ...' if len(drops) > 1 else ''})" if total else "0"])
+    return lines + table(["address", "in", "out", "dups", "dup share", "dropped"], traffic)
+
+
+def why_lines(r: dict, name_of: Callable[[str], str] = lambda label: label) -> List[str]:
+    """``/why`` for people: one message's story at this node (``Node.why``), a line per fact."""
+    kind = r["kind"] + ("" if not r["dst"] else f" to {name_of(r['dst'])}")
+    origin = "of ours" if r["own"] else f"from {name_of(r['src'])}"
+    lines = [f"{r['mid']}: {kind} {origin}, {_ago(r['age_s'])}"]
+    if r["own"]:
+        to = ", ".join(name_of(a) for a in r["relayed_to"]) or "nobody (no neighbour took it)"
+        lines.append(f"sent by us to {to}")
+    elif r["first_from"] is not None:
+        hops = "" if r["hops"] is None else f", {r['hops']} hop{'s' if r['hops'] != 1 else ''} from its origin"
+        lines.append(f"first copy from {name_of(r['first_from'])} with ttl {r['ttl']}{hops}")
+    if r["dropped"]:
+        why = {"stale": "its time is too far from our clock (--max-skew)",
+               "replay": "dated before ids we had to forget"}.get(r["dropped"], "")
+        lines.append(f"dropped: {r['dropped']}" + (f": {why}" if why else ""))
+    dups = r["duplicates"]
+    if dups:
+        shown = ", ".join(f"{name_of(d['from'])} +{d['after_ms']:g} ms" for d in dups)
+        more = r["duplicates_total"] - len(dups)
+        lines.append(f"duplicates: {r['duplicates_total']}: {shown}" + (f" and {more} more" if more > 0 else ""))
+    elif not r["own"] and not r["dropped"]:
+        lines.append("duplicates: none")
+    if not r["own"] and not r["dropped"]:
+        lines.append("relayed to " + ", ".join(name_of(a) for a in r["relayed_to"]) if r["relayed_to"]
+                     else "not relayed (addressed to us, hops spent, or no other neighbour)")
+        lines.append(("shown" + (" late (repaired or caught up)" if r["late"] else "")) if r["shown"]
+                     else "not shown")
+    if r["own"] and r["dst"] and r["kind"] == "CHAT":
+        for t in r.get("retries", []):
+            lines.append(f"retry {t['mid']} at +{t['after_ms']:g} ms to {', '.join(name_of(a) for a in t['to'])}")
+        acked = r.get("acked")
+        lines.append(f"acknowledged after {acked['tries']} tr{'ies' if acked['tries'] != 1 else 'y'}, "
+                     f"{acked['rtt_ms']:g} ms after the last" if acked else "not acknowledged (yet)")
+    return [row for line in lines for row in _fold(line)]
+
+
+def trace_lines(r: TraceResult, name_of: Callable[[str], str] = lambda label: label) -> List[str]:
+    """``/trace`` for people: a row per hop that answered, nearest first."""
+    head = f"trace to {name_of(r.target)}: " + (
+        f"{len(r.hops)} hop{'s' if len(r.hops) != 1 else ''}" if r.complete
+        else "no answer from it; the hops that answered:" if r.hops else "no answer from any hop")
+    body = [[str(h.hop), name_of(h.label), f"{h.rtt_ms:.1f} ms"] for h in r.hops]
+    return [head] + (table(["hop", "node", "round trip"], body) if body else [])
 
 
 def who_lines(rows: List[dict]) -> List[str]:

@@ -102,7 +102,7 @@ MAX_LINK_LABEL_CHARS = 64
 # Kinds every seed-design node accepts; anything else goes only to neighbours that said HELLO.
 BASE_KINDS = frozenset(("CHAT", "PING"))
 LINK_KINDS = frozenset(("HELLO",))  # one hop only: never flooded, never in the seen cache
-CAPS = ("HELLO", "PONG", "PRESENCE", "ROUTE")
+CAPS = ("HELLO", "PONG", "PRESENCE", "ROUTE", "TRACE")  # TRACE: traceroute.py
 
 
 class PeerUp(NamedTuple):

@@ -746,10 +746,38 @@ class Node:
             return self.membership.who(self._clock())
 
     def neighbour_rows(self) -> list:
+        """/peers: membership's view of each neighbour, with the trace's counters when tracing is on."""
         if self.membership is None:
             return []
         with self._lock:
-            return self.membership.peer_rows(self._clock())
+            t = self.relay.trace
+            return t.neighbour_rows(self._clock()) if t is not None else self.membership.peer_rows(self._clock())
+
+    def why(self, prefix: str) -> Tuple[Optional[dict], str]:
+        """/why: this node's record of the message whose id starts with ``prefix`` ("" for the last
+        shown), as plain data, or None and why there is none."""
+        with self._lock:
+            t = self.relay.trace
+            if t is None:
+                return None, "this node keeps no records: it runs with --no-trace"
+            mid, error = t.find(prefix)
+            if mid is None:
+                return None, error
+            m = self.membership
+
+            def name(addr: Addr) -> str:
+                n = m.neighbours.get(addr) if m is not None else None
+                return n.label if n is not None else f"{addr[0]}:{addr[1]}"
+
+            return t.why(mid, self._clock(), name), ""
+
+    def trace_route(self, dst: str) -> Tuple[Optional[str], str]:
+        """/trace: send a TRACE to ``dst``; its id, or None and why it could not go. The result comes
+        as a TraceResult event once the target answers (or at the next reaping without it)."""
+        with self._lock:
+            msg, sends, error = self.relay.trace_route(dst, self._clock(), self._wall())
+        self._act(sends)
+        return (msg.mid if msg is not None else None), error
 
     def stats(self) -> dict:
         """The relay's counters, and the capabilities' (membership, delivery, the store) beside them."""

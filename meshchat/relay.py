@@ -29,6 +29,11 @@ Rules, so that a mesh of these (and of seed-design nodes) behaves:
 6. Nothing here touches a socket, a thread or a clock: ``now`` (monotonic
    seconds) and ``wall`` (unix seconds, for ``ts``) are arguments, so tests
    drive it with plain values. The node calls it under its one lock.
+7. Observability is told, never asked: with tracing on, ``datagram_received``
+   counts each datagram, its outcome and its copies per neighbour, and the
+   decision points (first copy, duplicate, refusal, relayed, shown, sent,
+   retried) tell ``trace.py`` in one line each. TRACE and HOP (traceroute.py)
+   go only to neighbours that speak them, like PONGs back along the path.
 """
 
 import re
@@ -37,13 +42,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
-from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want, direct_key
+from .delivery import Ack, Delivered, Forward, Have, Resend, Serve, Since, Want, direct_key
 from .bucket import take
 from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
 from .private import CAP, split_plain
 from .seen import SeenCache
 from .delivery import ServeSince
 from .membership import Beacon, Originate
+from .trace import Trace, hops_of
+from .traceroute import CAP as TRACE_CAP, KINDS as TRACE_KINDS, Traceroute
 from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
 
 MAX_SEND_BYTES = 1400  # one Ethernet frame; also under macOS's 9216-byte default
@@ -83,6 +90,7 @@ COUNTERS = (
     "dropped_unsigned",  # --require-signed: not verified
     "dropped_bad_box",  # a private message to us that does not open (tampered, moved, not ours)
     "dropped_unverified_ack",  # an ACK from a node whose key is pinned, not signed by that key
+    "dropped_no_route",  # a traceroute answer with no way back
     "dropped_internal",  # handling it raised: a bug, contained to that datagram by the node
     "dropped_unauthenticated",  # a closed mesh: not sealed under our network key (an outsider's)
     "received_plaintext",  # --network-key-optional: let in unsealed (also counted as received)
@@ -143,6 +151,7 @@ class RelayConfig:
     peers_only: bool = False
     display: bool = True  # False (--quiet): no CHAT is displayed, so none is counted as displayed
     require_signed: bool = False  # drop every message not verified (needs a trust layer)
+    trace: bool = True  # False (--no-trace): no per-message records or per-neighbour counters (trace.py)
 
 
 if TYPE_CHECKING:
@@ -286,6 +295,12 @@ class Relay:
         self._seen_full_told: Optional[float] = None
         self._skew_told: Dict[str, float] = {}
         self._spent: Dict[str, float] = {}  # mid whose first copy came with ttl 1 -> when
+        # Observability: /trace's capability (with membership), and /why's and /peers' records (trace.py).
+        self.traceroute = Traceroute() if membership is not None else None
+        self.trace: Optional[Trace] = None
+        if config.trace:
+            self.trace = Trace(links=membership.peer_rows if membership is not None else None)
+            self.trace.baseline(self.counters)
         for addr in peers:
             self.add_peer(addr)
 
@@ -303,7 +318,7 @@ class Relay:
 
     def datagram_received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
         if self._unseal is None:
-            return self._opened(data, addr, now, wall)
+            return self._traced(data, addr, now, wall)
         # First of all: an outsider's datagram touches nothing (no stranger table, no token
         # bucket: a forged neighbour address must not drain that neighbour's; no liveness).
         # Plaintext and other keys fail on an 8-byte prefix; only our key id costs an AEAD try.
@@ -315,10 +330,42 @@ class Relay:
         data, sealed = opened
         if not sealed:
             return self._plaintext(data, addr, now, wall)
-        actions = self._opened(data, addr, now, wall)
+        actions = self._traced(data, addr, now, wall)
         for i, a in enumerate(actions):
             if type(a) is Display:
                 actions[i] = a._replace(sealed=True)
+        return actions
+
+    def _traced(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
+        t = self.trace
+        if t is None:
+            return self._opened(data, addr, now, wall)
+        # Tracing: the datagram counted in its neighbour's row, its outcome charged to it (a drop by
+        # the reason the counters show), and every copy sent counted out per neighbour.
+        c = self.counters
+        handled, dups = c.handled, c.dropped_duplicate
+        links = t.links
+        link = links.get(addr)
+        if link is None:
+            m = self.membership
+            link = t.new_link(addr, addr in self._peer_set or (m is not None and addr in m.neighbours))
+        link.rx += 1
+        link.last = now
+        actions = self._opened(data, addr, now, wall)
+        if c.handled == handled:
+            if c.dropped_duplicate != dups:
+                link.dups += 1
+            else:
+                t.dropped(link, c)
+        for a in actions:
+            kind = type(a)
+            if kind is Send:
+                for to in a.addrs:
+                    out = links.get(to)
+                    if out is not None:
+                        out.tx += 1
+            elif kind is Delivered:
+                t.acked(a.mid, a.tries, a.rtt_ms, now)
         return actions
 
     def _opened(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
@@ -369,6 +416,8 @@ class Relay:
         mid, head = _peek(data)
         if mid is not None and mid in self.seen and mid not in self._spent:
             c.dropped_duplicate += 1
+            if self.trace is not None:
+                self.trace.duplicate(mid, addr, now)
             return []
         try:
             msg = decode(data)
@@ -383,22 +432,30 @@ class Relay:
             return self._link_local(msg, addr, len(data), now, wall)
         if msg.mid in self.seen and (msg.ttl == 1 or msg.mid not in self._spent):
             c.dropped_duplicate += 1
+            if self.trace is not None:
+                self.trace.duplicate(msg.mid, addr, now)
             return []
         ts = msg.ts
         # A repaired or caught-up message is old on purpose: one hop (ttl 1), and one we asked for.
         asked = self.delivery is not None and msg.ttl == 1 and self.delivery.is_late(msg.mid, ts, now)
         if abs(wall - ts) > cfg.max_skew_s and not asked:
             c.dropped_stale += 1
+            if self.trace is not None:
+                self.trace.refused(msg, addr, "stale", now)
             return self._tell_skew(msg, now, wall)
         if msg.mid in self.seen:
             if msg.dst == self.label:  # addressed to us: it has arrived, and goes no further
                 c.dropped_duplicate += 1
+                if self.trace is not None:
+                    self.trace.duplicate(msg.mid, addr, now)
                 return []
             if self.trust is not None and self._verified(msg, now)[2]:
                 return []  # a forged copy with hops left is not relayed in the real one's place
             return self._relay_late(msg, addr, data, head, now)
         if ts <= self.seen.horizon_ts and not asked:  # maybe a copy of an id we forgot: see seen.py
             c.dropped_replay += 1
+            if self.trace is not None:
+                self.trace.refused(msg, addr, "replay", now)
             return []
         # Judged before it takes a seen-cache slot, so a forged copy sent first cannot silence the real one.
         verified, told, dropped = self._verified(msg, now)
@@ -410,9 +467,14 @@ class Relay:
             if msg is None:  # like a bad signature: before the seen cache, so it silences nothing
                 return told
         self.seen.add(msg.mid, now, ts)
+        if self.trace is not None:
+            self.trace.first(msg, addr, now)
         if msg.kind == "PONG" and msg.dst != self.label:
             return self._relay_pong(msg, addr, now, data, head)
-        actions = self._handle(msg, addr, now, wall, data, head, verified, encrypted)
+        if msg.kind in TRACE_KINDS and self.traceroute is not None:
+            actions = self._traceroute(msg, addr, now, wall, data, head)
+        else:
+            actions = self._handle(msg, addr, now, wall, data, head, verified, encrypted)
         return told + actions if told else actions
 
     def _verified(self, msg: Message, now: float) -> Tuple[Optional[bool], list, bool]:
@@ -488,7 +550,7 @@ class Relay:
             elif d is None:
                 out.append(a)
             elif kind is Ack:
-                sends = self.originate("ACK", a.mid, a.dst, now, wall)[1]
+                sends = self._originate("ACK", a.mid, a.dst, now, wall)[1]
                 if not sends and len(self._acks_waiting) < MAX_ACKS_WAITING:
                     # No neighbour takes it yet (we have just restarted, say): it goes with the next one up.
                     self._acks_waiting.append((a, now))
@@ -520,6 +582,8 @@ class Relay:
         if not targets:
             return []
         self.counters.sent += len(targets)
+        if self.trace is not None:
+            self.trace.retried(msg, targets, now)
         return [Send(encode(msg), targets)]
 
     def _signed_again(self, msg: Message) -> Message:
@@ -555,6 +619,8 @@ class Relay:
         if shown:
             actions.append(Display(shown_msg, late, verified, encrypted=encrypted))
             c.displayed += 1
+            if self.trace is not None:
+                self.trace.shown(msg.mid, late)
         if kind == "PING":
             if to_me or (msg.dst == "" and self._may_answer(msg.src, now)):
                 actions.extend(self._answer(msg, addr, now, wall))
@@ -575,6 +641,8 @@ class Relay:
             if send is not None:
                 actions.append(send)
                 c.relayed += 1
+                if self.trace is not None:
+                    self.trace.relayed(msg.mid, send.addrs)
                 return actions
         if not shown:
             c.consumed += 1
@@ -679,6 +747,8 @@ class Relay:
             c.consumed += 1
             return []
         c.relayed += 1
+        if self.trace is not None:
+            self.trace.relayed(msg.mid, send.addrs)
         return [send]
 
     def _relay_late(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]",
@@ -693,6 +763,8 @@ class Relay:
             return []
         c.relayed += 1
         c.relayed_late += 1
+        if self.trace is not None:
+            self.trace.relayed(msg.mid, send.addrs)
         return [send]
 
     def _copy(self, msg: Message, addr: Addr, data: bytes, head: "Optional[re.Match[bytes]]",
@@ -810,6 +882,14 @@ class Relay:
         self, kind: str, body: str, dst: str, now: float, wall: float,
         extra: Optional[Dict[str, Any]] = None, ttl: int = 0, plain: bool = False,
     ) -> Tuple[List[Message], list]:
+        """New messages from this node (see ``_originate``), their datagrams counted per neighbour."""
+        messages, sends = self._originate(kind, body, dst, now, wall, extra, ttl)
+        return messages, self._count_out(sends)
+
+    def _originate(
+        self, kind: str, body: str, dst: str, now: float, wall: float,
+        extra: Optional[Dict[str, Any]] = None, ttl: int = 0,
+    ) -> Tuple[List[Message], list]:
         """New messages from this node, split so each datagram fits MAX_SEND_BYTES.
 
         With a delivery layer, our CHATs get stream mids (broadcasts ``<node_id>-<seq>``, direct
@@ -880,6 +960,8 @@ class Relay:
                 if dst:
                     self._unanswered[part.mid] = (now, dst)
             raw = data if part is msg else encode(part)
+            if self.trace is not None:
+                self.trace.originated(part, targets, now)
             if targets:
                 sends.append(Send(raw, targets))
                 self.counters.sent += len(targets)
@@ -926,6 +1008,108 @@ class Relay:
                 targets = targets + (own,)
         return targets
 
+    # -- observability: traceroute (traceroute.py keeps its state; the way a probe goes is decided here) --
+
+    def trace_route(self, dst: str, now: float, wall: float) -> Tuple[Optional[Message], list, str]:
+        """Our TRACE to ``dst``: the message, its Sends, and "" (or None, [], why it cannot go)."""
+        m, tr = self.membership, self.traceroute
+        if m is None or tr is None:
+            return None, [], "this node has no membership, so no traceroute"
+        if dst == self.label:
+            return None, [], "that is this node"
+        targets = self._trace_targets(dst, "", None, now)
+        if not targets:
+            return None, [], "no neighbour that speaks TRACE is up"
+        ttl = self.config.ttl or m.ttl_for(dst)
+        msg = Message(self._new_mid(), wall, ttl, "TRACE", self.label, dst, "", {"ttl0": ttl})
+        self.seen.add(msg.mid, now, wall)
+        tr.started(msg.mid, dst, now)
+        self.counters.sent += len(targets)
+        if self.trace is not None:
+            self.trace.originated(msg, targets, now)
+        return msg, self._count_out([Send(encode(msg), targets)]), ""
+
+    def _trace_targets(self, dst: str, origin: str, addr: Optional[Addr], now: float) -> Tuple[Addr, ...]:
+        """Where a TRACE goes: the route to ``dst`` if known, else every neighbour up but the sender and the
+        origin; always only to neighbours that said they speak TRACE."""
+        m = self.membership
+        assert m is not None
+        ns = m.neighbours
+
+        def speaks(a: Addr) -> bool:
+            n = ns.get(a)
+            return n is not None and TRACE_CAP in n.caps
+
+        hop = m.next_hop(dst, now)
+        if hop is not None and hop != addr and speaks(hop):
+            return (hop,)
+        back = m.addr_by_label.get(origin) if origin else None
+        return tuple(a for a in m.flood_targets("TRACE") if a != addr and a != back and speaks(a))
+
+    def _traceroute(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
+                    head: "Optional[re.Match[bytes]]") -> list:
+        """A TRACE (answered with a HOP, and sent on towards its target) or a HOP (back along its TRACE's path)."""
+        c, m, tr = self.counters, self.membership, self.traceroute
+        assert m is not None and tr is not None
+        if not m.is_up(addr):
+            c.dropped_unproven += 1  # an answer to a forged source would make us a reflector
+            return []
+        if not msg.dst:
+            c.dropped_malformed += 1  # a trace has a target: one to everyone would make the whole mesh answer
+            return []
+        to_me = msg.dst == self.label
+        ttl = min(msg.ttl, self.config.max_ttl)
+        if msg.kind == "HOP":
+            if to_me:
+                c.handled += 1
+                c.consumed += 1
+                return tr.hop_received(msg, now)
+            back = tr.way_back(msg.body)
+            if back is None or back == addr or ttl <= 1 or not m.is_up(back):
+                c.dropped_no_route += 1  # never flooded: an answer costs one datagram a hop, or none
+                return []
+            c.handled += 1
+            c.relayed += 1
+            c.sent += 1
+            if self.trace is not None:
+                self.trace.relayed(msg.mid, (back,))
+            return [Send(_with_ttl(data, head, msg, ttl - 1), (back,))]
+        c.handled += 1
+        m.learn(msg, addr, now)
+        tr.came_from(msg.mid, addr, now)
+        actions: list = []
+        hop = hops_of(msg)  # from the TRACE's ttl0: how far its origin is
+        if hop is not None and tr.may_answer(now):
+            extra: Dict[str, Any] = {"hop": hop}
+            if to_me:
+                extra["end"] = 1
+            # It goes back the way the TRACE came: ``hop`` hops, and a little slack.
+            answer = Message(self._new_mid(), wall, min(hop + 2, self.config.max_ttl), "HOP", self.label,
+                             msg.src, msg.mid, extra)
+            self.seen.add(answer.mid, now, wall)
+            c.sent += 1
+            actions.append(Send(encode(answer), (addr,)))
+        if not to_me and ttl > 1:
+            targets = self._trace_targets(msg.dst, msg.src, addr, now)
+            if targets:
+                c.sent += len(targets)
+                c.relayed += 1
+                if self.trace is not None:
+                    self.trace.relayed(msg.mid, targets)
+                actions.append(Send(_with_ttl(data, head, msg, ttl - 1), targets))
+                return actions
+        c.consumed += 1
+        return actions
+
+    def _count_out(self, actions: list) -> list:
+        """With tracing on, the datagrams in ``actions`` counted per neighbour."""
+        t = self.trace
+        if t is not None:
+            for a in actions:
+                if type(a) is Send:
+                    t.sent(a.addrs)
+        return actions
+
     # -- housekeeping ----------------------------------------------------------
 
     def timers_due(self, now: float, wall: float) -> list:
@@ -935,7 +1119,7 @@ class Relay:
         actions = self.membership.tick(now, wall)
         if self.delivery is not None:
             actions.extend(self.delivery.tick(now, wall))
-        return self._sends(actions, now, wall)
+        return self._count_out(self._sends(actions, now, wall))
 
     def next_deadline(self) -> Optional[float]:
         """When ``timers_due`` next has something to do; None: never, until something arrives."""
@@ -946,10 +1130,11 @@ class Relay:
                 times.append(t)
         return min(times) if times else None
 
-    def expire(self, now: float) -> List[Notice]:
+    def expire(self, now: float) -> list:
         """Forget what is too old to matter; the reaper calls this every few seconds.
 
-        Returns a notice for each PING to one node that got no answer in time."""
+        Returns a notice for each PING to one node that got no answer in time, and the result of
+        each traceroute whose target did not answer in time."""
         late = [(mid, dst) for mid, (when, dst) in self._unanswered.items() if now - when >= PING_ANSWER_S]
         for mid, _ in late:
             del self._unanswered[mid]
@@ -982,6 +1167,12 @@ class Relay:
             for a in [a for a in self._peer_buckets if a not in self._peer_set and a not in neighbours]:
                 del self._peer_buckets[a]  # a learned neighbour that was forgotten
         notices.extend(Notice(f"no answer from {dst} to our ping within {PING_ANSWER_S:g} s") for _, dst in late)
+        if self.traceroute is not None:
+            notices.extend(self.traceroute.expire(now))
+        if self.trace is not None:
+            m = self.membership
+            self.trace.forget(lambda a: a in self._peer_set or (m is not None and a in m.neighbours), now,
+                              HEARD_KEEP_S)
         return notices
 
     def housekeep(self, now: float, wall: float) -> list:

@@ -542,7 +542,7 @@ def serve(kind: str, peer_texts: List[str]) -> int:
 
 # -- 1. relay cost ---------------------------------------------------------------------------------
 
-RELAYS = ("bare", "straightforward", "meshchat")
+RELAYS = ("bare", "straightforward", "meshchat", "meshchat_no_trace")  # the last: --no-trace (issue 13)
 
 
 def bench_relay(cfg: dict, fleet: Fleet) -> dict:
@@ -557,7 +557,8 @@ def bench_relay(cfg: dict, fleet: Fleet) -> dict:
                                   # Limits stay on: a bucket far above the paced rate.
                                   "--rate-limit", "1000000"),
     }
-    procs = {name: fleet.spawn(argv, tag=name, stdin=name != "meshchat") for name, argv in argvs.items()}
+    argvs["meshchat_no_trace"] = argvs["meshchat"] + ["--no-trace"]
+    procs = {name: fleet.spawn(argv, tag=name, stdin=not name.startswith("meshchat")) for name, argv in argvs.items()}
     try:
         fleet.wait_ready(list(procs.values()))
         fleet.drain(0.3)
@@ -612,6 +613,8 @@ def bench_relay(cfg: dict, fleet: Fleet) -> dict:
             node, bare, simple = (rows[n]["cpu_us_per_msg" + suffix] for n in ("meshchat", "bare", "straightforward"))
             out["ratio_node_bare" + suffix] = node / bare if node and bare else None
             out["ratio_node_straightforward" + suffix] = node / simple if node and simple else None
+            off = rows["meshchat_no_trace"]["cpu_us_per_msg" + suffix]
+            out["ratio_trace_on_off" + suffix] = node / off if node and off else None
         return out
     finally:
         fleet.stop(list(procs.values()))
@@ -1739,6 +1742,7 @@ def targets(r: dict) -> List[dict]:
         add(f"relay CPU/msg, node / straightforward ({how})", relay.get("ratio_node_straightforward" + suffix),
             "<=", 1.0, "x")
         add(f"relay CPU/msg, node / bare forwarder ({how})", relay.get("ratio_node_bare" + suffix), "<=", 1.6, "x")
+        add(f"relay CPU/msg, tracing on / off ({how})", relay.get("ratio_trace_on_off" + suffix), "<=", 1.1, "x")
     hist = r.get("history") or {}
     for suffix, how in (("", "one at a time"), ("_burst", f"in bursts of {hist.get('burst')}")):
         add(f"relay CPU/msg, history on / off ({how})", hist.get("ratio_on_off" + suffix), "<=", 1.3, "x")
@@ -1927,6 +1931,8 @@ def report(r: dict) -> str:
         rows.append(["node / straightforward", relay["ratio_node_straightforward"],
                      relay["ratio_node_straightforward_burst"], "", "", "", ratio(relay["relays"], "straightforward"),
                      ""])
+        rows.append(["tracing on / off", relay["ratio_trace_on_off"], relay["ratio_trace_on_off_burst"], "", "", "",
+                     ratio(relay["relays"], "meshchat_no_trace"), ""])
         parts.append(f"1. Relay cost: a relay with 3 peers (the source and 2 sinks); per relay "
                      f"{relay['messages_per_relay']:,} messages at {relay['paced_rate_per_s']:,.0f}/s, half one at "
                      f"a time, half in bursts of {relay['burst']}, in {relay['rounds']} "

@@ -29,7 +29,7 @@ def test_quick_benchmark_runs_and_reports_every_section(tmp_path):
     have_proc = os.path.exists("/proc/self/stat")
 
     relay = r["relay"]
-    assert set(relay["relays"]) == {"bare", "straightforward", "meshchat"}
+    assert set(relay["relays"]) == {"bare", "straightforward", "meshchat", "meshchat_no_trace"}
     for name, row in relay["relays"].items():
         assert row["sent"] > 0 and fraction(row["delivered_fraction"]), (name, row)
         assert row["delivered_fraction"] > 0.5, (name, row)
@@ -38,6 +38,7 @@ def test_quick_benchmark_runs_and_reports_every_section(tmp_path):
             assert positive(row["cpu_us_per_msg"]) and positive(row["max_rate_cpu_us_per_msg"]), (name, row)
     if have_proc:
         assert positive(relay["ratio_node_bare"]) and positive(relay["ratio_node_straightforward"])
+        assert positive(relay["ratio_trace_on_off"])
 
     # History on and off: both display everything they relay; with history on every message shown is in
     # SQLite (read from the file), with it off nothing is kept.

@@ -423,11 +423,13 @@ MEMBER_FIELDS = {
     "HELLO": ("mesh", "tok", "echo", "ask", "caps", "nick", "seq", "ack", "held", "ivl"),
     "PRESENCE": ("nick", "ttl0", "caps", "links"),
     "CHAT": ("nick", "ttl0", "part"),
+    "TRACE": ("ttl0", "nick", "part"),
+    "HOP": ("hop", "end", "ttl0"),
 }
 MEMBER_VALUES = WRONG_VALUES + [
     10 ** 20, -(10 ** 20), 2 ** 53 + 1, 1e308, -1e308, 0.0, 1e-300, "a" * 5000, ["HELLO"] * 10_000,
     [["x"]], [1, "a"], {"k": "v"}, "meshchat", "0123456789abcdef", "g" * 16, "alice", "a#b", "@x", " x",
-    [1, 2], [2, 1], [0, 0], [1, 1001],
+    [1, 2], [2, 1], [0, 0], [1, 1001], ["HELLO", "TRACE"],
     ["127.0.0.1:9"], ["127.0.0.1:%d" % p for p in range(1, 18)], ["127.0.0.1:0"], ["x:1" * 30], ["a\u202eb:1"],
 ]
 
@@ -445,6 +447,7 @@ def test_membership_fields_with_hostile_values_never_raise_and_keep_the_bounds()
     r, m = _member_relay()
     out = io.StringIO()
     consoles = [TerminalConsole(out, color=True, interactive=False), JsonConsole(out)]
+    sent_kinds = set()
     for i in range(6000):
         kind = rng.choice(list(MEMBER_FIELDS))
         sender = rng.choice([addr_of(2), addr_of(3), ("10.7.%d.%d" % (i >> 8 & 255, i & 255), 9000)])
@@ -454,13 +457,17 @@ def test_membership_fields_with_hostile_values_never_raise_and_keep_the_bounds()
         extra[rng.choice(MEMBER_FIELDS[kind])] = rng.choice(MEMBER_VALUES)
         ttl = 1 if kind == "HELLO" else rng.choice([1, 3, 8])
         src = "%s:%d" % sender if rng.random() < 0.8 else label_of(rng.randrange(4, 200))
-        obj = dict(mid="mf%d" % i, ts=WALL, ttl=ttl, kind=kind, src=src, dst=rng.choice(["", label_of(1)]),
-                   body="hi", **extra)
+        body = "hi"
+        if kind == "HOP" and rng.random() < 0.5:  # an answer to a trace of ours: the origin's path
+            body = "tr%d" % (i // 50)
+            r.traceroute.started(body, src, 1.0 + i * 0.01)
+        obj = dict(mid="mf%d" % i, ts=WALL, ttl=ttl, kind=kind, src=src,
+                   dst=rng.choice(["", label_of(1), label_of(rng.randrange(4, 9))]), body=body, **extra)
         data = json.dumps(obj).encode()
         now = 1.0 + i * 0.01
         for action in r.datagram_received(data, sender, now, WALL):
             if isinstance(action, Send):
-                decode(action.data)  # whatever we send is valid
+                sent_kinds.add(decode(action.data).kind)  # whatever we send is valid
             for c in consoles:
                 c.show(action) if not isinstance(action, Send) else None
         if i % 500 == 0:
@@ -479,6 +486,9 @@ def test_membership_fields_with_hostile_values_never_raise_and_keep_the_bounds()
     ET.fromstring(meshmap.svg(snapshot))
     for c in consoles:
         c.map(snapshot)
+    assert len(r.traceroute._back) <= 4096 and len(r.traceroute._pending) <= 16 and len(r.trace.records) <= 4096
+    assert "HOP" in sent_kinds and "TRACE" in sent_kinds  # traces were answered and passed on
+    assert r.stats()["dropped_no_route"] > 0  # HOPs for traces that never passed here went nowhere
     assert not any(c.broken for c in consoles)
 
 

@@ -119,9 +119,11 @@ def test_peers_show_each_neighbours_state_last_heard_rtt_and_loss():
         [row] = peers["peers"]
         assert row["addr"] == c[2].label and row["configured"] is True and row["last_heard_s"] >= 0
         assert row["state"] == "up" and row["rtt_ms"] >= 0 and "loss" in row and row["label"] == c[2].label
-        header, line = Screen(json_mode=False).type("/peers", c[1].node)
-        assert header.split()[2:] == ["name", "address", "kind", "state", "heard", "rtt", "loss"]
+        header, line, traffic_header, traffic = Screen(json_mode=False).type("/peers", c[1].node)
+        assert header.split()[2:] == ["name", "address", "kind", "state", "heard", "rtt", "loss", "flag"]
         assert c[2].label in line and " up " in line and " ms " in line
+        assert traffic_header.split()[2:] == ["address", "in", "out", "dups", "dup", "share", "dropped"]
+        assert traffic.split()[2] == c[2].label and int(traffic.split()[3]) > 0  # HELLOs came in
 
 
 def test_peers_of_a_node_without_membership_keep_the_old_rows():

@@ -121,7 +121,9 @@ def test_discover_nodes_find_each_other_and_chat_and_the_tables_read_well():
     # Right after the handshake one side may not know the other's nick yet (it comes with the next HELLO).
     assert any(f"127.0.0.1:{base + 2}" in line and "neighbour up" in line for line in who)
     peers = [line for line in out.splitlines() if line.startswith(f"[node 1 127.0.0.1:{base}] * ")]
-    assert any(line.split("] * ")[1].split() == ["name", "address", "kind", "state", "heard", "rtt", "loss"]
+    assert any(line.split("] * ")[1].split() == ["name", "address", "kind", "state", "heard", "rtt", "loss", "flag"]
+               for line in peers)
+    assert any(line.split("] * ")[1].split() == ["address", "in", "out", "dups", "dup", "share", "dropped"]
                for line in peers)
     assert any(f"127.0.0.1:{base + 1}" in line and " found " in line and " up " in line for line in peers)
     assert any("] * received " in line and "handled" in line for line in peers)
