@@ -883,12 +883,12 @@ class Relay:
         extra: Optional[Dict[str, Any]] = None, ttl: int = 0, plain: bool = False,
     ) -> Tuple[List[Message], list]:
         """New messages from this node (see ``_originate``), their datagrams counted per neighbour."""
-        messages, sends = self._originate(kind, body, dst, now, wall, extra, ttl)
+        messages, sends = self._originate(kind, body, dst, now, wall, extra, ttl, plain)
         return messages, self._count_out(sends)
 
     def _originate(
         self, kind: str, body: str, dst: str, now: float, wall: float,
-        extra: Optional[Dict[str, Any]] = None, ttl: int = 0,
+        extra: Optional[Dict[str, Any]] = None, ttl: int = 0, plain: bool = False,
     ) -> Tuple[List[Message], list]:
         """New messages from this node, split so each datagram fits MAX_SEND_BYTES.
 
