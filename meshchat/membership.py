@@ -80,6 +80,7 @@ PRESENCE_MAX_S = 3600.0
 PRESENCE_PER_MEMBER_S = 15.0
 PRESENCE_SETTLE_S = 1.5  # after a link comes up, announce once the others have come up too
 PRESENCE_REPEAT_S = 60.0  # link changes announce at most this often
+FLAP_S = 300.0  # a neighbour back up within this of going down flapped: not announced to the mesh again
 MEMBER_FORGET_S = 2 * PRESENCE_MAX_S
 ROUTE_FRESH_S = PRESENCE_MAX_S  # a route dies with its next hop; retries flood in any case
 BEACON_FIRST_S = 1.0  # the first beacons, so that nodes started together find each other at once
@@ -278,9 +279,19 @@ class Hello(NamedTuple):
     caps: frozenset
 
 
+_CAPSETS: Dict[frozenset, frozenset] = {}  # one object per distinct set: thousands of members share a few
+MAX_CAPSETS = 256
+
+
 def parse_caps(caps: object) -> frozenset:
     if isinstance(caps, list) and len(caps) <= MAX_CAPS and all(isinstance(c, str) and len(c) <= 16 for c in caps):
-        return frozenset(caps)
+        found = frozenset(caps)
+        shared = _CAPSETS.get(found)
+        if shared is not None:
+            return shared
+        if len(_CAPSETS) < MAX_CAPSETS:  # past the bound (forged sets), each keeps its own
+            _CAPSETS[found] = found
+        return found
     return frozenset()
 
 
@@ -350,6 +361,7 @@ class Membership:
         self._known_since: Optional[float] = None  # when we first learned a distance
         self._beacon_due: Optional[float] = 0.0 if config.discover else None
         self._full_told: Optional[float] = None
+        self._went_down: Dict[Addr, float] = {}  # when each neighbour last went down: a quick return is a flap
         self._beacons = 0
         self.counters = {"hello_sent": 0, "hello_received": 0, "challenges": 0, "peer_up": 0, "peer_down": 0,
                          "suspect_probes": 0}
@@ -588,7 +600,11 @@ class Membership:
         n.next_hello = now
         self._changed()
         self.counters["peer_up"] += 1
-        self._schedule_presence(now)
+        went = self._went_down.pop(n.addr, None)
+        if went is None or now - went >= FLAP_S:
+            # A new link: announce ourselves (routes, nicks and caps change). A link that flapped
+            # (a few HELLOs lost) changes nothing the mesh needs to hear about: no mesh-wide flood.
+            self._schedule_presence(now)
         if not n.caps:  # nothing but a bare challenge from it yet: announce it with its nick, shortly
             n.untold = True
             return []
@@ -599,6 +615,11 @@ class Membership:
         return [PeerUp(n.label, n.addr, n.nick)] if n.up else []
 
     def _set_down(self, n: Neighbour, now: float) -> list:
+        went = self._went_down
+        went.pop(n.addr, None)
+        if len(went) >= MAX_PROVEN:
+            del went[next(iter(went))]  # the oldest goes: at worst a flap is announced
+        went[n.addr] = now
         told = not n.untold  # never announced up: nothing to take back
         n.untold = False
         n.up = False

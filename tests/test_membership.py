@@ -287,3 +287,24 @@ def test_a_learned_neighbour_that_said_goodbye_counts_as_down_until_heard_again(
     net.down.clear()
     net.advance(6.0)  # it greets us again
     assert not m.is_down(label(2)) and m.is_up(addr(2))
+
+
+def test_a_neighbour_back_after_a_flap_is_not_announced_to_the_whole_mesh_again():
+    net = Net(2, configured=[(1, 2), (2, 1)])
+    net.advance(120.0)
+    m = net.ms[1]
+    net.down.add(2)
+    net.advance(30.0)  # down after 28.5 s of silence
+    assert not m.is_up(addr(2))
+    net.down.discard(2)
+    m._presence_due, m._last_presence = net.now + 1000.0, net.now - 1000.0  # a new link would announce at once
+    due = m._presence_due
+    assert m.heard(addr(2), net.now) == [PeerUp(label(2), addr(2), "")]
+    assert m._presence_due == due  # a flap: no presence flood through the mesh for it
+
+
+def test_equal_capability_sets_are_one_object():
+    from meshchat.membership import parse_caps
+
+    a, b = parse_caps(["HELLO", "PONG", "ACK"]), parse_caps(["ACK", "HELLO", "PONG"])
+    assert a == b and a is b
