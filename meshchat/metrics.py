@@ -110,6 +110,10 @@ class _Families:
 _NEIGHBOUR_KNOWN = {"addr", "label", "nick", "configured", "state", "last_heard_s", "rtt_ms", "loss"}
 
 
+# Per-neighbour figures that only grow (trace.py's counters): counters, named as Prometheus expects.
+NEIGHBOUR_COUNTERS = {"in": "datagrams_in", "out": "datagrams_out", "dups": "duplicates_in"}
+
+
 def exposition(stats: Dict[str, float], neighbours: List[dict], label: str = "", version: str = "",
                nodes_known: Optional[int] = None, requests: Optional[Dict[int, int]] = None) -> str:
     """The exposition text of one snapshot (pure)."""
@@ -147,7 +151,11 @@ def exposition(stats: Dict[str, float], neighbours: List[dict], label: str = "",
         for key in sorted(k for k in row if k not in _NEIGHBOUR_KNOWN):
             value = row[key]
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                f.add(f"meshchat_neighbour_{_name(key)}", "gauge", f"per neighbour: {key}", value, who)
+                if key in NEIGHBOUR_COUNTERS:
+                    f.add(f"meshchat_neighbour_{_name(NEIGHBOUR_COUNTERS[key])}_total", "counter",
+                          f"per neighbour: {NEIGHBOUR_COUNTERS[key].replace('_', ' ')}", value, who)
+                else:
+                    f.add(f"meshchat_neighbour_{_name(key)}", "gauge", f"per neighbour: {key}", value, who)
             elif isinstance(value, dict):
                 for sub in sorted(value):
                     if isinstance(value[sub], (int, float)) and not isinstance(value[sub], bool):

@@ -77,8 +77,9 @@ def test_exposition_types_names_and_label_escaping():
     assert s[("meshchat_info", (("label", "127.0.0.1:1"), ("version", "9")))] == 1
     assert s[("meshchat_neighbour_up", who)] == 1 and s[("meshchat_neighbour_rtt_seconds", who)] == 0.0025
     assert s[("meshchat_neighbour_loss_ratio", who)] == 0.25
-    # Figures a row may grow (per-neighbour counters) plug in: numbers as gauges, dicts as counter families.
-    assert s[("meshchat_neighbour_dups", who)] == 3
+    # Figures a row may grow plug in: trace.py's counters as counters, other numbers as gauges, dicts as
+    # counter families.
+    assert s[("meshchat_neighbour_duplicates_in_total", who)] == 3
     assert s[("meshchat_neighbour_drops_total", who + (("kind", "stale"),))] == 2
     assert not any(name == "meshchat_neighbour_flag" for name, _ in s)
     assert s[("meshchat_metrics_requests_total", (("code", "200"),))] == 2
