@@ -41,6 +41,7 @@ import base64
 import hashlib
 import hmac
 import random
+import re
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -158,6 +159,7 @@ class MembershipConfig:
     hello_max_s: float = HELLO_MAX_S  # tests shorten it to see a neighbour go down in a second
     caps: Tuple[str, ...] = CAPS  # what we say we speak (the delivery layer adds its own)
     announce: Tuple[Tuple[str, Any], ...] = ()  # more fields for our PRESENCE (our box key, signed with it)
+    key: str = ""  # our identity key (secure extra): in our full HELLOs, so neighbours learn it at once
 
 
 def valid_nick(text: object) -> bool:
@@ -178,7 +180,7 @@ def display_name(label: str, nick: str) -> str:
 class Neighbour:
     __slots__ = ("addr", "configured", "speaks", "up", "label", "nick", "caps", "last_heard", "since",
                  "interval", "next_hello", "peer_ivl", "seq_out", "sent", "their_tok", "rx_seq",
-                 "rx_expected", "rx_got", "srtt_ms", "rx_at", "answered_at", "untold", "probe_due")
+                 "rx_expected", "rx_got", "srtt_ms", "rx_at", "answered_at", "untold", "probe_due", "key")
 
     def __init__(self, addr: Addr, configured: bool, now: float) -> None:
         self.addr = addr
@@ -204,6 +206,7 @@ class Neighbour:
         self.answered_at = float("-inf")
         self.untold = False  # up, but its PeerUp waits for a HELLO that says its nick (at most ANNOUNCE_WAIT_S)
         self.probe_due = 0.0  # suspected (its HELLO overdue): the next ask not before this
+        self.key = ""  # its identity key, from its HELLOs (told in /peers; pinned only from signed messages)
 
     def down_at(self) -> float:
         assert self.last_heard is not None
@@ -277,7 +280,10 @@ class Hello(NamedTuple):
     ivl: Optional[float]
     nick: str
     caps: frozenset
+    key: str  # its identity key as it travels (secure extra), or ""
 
+
+_KEY_TEXT = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 bytes, urlsafe base64 without padding (crypto.py)
 
 _CAPSETS: Dict[frozenset, frozenset] = {}  # one object per distinct set: thousands of members share a few
 MAX_CAPSETS = 256
@@ -318,6 +324,7 @@ def parse_hello(msg: Message) -> Hello:
         mesh = None
     capset = parse_caps(x.get("caps"))
     nick = x.get("nick")
+    key = x.get("key")
     return Hello(
         mesh=mesh,
         tok=_token_text(x.get("tok")),
@@ -330,6 +337,7 @@ def parse_hello(msg: Message) -> Hello:
         ivl=_num(x.get("ivl"), 0.1, 60.0),
         nick=nick if valid_nick(nick) else "",
         caps=capset,
+        key=key if isinstance(key, str) and _KEY_TEXT.fullmatch(key) else "",
     )
 
 
@@ -436,6 +444,8 @@ class Membership:
             extra["ask"] = 1
         if full:
             extra["caps"] = list(self.config.caps)
+            if self.config.key:
+                extra["key"] = self.config.key
             if self.nick:
                 extra["nick"] = self.nick
             if n is not None:
@@ -542,6 +552,8 @@ class Membership:
             n.nick = h.nick
         if h.caps:
             n.caps = h.caps
+        if h.key:
+            n.key = h.key
         if not n.speaks:
             n.speaks = True
             self._changed()
@@ -924,6 +936,7 @@ class Membership:
                 "last_heard_s": None if n.last_heard is None else round(now - n.last_heard, 1),
                 "rtt_ms": None if n.srtt_ms is None else round(n.srtt_ms, 2),
                 "loss": None if n.loss is None else round(n.loss, 3),
+                "key": n.key or None,
             })
         return rows
 

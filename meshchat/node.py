@@ -231,6 +231,8 @@ class Node:
                            peers_only=config.peers_only, max_ttl=config.max_ttl, discover=discovery is not None)
             if history is not None:
                 mcfg = replace(mcfg, caps=mcfg.caps + DELIVERY_CAPS)
+            if self.identity is not None:
+                mcfg = replace(mcfg, key=self.identity.key_text)  # in our full HELLOs
             if self.identity is not None and history is not None:
                 # End-to-end boxes need the outbox (a message waits there for its key): our box key
                 # goes in our signed PRESENCE, and E2E in our caps.

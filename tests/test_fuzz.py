@@ -420,7 +420,7 @@ def test_structured_hostile_datagrams_through_the_whole_path_100k():
 # -- membership's kinds and fields -------------------------------------------------------------
 
 MEMBER_FIELDS = {
-    "HELLO": ("mesh", "tok", "echo", "ask", "caps", "nick", "seq", "ack", "held", "ivl"),
+    "HELLO": ("mesh", "tok", "echo", "ask", "caps", "nick", "seq", "ack", "held", "ivl", "key"),
     "PRESENCE": ("nick", "ttl0", "caps", "links"),
     "CHAT": ("nick", "ttl0", "part"),
     "TRACE": ("ttl0", "nick", "part"),
@@ -430,6 +430,7 @@ MEMBER_VALUES = WRONG_VALUES + [
     10 ** 20, -(10 ** 20), 2 ** 53 + 1, 1e308, -1e308, 0.0, 1e-300, "a" * 5000, ["HELLO"] * 10_000,
     [["x"]], [1, "a"], {"k": "v"}, "meshchat", "0123456789abcdef", "g" * 16, "alice", "a#b", "@x", " x",
     [1, 2], [2, 1], [0, 0], [1, 1001], ["HELLO", "TRACE"],
+    "A" * 43, "A" * 42, "A" * 44, "+" * 43, "\u00e9" * 43,
     ["127.0.0.1:9"], ["127.0.0.1:%d" % p for p in range(1, 18)], ["127.0.0.1:0"], ["x:1" * 30], ["a\u202eb:1"],
 ]
 

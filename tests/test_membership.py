@@ -308,3 +308,17 @@ def test_equal_capability_sets_are_one_object():
 
     a, b = parse_caps(["HELLO", "PONG", "ACK"]), parse_caps(["ACK", "HELLO", "PONG"])
     assert a == b and a is b
+
+
+def test_full_hellos_carry_our_identity_key_and_neighbours_show_it():
+    key = "k" * 43  # as crypto.b64 writes 32 bytes
+    net = Net(2, configured=[(1, 2), (2, 1)])
+    net.ms[2].config = MembershipConfig(label=label(2), key=key)
+    net.advance(5.0)
+    [row] = net.ms[1].peer_rows(net.now)
+    assert row["key"] == key
+    # Malformed keys are not taken: the field is a hint for /peers, never more.
+    m = Membership(MembershipConfig(label=label(1)), [addr(2)], secret=b"k")
+    for bad in ("k" * 42, "k" * 44, "+" * 43, 43, None):
+        m.hello_received(hello_from(addr(2), ask=False, key=bad), addr(2), 500, 1.0, WALL)
+        assert m.neighbours[addr(2)].key == ""
