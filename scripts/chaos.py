@@ -55,6 +55,15 @@ def _positive(kind):
     return convert
 
 
+def _bad_link(text: str):
+    try:
+        pair, loss = text.split(":", 1)
+        a, b = (int(x) for x in pair.split("-", 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not A-B:LOSS, e.g. 3-5:0.4")
+    return (a, b), _fraction(loss)
+
+
 def _span(text: str):
     parts = [float(p) for p in text.split(",")]
     if len(parts) == 1:
@@ -88,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the report as one JSON line at the end")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.add_argument("--html", metavar="FILE", help="also write the report with its charts as one HTML file")
+    p.add_argument("--bad-link", type=_bad_link, action="append", default=[], metavar="A-B:LOSS",
+                   help="this link loses LOSS instead of --loss (e.g. 3-5:0.4); repeatable. The report "
+                   "then shows which links the nodes' /peers flag")
     return p
 
 
@@ -111,10 +123,13 @@ def main(argv=None) -> int:
         report = run_chaos(nodes=args.nodes, degree=args.degree, loss=args.loss, duration_s=args.duration,
                            kills_per_min=args.kills_per_minute, seed=args.seed, rate=args.rate, dup=args.dup,
                            delay=args.delay, reorder=args.reorder, netns=args.netns, down_s=args.down,
-                           max_down=args.max_down, progress=progress)
+                           max_down=args.max_down, progress=progress, bad_links=dict(args.bad_link))
     except NetnsUnavailable as e:
         print(f"chaos: --netns is not possible here: {e}", file=sys.stderr)
         return 3
+    except ValueError as e:  # a --bad-link that is not a link of this mesh
+        print(f"chaos: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("chaos: interrupted; every node and namespace was stopped", file=sys.stderr)
         return 130

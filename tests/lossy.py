@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 # One-hop chatter of membership and repair: HELLO, WANT, HAVE, SINCE (nodes count it as link_*).
@@ -552,7 +552,7 @@ class LoopbackNet:
     exact_settle = True
 
     def __init__(self, links: List[Set[int]], seed: int, spec: LinkSpec, max_life_s: float,
-                 ports_first: bool = False) -> None:
+                 ports_first: bool = False, bad_links: Optional[Dict[Tuple[int, int], float]] = None) -> None:
         self.hub = LossyHub(seed, spec, max_life_s=max_life_s)
         self.peer_ports: Dict[int, List[int]] = {i: [] for i in range(len(links))}
         # ports_first: every node's port is chosen (free now) before any starts, so the hub forwards
@@ -565,7 +565,8 @@ class LoopbackNet:
             for a, near in enumerate(links):
                 for b in sorted(near):
                     if a < b:
-                        pa, pb = self.hub.link(a, b)
+                        worse = (bad_links or {}).get((a, b))
+                        pa, pb = self.hub.link(a, b) if worse is None else self.hub.link(a, b, replace(spec, loss=worse))
                         self.peer_ports[a].append(pa)
                         self.peer_ports[b].append(pb)
         except BaseException:
@@ -826,6 +827,7 @@ class Report:
     exits: Dict[int, Optional[int]] = field(default_factory=dict)
     settled: bool = False
     seconds: float = 0.0
+    flagged: List[Tuple[int, int, str, float]] = field(default_factory=list)  # (node, neighbour, flags, loss) from /peers
 
     @property
     def delivery(self) -> float:
@@ -857,7 +859,8 @@ class Mesh:
                  delay: Tuple[float, float] = (0.0, 0.0), reorder: float = 0.0, netns: bool = False,
                  grace_s: float = GRACE_S, max_life_s: float = 600.0, history: bool = True,
                  links: Optional[List[Set[int]]] = None, ports_first: bool = False,
-                 more_peers: Optional[Dict[int, List[str]]] = None) -> None:
+                 more_peers: Optional[Dict[int, List[str]]] = None,
+                 bad_links: Optional[Dict[Tuple[int, int], float]] = None) -> None:
         self.n = n
         self.more_peers = more_peers or {}  # node -> extra HOST:PORT peers (e.g. a seed-design node)
         self.history = history
@@ -889,8 +892,16 @@ class Mesh:
         self.closed = False
         self.exits: Dict[int, Optional[int]] = {}
         self._deadline = time.monotonic() + max_life_s
+        for a, b in bad_links or {}:
+            if not (0 <= a < n and 0 <= b < n and b in self.links[a]):
+                raise ValueError(f"--bad-link {a}-{b}: nodes {a} and {b} are not linked in this mesh "
+                                 f"(node {a}'s neighbours: {sorted(self.links[a]) if 0 <= a < n else 'none'})")
+        if netns and bad_links:
+            raise ValueError("--bad-link works with the loopback proxies only, not --netns")
+        self.peer_tables: Dict[int, List[dict]] = {}  # node -> its last /peers rows
         self.net = (NetnsNet(self.links, loss) if netns
-                    else LoopbackNet(self.links, seed, LinkSpec(loss, dup, delay, reorder), max_life_s, ports_first))
+                    else LoopbackNet(self.links, seed, LinkSpec(loss, dup, delay, reorder), max_life_s, ports_first,
+                                     {(min(a, b), max(a, b)): x for (a, b), x in (bad_links or {}).items()}))
 
     # -- life cycle --
 
@@ -992,6 +1003,8 @@ class Mesh:
         elif event == "stats":
             self.stats[key] = obj
             self._stats_seen[key] += 1
+        elif event == "peers":
+            self.peer_tables[i] = obj.get("peers", [])
         return True
 
     def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
@@ -1067,6 +1080,14 @@ class Mesh:
         self._spawn(i)
         self._await_ready(i)
         self.restarts += 1
+
+    def query_peers(self, nodes: Sequence[int], timeout: float) -> Dict[int, List[dict]]:
+        """Each node's /peers rows (what a user would type to find a bad link)."""
+        for i in nodes:
+            self.peer_tables.pop(i, None)
+            self.procs[i].send("/peers")
+        self.wait_until(lambda: all(i in self.peer_tables for i in nodes), timeout)
+        return {i: self.peer_tables[i] for i in nodes if i in self.peer_tables}
 
     # -- waiting for the mesh to go quiet --
 
@@ -1164,7 +1185,8 @@ def run_chaos(nodes: int = 12, degree: int = 4, loss: float = 0.2, duration_s: f
               kills_per_min: float = 6.0, seed: int = 1, rate: float = 10.0, dup: float = 0.0,
               delay: Tuple[float, float] = (0.0, 0.0), reorder: float = 0.0, netns: bool = False,
               down_s: Tuple[float, float] = (1.0, 3.0), max_down: Optional[int] = None,
-              progress: Callable[[str], None] = lambda text: None) -> Report:
+              progress: Callable[[str], None] = lambda text: None,
+              bad_links: Optional[Dict[Tuple[int, int], float]] = None) -> Report:
     """Messages from random live nodes at ``rate`` a second for ``duration_s``; meanwhile random
     nodes are SIGKILLed (``kills_per_min`` on average, at most ``max_down`` down at once) and
     restarted on the same port after ``down_s`` seconds. Then every node is up again, the mesh
@@ -1174,7 +1196,7 @@ def run_chaos(nodes: int = 12, degree: int = 4, loss: float = 0.2, duration_s: f
     max_down = max(1, nodes // 4) if max_down is None else max_down
     started = time.monotonic()
     mesh = Mesh(nodes, degree, seed, loss, dup, delay, reorder, netns=netns,
-                max_life_s=duration_s + 120.0 + nodes * 2.0, ports_first=True)
+                max_life_s=duration_s + 120.0 + nodes * 2.0, ports_first=True, bad_links=bad_links)
     exits: Dict[int, Optional[int]] = {}
     try:
         mesh.start()
@@ -1220,11 +1242,25 @@ def run_chaos(nodes: int = 12, degree: int = 4, loss: float = 0.2, duration_s: f
         settled = mesh.settle(30.0 + nodes * 0.5) and settled
         report = mesh.report(settled=settled)
         report.rss_kib = mesh.rss()
+        report.flagged = flagged_links(mesh, mesh.query_peers(mesh.live(), 10.0))
     finally:
         exits = mesh.close()
     report.exits = exits
     report.seconds = time.monotonic() - started
     return report
+
+
+def flagged_links(mesh: "Mesh", tables: Dict[int, List[dict]]) -> List[Tuple[int, int, str, float]]:
+    """What each node's /peers flags (a lossy or redundant link), as (node, neighbour node, flags, loss)."""
+    index = {label: i for i, label in mesh.labels.items()}
+    out = []
+    for i, rows in sorted(tables.items()):
+        for row in rows:
+            flags = row.get("flags") or []
+            j = index.get(row.get("label"))
+            if flags and j is not None:
+                out.append((i, j, " ".join(flags), row.get("loss") or 0.0))
+    return out
 
 
 def format_report(r: Report, args_line: str = "") -> str:
@@ -1250,6 +1286,11 @@ def format_report(r: Report, args_line: str = "") -> str:
     for i, kib in sorted(r.rss_kib.items()):
         mem.append(f"{i}: {kib / 1024:.1f} MiB" if kib is not None else f"{i}: n/a")
     lines.append("memory per node (VmRSS): " + ", ".join(mem))
+    if r.flagged:
+        lines.append("links flagged by /peers: " + ", ".join(
+            f"node {i} on node {j}: {flags} (HELLO loss {loss:.0%})" for i, j, flags, loss in r.flagged))
+    else:
+        lines.append("links flagged by /peers: none")
     bad = {i: s for i, s in r.exits.items() if s != 0}
     lines.append("exit statuses: " + ("all 0" if not bad else ", ".join(f"{i}: {s}" for i, s in bad.items())))
     return "\n".join(lines)

@@ -253,6 +253,7 @@ def test_the_chaos_script_reports_delivery_duplicates_and_memory(tmp_path):
     assert any(line.startswith("delivery: ") and line.endswith("%") for line in lines)
     assert any(line.startswith("duplicates shown: 0 ") for line in lines)
     assert any(line.startswith("memory per node (VmRSS): ") for line in lines)
+    assert any(line.startswith("links flagged by /peers: ") for line in lines)  # --bad-link's finding
     report = json.loads(lines[-1])
     assert report["nodes"] == 6 and report["settled"] is True
     assert report["kills"] >= 1 and report["restarts"] == report["kills"]
@@ -273,6 +274,10 @@ def test_the_chaos_script_rejects_bad_arguments():
     p = subprocess.run([sys.executable, SCRIPT, "--loss", "150%"], capture_output=True, text=True,
                        timeout=60, cwd=REPO)
     assert p.returncode == 2 and "--loss" in p.stderr
+    for bad, said in (("0-x:0.5", "A-B:LOSS"), ("0-1:2", "between 0 and 1"), ("0-0:0.5", "not linked")):
+        p = subprocess.run([sys.executable, SCRIPT, "--nodes", "4", "--degree", "2", "--bad-link", bad],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert p.returncode == 2 and said in p.stderr.strip().splitlines()[-1] and "Traceback" not in p.stderr
 
 
 def _netns_or_skip():
