@@ -66,7 +66,7 @@ QUICK = dict(
     security_messages=300,
 )
 QUICK_NODES = 10
-SECTIONS = ("relay", "history", "seal", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery",
+SECTIONS = ("relay", "display", "history", "seal", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery",
             "repair", "security")
 MESH_SECTIONS = {"scale", "direct", "idle", "liveness"}  # these share one mesh per --nodes size
 LATENCY_HOPS = (1, 4, 8)
@@ -535,6 +535,37 @@ def serve_straightforward(sock: socket.socket, peers: List[Tuple[str, int]]) -> 
                 sock.sendto(out, p)
 
 
+def serve_straightforward_printing(sock: socket.socket, peers: List[Tuple[str, int]]) -> None:
+    """The straightforward relay that also shows every message: a JSON line on stdout, flushed,
+    from the socket thread (what a displaying node is measured against, issue 14)."""
+    seen: Dict[str, float] = {}
+    out_stream = sys.stdout
+    while True:
+        data, addr = sock.recvfrom(65535)
+        try:
+            msg = json.loads(data)
+            mid = msg["mid"]
+            ttl = int(msg["ttl"]) - 1
+        except (ValueError, KeyError, TypeError):
+            continue
+        if mid in seen:
+            continue
+        seen[mid] = time.monotonic()
+        out_stream.write(json.dumps(dict(msg, event="chat")) + "\n")
+        out_stream.flush()
+        if ttl <= 0:
+            continue
+        msg["ttl"] = ttl
+        out = json.dumps(msg).encode()
+        for p in peers:
+            if p != addr:
+                sock.sendto(out, p)
+
+
+SERVERS = {"bare": serve_bare, "straightforward": serve_straightforward,
+           "straightforward_printing": serve_straightforward_printing}
+
+
 def serve(kind: str, peer_texts: List[str]) -> int:
     peers = []
     for text in peer_texts:
@@ -555,7 +586,7 @@ def serve(kind: str, peer_texts: List[str]) -> int:
     sys.stdout.write(json.dumps({"event": "ready", "node": label_of(sock)}) + "\n")
     sys.stdout.flush()
     try:
-        (serve_bare if kind == "bare" else serve_straightforward)(sock, peers)
+        SERVERS[kind](sock, peers)
     except KeyboardInterrupt:
         pass
     return 0
@@ -636,6 +667,79 @@ def bench_relay(cfg: dict, fleet: Fleet) -> dict:
             out["ratio_node_straightforward" + suffix] = node / simple if node and simple else None
             off = rows["meshchat_no_trace"]["cpu_us_per_msg" + suffix]
             out["ratio_trace_on_off" + suffix] = node / off if node and off else None
+        return out
+    finally:
+        fleet.stop(list(procs.values()))
+        for s in (src, *sinks):
+            s.close()
+
+
+# -- 1d. display cost: a node showing every message against a straightforward relay printing it ------
+
+DISPLAY_RELAYS = ("straightforward_printing", "meshchat_json", "meshchat_terminal")
+
+
+def bench_display(cfg: dict, fleet: Fleet) -> dict:
+    """CPU per message of relays that show every message they relay, as section 1 paces them: the
+    straightforward relay printing a flushed JSON line per message in its socket thread, and
+    meshchat --json and the terminal console (--no-history: section 1b has history's cost). What
+    they print is read as it comes, so no pipe fills."""
+    src = udp_socket()
+    sinks = [udp_socket(RCVBUF_BYTES, blocking=False) for _ in range(2)]
+    peer_labels = [label_of(s) for s in (src, *sinks)]
+    script = os.path.abspath(__file__)
+    node = ["--peers", *peer_labels, "--headless", "--rate-limit", "1000000"]
+    terminal_port = reserve_ports(1)[0]  # the terminal console says no JSON ready line with its port
+    argvs = {
+        "straightforward_printing": [sys.executable, script, "--serve", "straightforward_printing",
+                                     "--serve-peers", *peer_labels],
+        "meshchat_json": meshchat_argv("--port", "0", *node, "--json", history=False),
+        "meshchat_terminal": meshchat_argv("--port", str(terminal_port), *node, history=False),
+    }
+    procs = {name: fleet.spawn(argv, tag=("display", name), stdin=not name.startswith("meshchat"))
+             for name, argv in argvs.items()}
+    procs["meshchat_terminal"].label = f"{HOST}:{terminal_port}"
+    lines = {name: 0 for name in DISPLAY_RELAYS}
+
+    def read() -> None:
+        for child, _, _ in fleet.poll(0):
+            if isinstance(child.tag, tuple) and child.tag[0] == "display":
+                lines[child.tag[1]] += 1
+
+    try:
+        fleet.wait_ready([procs["straightforward_printing"], procs["meshchat_json"]])
+        fleet.drain(1.0)  # the terminal node prints no ready event: give it the time the others took
+        gen = Datagrams(label_of(src))
+        rows = {name: {"rounds_cpu_us": [], "rounds_cpu_us_burst": [], "sent": 0, "received": 0}
+                for name in DISPLAY_RELAYS}
+        index = 0
+        for _ in range(cfg["relay_rounds"]):
+            for burst, key in ((1, "rounds_cpu_us"), (cfg["relay_burst"], "rounds_cpu_us_burst")):
+                for name in DISPLAY_RELAYS:
+                    p = procs[name]
+                    batch = [gen.make(index + i) for i in range(cfg["relay_messages"])]
+                    index += len(batch)
+                    before = cpu_seconds(p.pid)
+                    got = drive_paced(src, (HOST, p.port), sinks, batch, cfg["relay_rate"], burst, every=read)
+                    fleet.drain(0.2)  # the last lines are written after the last copy went
+                    used = delta(cpu_seconds(p.pid), before)
+                    row = rows[name]
+                    row["sent"] += got["sent"]
+                    row["received"] += sum(got["received"])
+                    if used is not None:
+                        row[key].append(used / got["sent"] * 1e6)
+        for name in DISPLAY_RELAYS:
+            row = rows[name]
+            row["delivered_fraction"] = row["received"] / (2 * row["sent"]) if row["sent"] else None
+            row["cpu_us_per_msg"] = median(row["rounds_cpu_us"])
+            row["cpu_us_per_msg_burst"] = median(row["rounds_cpu_us_burst"])
+        out = {"paced_rate_per_s": cfg["relay_rate"], "burst": cfg["relay_burst"], "rounds": cfg["relay_rounds"],
+               "messages_per_relay": 2 * cfg["relay_messages"] * cfg["relay_rounds"], "relays": rows}
+        for suffix in ("", "_burst"):
+            ref = rows["straightforward_printing"]["cpu_us_per_msg" + suffix]
+            for name in ("meshchat_json", "meshchat_terminal"):
+                mine = rows[name]["cpu_us_per_msg" + suffix]
+                out[f"ratio_{name}" + suffix] = mine / ref if mine and ref else None
         return out
     finally:
         fleet.stop(list(procs.values()))
@@ -1774,6 +1878,12 @@ def targets(r: dict) -> List[dict]:
             "<=", 1.0, "x")
         add(f"relay CPU/msg, node / bare forwarder ({how})", relay.get("ratio_node_bare" + suffix), "<=", 1.6, "x")
         add(f"relay CPU/msg, tracing on / off ({how})", relay.get("ratio_trace_on_off" + suffix), "<=", 1.1, "x")
+    disp = r.get("display") or {}
+    for suffix, how in (("", "one at a time"), ("_burst", f"in bursts of {disp.get('burst')}")):
+        add(f"display CPU/msg, meshchat --json / straightforward printing ({how})",
+            disp.get("ratio_meshchat_json" + suffix), "<=", 1.0, "x")
+        add(f"display CPU/msg, meshchat terminal / straightforward printing ({how})",
+            disp.get("ratio_meshchat_terminal" + suffix), "<=", 1.0, "x")
     hist = r.get("history") or {}
     for suffix, how in (("", "one at a time"), ("_burst", f"in bursts of {hist.get('burst')}")):
         add(f"relay CPU/msg, history on / off ({how})", hist.get("ratio_on_off" + suffix), "<=", 1.3, "x")
@@ -1974,6 +2084,16 @@ def report(r: dict) -> str:
                      f"Max rate: at most {relay['max_rate_window']} messages on the way.\n" + table(
                          ["relay", "CPU µs/msg, one at a time", f"CPU µs/msg, bursts of {relay['burst']}", "delivered",
                           "max rate msg/s", "its CPU busy", "CPU µs/msg at max", "msg/s at 100% CPU"], rows))
+    disp = r.get("display")
+    if disp and "relays" in disp:
+        rows = [[name.replace("_", " "), x["cpu_us_per_msg"], x["cpu_us_per_msg_burst"], x["delivered_fraction"]]
+                for name, x in disp["relays"].items()]
+        for name in ("meshchat_json", "meshchat_terminal"):
+            rows.append([f"{name.replace('_', ' ')} / printing", disp[f"ratio_{name}"], disp[f"ratio_{name}_burst"], ""])
+        parts.append(f"1d. Display cost: relays that show every message they relay (no history), "
+                     f"{disp['messages_per_relay']:,} messages each as in section 1, taking turns\n" + table(
+                         ["relay", "CPU µs/msg, one at a time", f"CPU µs/msg, bursts of {disp['burst']}",
+                          "delivered"], rows))
     hist = r.get("history")
     if hist and "relays" in hist:
         rows = [[f"history {name}", x["cpu_us_per_msg"], x["cpu_us_per_msg_burst"], x.get("net_us_per_msg"),
@@ -2152,7 +2272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed of the random topology and origins (default 1)")
     p.add_argument("--only", nargs="+", choices=SECTIONS,
                    help="run only these sections (flood comes with scale; direct uses the first --nodes size)")
-    p.add_argument("--serve", choices=("bare", "straightforward"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", choices=tuple(SERVERS), help=argparse.SUPPRESS)
     p.add_argument("--serve-peers", nargs="*", default=[], help=argparse.SUPPRESS)
     return p
 
@@ -2196,6 +2316,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if "relay" in sections:
             r["relay"] = run("relay cost", lambda: bench_relay(cfg, fleet))
+        if "display" in sections:
+            r["display"] = run("display cost", lambda: bench_display(cfg, fleet))
         if "history" in sections:
             r["history"] = run("relay cost, history on and off", lambda: bench_history(cfg, fleet))
         if "seal" in sections:

@@ -94,7 +94,7 @@ def test_a_tampered_or_moved_box_is_dropped_and_counted_and_does_not_silence_the
     forged = [
         real._replace(body=flipped, extra=unsigned),  # a bit changed by a relay (unsigned, so only the box fails)
         real._replace(body=MARKER + "not base64 at all!", extra=unsigned),
-        real._replace(mid=real.mid[:-1] + "0", extra=unsigned),  # the same box under another header
+        real._replace(mid=real.mid[:-1] + ("1" if real.mid[-1] == "0" else "0"), extra=unsigned),  # another header
         real._replace(body=MARKER + body[len(MARKER) + 4:], extra=unsigned),  # truncated
     ]
     for f in forged:
