@@ -277,6 +277,9 @@ class Files:
         self.transfers: Dict[str, Transfer] = {}  # fid -> transfer, oldest first
         self.used = config.used_bytes
         self._serve = new_bucket(config.serve_per_s, SERVE_BURST_S)
+        # ``wall - now`` as last told (tick, every datagram): the ts of requests made where only ``now``
+        # is at hand (an /accept, a finished transfer starting the next one).
+        self._wall_offset = 0.0
         self.counters: Dict[str, int] = {
             "files_offered": 0, "files_done": 0, "files_failed": 0, "file_pieces_received": 0,
             "file_pieces_served": 0, "file_requests_sent": 0, "file_timeouts": 0,
@@ -379,6 +382,7 @@ class Files:
         return out
 
     def have_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
+        self._wall_offset = wall - now
         t = self.transfers.get(msg.extra.get("fid"))  # type: ignore[arg-type]
         if t is None:
             return [], ""  # an offer we have not seen (yet), or forgot: nothing to do
@@ -398,6 +402,7 @@ class Files:
 
     def get_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
         """An FGET: each piece we have, verified, goes back as an FDATA, within the serving budget."""
+        self._wall_offset = wall - now
         t = self.transfers.get(msg.extra.get("fid"))  # type: ignore[arg-type]
         want = msg.extra.get("want")
         if not isinstance(want, list) or len(want) > MAX_WANT:
@@ -437,6 +442,7 @@ class Files:
         return self._fdata(fid, t.offer.parts + index, data, 0.0, wall)
 
     def data_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
+        self._wall_offset = wall - now
         t = self.transfers.get(msg.extra.get("fid"))  # type: ignore[arg-type]
         piece = msg.extra.get("i")
         if t is None or t.state != "fetching":
@@ -529,6 +535,7 @@ class Files:
     # -- timers ---------------------------------------------------------------------------------------
 
     def tick(self, now: float, wall: float) -> list:
+        self._wall_offset = wall - now
         out: list = []
         neighbours = None
         for t in list(self.transfers.values()):
@@ -727,7 +734,7 @@ class Files:
                 t.inflight.setdefault(piece, []).append((s.addr, now))
             s.out += len(picks)
             self.counters["file_requests_sent"] += 1
-            out.append(Unicast(self._fget(t.offer.fid, picks, now), s.addr))
+            out.append(Unicast(self._fget(t.offer.fid, picks, now + self._wall_offset), s.addr))
         return out
 
     def _candidates(self, t: Transfer, s: Source, limit: int, free: int) -> List[int]:
