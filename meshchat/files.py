@@ -383,7 +383,7 @@ class Files:
 
     def have_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
         self._wall_offset = wall - now
-        t = self.transfers.get(msg.extra.get("fid"))  # type: ignore[arg-type]
+        t = self._transfer_of(msg)
         if t is None:
             return [], ""  # an offer we have not seen (yet), or forgot: nothing to do
         ranges = _parse_ranges(msg.extra.get("have"), t.pieces)
@@ -403,7 +403,7 @@ class Files:
     def get_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
         """An FGET: each piece we have, verified, goes back as an FDATA, within the serving budget."""
         self._wall_offset = wall - now
-        t = self.transfers.get(msg.extra.get("fid"))  # type: ignore[arg-type]
+        t = self._transfer_of(msg)
         want = msg.extra.get("want")
         if not isinstance(want, list) or len(want) > MAX_WANT:
             self.counters["file_dropped_malformed"] += 1
@@ -443,7 +443,7 @@ class Files:
 
     def data_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
         self._wall_offset = wall - now
-        t = self.transfers.get(msg.extra.get("fid"))  # type: ignore[arg-type]
+        t = self._transfer_of(msg)
         piece = msg.extra.get("i")
         if t is None or t.state != "fetching":
             self.counters["file_dropped_unasked"] += 1
@@ -578,6 +578,10 @@ class Files:
         return out
 
     # -- inside ----------------------------------------------------------------------------------------
+
+    def _transfer_of(self, msg: Message) -> Optional[Transfer]:
+        fid = msg.extra.get("fid")
+        return self.transfers.get(fid) if type(fid) is str else None  # anything else: no transfer
 
     def _remember(self, t: Transfer) -> None:
         if len(self.transfers) >= MAX_OFFERS:

@@ -129,3 +129,49 @@ def test_the_sender_stopped_after_another_has_it_does_not_stop_the_others(nodes,
     assert c.node.accept_file(offer.offer.fid) == ""
     done = c.next(FileDone)
     assert Path(done.path).read_bytes() == data
+
+
+def _offer_for(path: Path, name: str, src: str):
+    from meshchat.files import CHUNK_BYTES, Offer
+
+    data = path.read_bytes()
+    hashes = b"".join(hashlib.sha256(data[i:i + CHUNK_BYTES]).digest() for i in range(0, len(data), CHUNK_BYTES))
+    return Offer("%016x" % random.Random(name).getrandbits(64), name, len(data), hashlib.sha256(data).hexdigest(),
+                 hashlib.sha256(hashes).hexdigest(), CHUNK_BYTES, src), hashes
+
+
+@pytest.mark.parametrize("offered", ["../../etc/passwd", "C:\\x\\evil"])
+def test_a_hostile_name_lands_as_a_safe_name_inside_downloads(nodes, tmp_path, offered):
+    a, b = nodes(2)
+    data = a_file(tmp_path / "payload", 3000)
+    offer, hashes = _offer_for(tmp_path / "payload", offered, a.node.label)
+    a.node._file_hashed(offer, hashes, str(tmp_path / "payload"))  # as if the files thread had hashed it
+    done = b.next(FileDone)
+    landed = Path(done.path)
+    assert landed.parent == b.folder and landed.name in ("passwd", "evil")
+    assert landed.read_bytes() == data
+
+
+def test_a_receiver_restarted_mid_transfer_resumes_from_what_is_on_disk(nodes, tmp_path):
+    import json
+
+    from meshchat.files import CHUNK_BYTES
+    from meshchat.filedisk import PARTIAL_DIR
+
+    [a] = nodes(1)
+    data = a_file(tmp_path / "big.bin", 100 * CHUNK_BYTES)
+    offer, hashes = _offer_for(tmp_path / "big.bin", "big.bin", a.node.label)
+    # What a receiver stopped half way leaves: the offer and hash list, and the first 60 chunks.
+    partial = tmp_path / "b" / PARTIAL_DIR
+    partial.mkdir(parents=True)
+    (partial / f"{offer.fid}.part").write_bytes(data[:60 * CHUNK_BYTES] + bytes(5))
+    (partial / f"{offer.fid}.json").write_text(json.dumps(dict(offer._asdict(), hashes=hashes.hex())))
+    with a.node._lock:
+        a.node.files.share(offer, hashes, str(tmp_path / "big.bin"), a.node._clock())
+    b = FileNode(tmp_path / "b", [a.node.addr])
+    try:
+        done = b.next(FileDone)
+        assert Path(done.path).read_bytes() == data
+        assert b.node.stats()["file_pieces_received"] == 40  # only what was missing
+    finally:
+        b.stop()
