@@ -27,10 +27,11 @@ from .console import (
     TerminalConsole, TraceRoute, TrustCmd, Who, WhoAmI, Why, History as HistoryCmd, terminal_columns, nick_of,
     parse_line, part_of, readline_buffer,
 )
+from .console import FileCmd, FilesCmd, SendFile
 from . import meshmap
 from .metrics import MetricsError, parse_bind
 from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, display_name, valid_nick
-from .node import Discovery, Failure, History, Node, Security, start_without_signals
+from .node import Discovery, Failure, FileSharing, History, Node, Security, start_without_signals
 from .store import StoreError
 from .relay import PONG_INTERVAL_S, Display, Notice, RelayConfig
 from .wire import Addr, WireError, format_addr, parse_addr
@@ -125,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--catch-up-hours", type=_number(float, 0.0, 24 * 365, "a number"), default=24.0,
                       metavar="H", help="after a restart, ask neighbours for what was missed up to this far back "
                       "(default 24; 0: never)")
+    shared = p.add_argument_group("file sharing")
+    shared.add_argument("--downloads", metavar="DIR",
+                        help="where fetched files land (default: downloads in the node's data folder)")
+    shared.add_argument("--accept-files", type=_size, default=16 << 20, metavar="SIZE",
+                        help="fetch offers up to SIZE (e.g. 500K, 16M, 1G) from verified senders without "
+                        "asking; larger ones wait for /accept (default 16M; 0: always ask)")
+    shared.add_argument("--files-quota", type=_size, default=1 << 30, metavar="SIZE",
+                        help="most disk the downloads folder may take; an offer that does not fit is refused "
+                        "(default 1G)")
+    shared.add_argument("--no-files", action="store_true", help="take part in no file sharing")
     p.add_argument("--no-trace", action="store_true",
                    help="keep no per-message records (/why) nor per-neighbour counters (/peers shows "
                    "state, rtt and loss only); /trace still works")
@@ -269,6 +280,17 @@ def _interface_addresses() -> List[str]:
     return out
 
 
+def _size(text: str) -> int:
+    """A size in bytes: digits with an optional K, M or G (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in ("K", "M", "G") else ""
+    digits = t[:-1] if unit else t
+    if not digits.isdigit() or not digits.isascii() or len(digits) > 12:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 0, 500K, 16M, 1G)")
+    return int(digits) * units[unit]
+
+
 def history_of(args: argparse.Namespace) -> History:
     return History(enabled=not args.no_history, data_dir=args.data_dir, max_messages=args.history_max,
                    hold_s=args.hold_hours * 3600.0, catch_up_s=args.catch_up_hours * 3600.0)
@@ -289,7 +311,9 @@ def open_node(args: argparse.Namespace, config: RelayConfig, on_event: Callable[
                         else None, history=history_of(args),
                         security=Security(args.identity) if crypto.available() else None,
                         network_key=args.network_key, network_key_optional=args.network_key_optional,
-                        metrics=args.metrics)
+                        metrics=args.metrics,
+                        files=None if getattr(args, "no_files", True) else FileSharing(
+                            args.downloads, args.accept_files, args.files_quota))
         except OSError as e:
             if not _in_use(e) or i == tries - 1 or args.port >= 65535:
                 raise
@@ -627,6 +651,20 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
                 console.error(f"cannot write {cmd.path}: {e.strerror or e}")
             else:
                 console.notice(f"map of {len(snapshot['nodes'])} nodes written to {cmd.path}")
+    elif isinstance(cmd, SendFile):
+        error = node.send_file(cmd.path, cmd.dst)
+        if error:
+            console.error(error)
+        elif echo and isinstance(console, TerminalConsole):
+            console.notice(f"hashing {cmd.path}; the offer goes when that is done")
+    elif isinstance(cmd, FilesCmd):
+        console.files(node.file_rows())
+    elif isinstance(cmd, FileCmd):
+        text = node.accept_file(cmd.fid) if cmd.what == "accept" else node.cancel_file(cmd.fid)
+        if text and (cmd.what == "accept" or "no transfer" in text):
+            console.error(text)
+        elif text:
+            console.notice(text)
     elif isinstance(cmd, Why):
         record, error = node.why(cmd.prefix)
         if record is None:

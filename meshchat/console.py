@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 
 from .membership import MAX_NICK_CHARS, PeerDown, PeerUp, Refused, display_name, valid_nick
 from .delivery import Delivered, Undelivered
+from .files import FileDone, FileFailed, FileOffered, FileProgress
 from .meshmap import text_lines as map_lines
 from .relay import MAX_PARTS, Display, Notice, Pong
 from .traceroute import TraceResult
@@ -57,6 +58,10 @@ Type a line to send it to everyone.
   /trust NAME        accept the new key NAME offered (after checking its fingerprint)
   /map [FILE.svg]    the mesh as this node knows it; with a file, as a picture
   /history [N]       the last N messages (20) shown or sent, kept on disk
+  /send PATH         offer a file to everyone (they fetch it, from whoever has it)
+  /files             offers seen, transfers moving and done, with their ids
+  /accept ID         fetch an offer that waits (over --accept-files, or unverified)
+  /cancel ID         stop fetching (or serving) a file
   /help              this text
   /quit              leave (so do Ctrl-C and Ctrl-D)
   //text             send a line that starts with /"""
@@ -124,16 +129,30 @@ class Nothing(NamedTuple):
     pass
 
 
+class SendFile(NamedTuple):
+    path: str
+    dst: str = ""
+
+
+class FilesCmd(NamedTuple):
+    pass
+
+
+class FileCmd(NamedTuple):
+    what: str  # "accept" or "cancel"
+    fid: str
+
+
 class Bad(NamedTuple):
     error: str
 
 
 Command = Union[Say, Ping, Nick, Who, History, Help, Peers, Stats, Quit, Why, TraceRoute, Nothing, Bad,
-                WhoAmI, TrustCmd, Map]
+                WhoAmI, TrustCmd, Map, SendFile, FilesCmd, FileCmd]
 MAX_HISTORY_SHOWN = 1000
 
 _SIMPLE_COMMANDS = {"help": Help(), "peers": Peers(), "stats": Stats(), "who": Who(), "quit": Quit(),
-                    "exit": Quit(), "whoami": WhoAmI()}
+                    "exit": Quit(), "whoami": WhoAmI(), "files": FilesCmd()}
 NICK_RULE = f"1 to {MAX_NICK_CHARS} printable characters, no spaces and none of @ # : / \\"
 
 
@@ -204,6 +223,8 @@ def parse_line(line: str) -> Command:
                 return Bad("/trace needs a name: /trace NAME")
             error = _check_name(rest)
             return Bad(error) if error else TraceRoute(rest)
+        if word in ("send", "accept", "cancel"):
+            return _file_command(word, rest)
         if word in _SIMPLE_COMMANDS:
             if not rest:
                 return _SIMPLE_COMMANDS[word]
@@ -212,6 +233,22 @@ def parse_line(line: str) -> Command:
     if line.startswith("@"):
         return _addressed(line[1:])
     return Say(line)
+
+
+def _file_command(word: str, rest: str) -> Command:
+    """/send PATH, /send NAME PATH (a path with spaces is fine: only a first word that names a
+    node and is followed by more is taken as NAME), /accept ID, /cancel ID."""
+    if word == "send":
+        if not rest:
+            return Bad("/send needs a file: /send PATH")
+        first, _, path = rest.partition(" ")
+        if path.strip() and first[:1] == "@":
+            error = _check_name(first[1:])
+            return Bad(error) if error else SendFile(path.strip(), first[1:])
+        return SendFile(rest)
+    if not rest or " " in rest or len(rest) > 16 or not rest.isalnum():
+        return Bad(f"/{word} needs a file id (what /files shows): /{word} ID")
+    return FileCmd(word, rest.lower())
 
 
 def _addressed(text: str) -> Command:
@@ -429,6 +466,8 @@ class Console:
             self.notice(event.text)
         elif isinstance(event, TraceResult):
             self.trace(event)
+        elif isinstance(event, (FileOffered, FileProgress, FileDone, FileFailed)):
+            self.file_event(event)
         else:
             self.error(f"the node stopped: {event}")
 
@@ -511,6 +550,21 @@ class JsonConsole(Console):
     def why(self, record: dict) -> None:
         self.emit("why", **record)
 
+    def file_event(self, e: object) -> None:
+        if isinstance(e, FileOffered):
+            o = e.offer
+            self.emit("file_offer", fid=o.fid, name=o.name, size=o.size, src=o.src, sha256=o.sha,
+                      verified=bool(e.verified), fetching=e.fetching)
+        elif isinstance(e, FileProgress):
+            self.emit("file_progress", fid=e.fid, have=e.have, size=e.size, rate=round(e.rate))
+        elif isinstance(e, FileDone):
+            self.emit("file_done", fid=e.fid, name=e.name, path=e.path, size=e.size, sha256=e.sha)
+        elif isinstance(e, FileFailed):
+            self.emit("file_failed", fid=e.fid, reason=e.reason)
+
+    def files(self, rows: List[dict]) -> None:
+        self.emit("files", files=rows)
+
     def trace(self, r: TraceResult) -> None:
         self.emit("trace", target=r.target, mid=r.mid, complete=r.complete,
                   hops=[{"hop": h.hop, "label": h.label, "rtt_ms": h.rtt_ms} for h in r.hops])
@@ -568,6 +622,7 @@ class TerminalConsole(Console):
         else:
             self._fore = self._style = _Plain()
         self.label = ""
+        self._progress_shown: Dict[str, float] = {}  # fid -> when its last progress line was shown
 
     def _color_of(self, label: str) -> str:
         return getattr(self._fore, _PALETTE[zlib.crc32(label.encode("utf-8", "replace")) % len(_PALETTE)])
@@ -730,9 +785,63 @@ class TerminalConsole(Console):
         for line in why_lines(record, self.name_of):
             self.notice(line)
 
+    def file_event(self, e: object) -> None:
+        """Offers, the end of each transfer, and a progress line per transfer at most every
+        TERMINAL_PROGRESS_S (a line, not a redraw: it must not fight the prompt and the chat)."""
+        if isinstance(e, FileOffered):
+            o = e.offer
+            what = ("fetching it" if e.fetching else "/accept " + o.fid[:6] + " to fetch it")
+            mine = o.src == getattr(self, "label", None)
+            self.notice(f"{'you offer' if mine else self.name_of(o.src) + ' offers'} {o.name!r} "
+                        f"({human_bytes(o.size)}, id {o.fid[:6]})" + ("" if mine else f": {what}"
+                        + ("" if e.verified is not False else " (unverified sender)")))
+        elif isinstance(e, FileProgress):
+            last = self._progress_shown.get(e.fid, float("-inf"))
+            now = time.monotonic()
+            if e.have < e.size and now - last < TERMINAL_PROGRESS_S:
+                return
+            self._progress_shown[e.fid] = now
+            if len(self._progress_shown) > 64:
+                self._progress_shown.pop(next(iter(self._progress_shown)))
+            self.notice(progress_text(e))
+        elif isinstance(e, FileDone):
+            self._progress_shown.pop(e.fid, None)
+            self.notice(f"{e.name!r} is complete and verified: {e.path}")
+        elif isinstance(e, FileFailed):
+            self._progress_shown.pop(e.fid, None)
+            self.error(f"file {e.name!r} ({e.fid[:6]}) failed: {e.reason}")
+
+    def files(self, rows: List[dict]) -> None:
+        if not rows:
+            self.notice("no files yet: /send PATH offers one")
+        for r in rows:
+            have = f"{100 * r['have'] // r['size']}%" if r["size"] else "100%"
+            self.notice(f"{r['fid'][:6]}  {r['state']:<9} {have:>4}  {human_bytes(r['size']):>9}  {r['name']}"
+                        + (f"  from {self.name_of(r['src'])}" if r["state"] not in ("own",) else "")
+                        + (f"  -> {r['path']}" if r["path"] else ""))
+
     def trace(self, r: TraceResult) -> None:
         for line in trace_lines(r, self.name_of):
             self.notice(line)
+
+
+TERMINAL_PROGRESS_S = 1.0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def progress_text(e: FileProgress) -> str:
+    """``photo.jpg [#####.....] 52% 1.2 MiB/s 3 s left``"""
+    share = e.have / e.size if e.size else 1.0
+    bar = "#" * int(share * 20) + "." * (20 - int(share * 20))
+    left = f", {e.left_s:.0f} s left" if e.left_s is not None and e.have < e.size else ""
+    return f"{e.name} [{bar}] {int(share * 100)}% {human_bytes(e.rate)}/s{left}"
 
 
 def _sealed(encrypted: Optional[bool]) -> str:

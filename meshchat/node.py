@@ -44,9 +44,11 @@ from .metrics import MetricsServer, exposition, json_page
 from . import __version__
 from .private import BOX_FIELD, Private
 from .private import CAP as PRIVATE_CAP
-from .relay import COUNTERS, Display, Relay, RelayConfig, Send
+from .relay import COUNTERS, Display, Notice, Relay, RelayConfig, Send
 from .store import HeldAdd, HeldRemove, OutboxAdd, OutboxRemove, SaveMessage, SetMeta, Store, data_dir_for
 from .trust import PinKey, Trust, signer
+from . import files as filesmod
+from .filedisk import Callbacks as FileCallbacks, FileDisk
 from .wire import Addr, Message, encode
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ LOGGED_HEAD_BYTES = 64  # of a datagram that raised, enough to recognise it, nev
 # so is ``received``.
 _UNDONE = tuple(n for n in COUNTERS if n != "received" and not n.startswith("dropped_"))
 _counts = operator.attrgetter(*_UNDONE)
+_FILE_JOBS = (filesmod.ReadPiece, filesmod.WritePiece, filesmod.SaveMeta, filesmod.Finish, filesmod.Discard)
 
 
 class History(NamedTuple):
@@ -94,6 +97,14 @@ class Security(NamedTuple):
     """Signatures (needs the secure extra): our identity, and the keys pinned for others."""
 
     identity_file: Optional[str] = None  # None: in the data dir; in memory for the run without history
+
+
+class FileSharing(NamedTuple):
+    """File sharing (files.py): where downloads land, what is fetched without asking, and the quota."""
+
+    downloads: Optional[str] = None  # None: "downloads" in the node's data folder
+    accept_bytes: int = 16 << 20  # offers up to this from verified senders are fetched at once; 0: always ask
+    quota_bytes: int = 1 << 30
 
 
 class _Batch(NamedTuple):
@@ -167,6 +178,7 @@ class Node:
         network_key: Optional[NetworkKey] = None,
         network_key_optional: bool = False,
         metrics: Optional[Addr] = None,
+        files: Optional[FileSharing] = None,
     ) -> None:
         """Bind the socket (OSError if the port is taken); ``start()`` starts the threads.
 
@@ -233,6 +245,8 @@ class Node:
                 mcfg = replace(mcfg, caps=mcfg.caps + DELIVERY_CAPS)
             if self.identity is not None:
                 mcfg = replace(mcfg, key=self.identity.key_text)  # in our full HELLOs
+            if files is not None:
+                mcfg = replace(mcfg, caps=mcfg.caps + (filesmod.CAP,))
             if self.identity is not None and history is not None:
                 # End-to-end boxes need the outbox (a message waits there for its key): our box key
                 # goes in our signed PRESENCE, and E2E in our caps.
@@ -247,9 +261,20 @@ class Node:
             private = Private(self.identity.box.key_text, crypto.seal_to, self.identity.box.open, crypto.unb64)
         self.private: Optional[Private] = private  # direct messages are sealed end to end
         self._key_came = threading.Event()  # a key a message of ours waited for came, and it went
+        self.files: Optional[filesmod.Files] = None
+        self.file_disk: Optional[FileDisk] = None
+        if files is not None and self.membership is not None:
+            try:
+                self._files_setup(files, history)
+            except BaseException:
+                self._sock.close()
+                if self.store is not None:
+                    self.store.close()
+                raise
         self.relay = relay_factory(replace(config, label=self.label), peers, membership=self.membership,
                                    delivery=self.delivery, **({"trust": trust, "sign": sign} if trust else {}),
-                                   **sealing, **({"private": private} if private else {}))
+                                   **sealing, **({"private": private} if private else {}),
+                                   **({"files": self.files} if self.files is not None else {}))
         if self.store is not None:  # a replay dated before this start may have been shown then
             self.relay.replay_before_ts = self.store.last_ts()
         self._discovery = discovery
@@ -281,6 +306,26 @@ class Node:
                 if self.store is not None:
                     self.store.close()
                 raise
+
+    def _files_setup(self, cfg: FileSharing, history: Optional[History]) -> None:
+        """The files capability and its disk thread; OSError if the downloads folder cannot be made."""
+        folder = cfg.downloads
+        if folder is None:
+            base = self.store.dir if self.store is not None else data_dir_for(
+                self.label, history.data_dir if history is not None else None)
+            folder = str(base / "downloads")
+        self.file_disk = FileDisk(folder, FileCallbacks(
+            self._file_hashed, self._file_hash_failed, self._file_read, self._file_write_failed,
+            self._file_finished, self._file_resumed))
+        m = self.membership
+        assert m is not None
+
+        def neighbours() -> list:
+            return [n.addr for n in m.neighbours.values() if n.up and filesmod.CAP in n.caps]
+
+        self.files = filesmod.Files(
+            filesmod.FilesConfig(self.label, cfg.accept_bytes, cfg.quota_bytes, self.file_disk.used_bytes()),
+            new_mid=lambda: os.urandom(6).hex(), neighbours=neighbours)
 
     def _security(self, security: Security) -> Tuple[Trust, Callable[[Message], Message]]:
         """Our identity (loaded, made on first start, or in memory) and the trust layer with its pins.
@@ -341,6 +386,8 @@ class Node:
         if self.store is not None:
             self.store.start()
         bodies = [("meshchat-net", self._net_loop), ("meshchat-reaper", self._reap_loop)]
+        if self.file_disk is not None:  # file sharing's disk work, off the socket thread (filedisk.py)
+            bodies.append(("meshchat-files", self.file_disk.run))
         if self.metrics is not None:
             bodies.append(("meshchat-metrics", self.metrics.serve))
         for name, body in bodies:
@@ -357,6 +404,8 @@ class Node:
         first = not self._stopping.is_set()
         self._stopping.set()
         self._wake()
+        if self.file_disk is not None:
+            self.file_disk.stop()
         if self.metrics is not None:
             self.metrics.wake()
         ok = True
@@ -464,6 +513,8 @@ class Node:
                 self._serve_since(action)
             elif kind is PinKey:
                 self._pin(action)
+            elif kind in _FILE_JOBS:
+                self._file_job(action)
             else:
                 if kind is Display and self.store is not None:
                     self._save(action.message, action.late, batch.saves if batch is not None else None)
@@ -797,6 +848,10 @@ class Node:
                 out["outbox"] += ds["trying"]  # waiting for an ack: being tried, or held
                 # Named apart from the relay's drops, which add up to what was received.
                 out["delivery_malformed"] = sum(v for k, v in ds.items() if k.startswith("dropped_"))
+        if self.files is not None:
+            with self._lock:
+                out.update(self.files.stats())
+            out["file_jobs_dropped"] = self.file_disk.dropped if self.file_disk is not None else 0
         if self.store is not None:
             st = self.store.stats()
             out["history_written"], out["history_dropped"] = st["store_written"], st["store_dropped"]
@@ -807,6 +862,103 @@ class Node:
     def peer_table(self) -> list:
         with self._lock:
             return self.relay.peer_table(self._clock())
+
+    # -- file sharing: commands, and what the files thread found (it calls these) ----------------------
+
+    def send_file(self, path: str, dst: str = "") -> str:
+        """/send: "" once the file is being hashed (its offer goes when that is done), else why not."""
+        if self.files is None or self.file_disk is None:
+            return "file sharing is off on this node"
+        if dst:
+            return ("files go to everyone for now: /send PATH (a file for one node needs end-to-end "
+                    "encrypted chunks, not built yet)")
+        try:
+            with open(path, "rb"):
+                pass
+            if not os.path.isfile(path):
+                return f"{path}: not a file"
+            size = os.path.getsize(path)
+        except OSError as e:
+            return f"{path}: {e.strerror or e}"
+        if size > filesmod.MAX_FILE_BYTES:
+            return f"{path}: {size} bytes, over the {filesmod.MAX_FILE_BYTES} bytes a file may have"
+        if not self.file_disk.put(("hash", path, os.urandom(8).hex(), self.label, dst)):
+            return "the files thread is busy: try again in a moment"
+        return ""
+
+    def file_rows(self) -> list:
+        if self.files is None:
+            return []
+        with self._lock:
+            return self.files.rows(self._clock())
+
+    def accept_file(self, fid: str) -> str:
+        return self._file_command(fid, "accept")
+
+    def cancel_file(self, fid: str) -> str:
+        return self._file_command(fid, "cancel")
+
+    def _file_command(self, fid: str, what: str) -> str:
+        if self.files is None:
+            return "file sharing is off on this node"
+        with self._lock:
+            text, actions = getattr(self.files, what)(fid, self._clock())
+        self._act(actions)
+        self._wake()
+        return text
+
+    def _file_job(self, action: Any) -> None:
+        disk = self.file_disk
+        assert disk is not None
+        kind = type(action)
+        if kind is filesmod.ReadPiece:
+            disk.put(("read", action.fid, action.path, action.index, action.addr))  # dropped: asked again
+        elif kind is filesmod.WritePiece:
+            if not disk.put(("write", action.fid, action.index, action.data)):
+                self._file_write_failed(action.fid, action.index, "the files thread is behind")
+        elif kind is filesmod.SaveMeta:
+            disk.put(("meta", action.offer, action.hashes))
+        elif kind is filesmod.Finish:
+            if not disk.put(("finish", action.offer)):
+                self._file_finished(action.offer.fid, None, "the files thread is behind")
+        elif kind is filesmod.Discard:
+            disk.put(("discard", action.fid))
+
+    def _file_hashed(self, offer: "filesmod.Offer", hashes: bytes, path: str) -> None:
+        with self._lock:
+            self.files.share(offer, hashes, path, self._clock())  # type: ignore[union-attr]
+        self._originate(filesmod.OFFER_KIND, "", offer.dst, {"file": offer.fields()})
+        self._on_event(filesmod.FileOffered(offer, True, False))
+        self._wake()
+
+    def _file_hash_failed(self, path: str, why: str) -> None:
+        self._on_event(Notice(f"{path}: {why}"))
+
+    def _file_read(self, fid: str, index: int, data: bytes, addr: Addr) -> None:
+        with self._lock:
+            raw = self.files.piece_read(fid, index, data, addr, self._wall())  # type: ignore[union-attr]
+        if raw is not None:
+            with self._lock:
+                self.relay.counters.sent += 1
+                self.relay.counters.link_sent += 1
+            self._send(Send(raw, (addr,)))
+
+    def _file_write_failed(self, fid: str, index: int, why: str) -> None:
+        with self._lock:
+            actions = self.files.write_failed(fid, index, why, self._clock())  # type: ignore[union-attr]
+        self._act(actions)
+
+    def _file_finished(self, fid: str, path: Optional[str], why: str) -> None:
+        with self._lock:
+            actions = self.files.finished(fid, path, why, self._clock())  # type: ignore[union-attr]
+        self._act(actions)
+        self._wake()
+
+    def _file_resumed(self, offer: "filesmod.Offer", hashes: Optional[bytes], have: list) -> None:
+        with self._lock:
+            actions = self.files.resume(offer, hashes, have, self._clock())  # type: ignore[union-attr]
+        self._act(actions)
+        self._wake()
 
     # -- what --metrics and /map read: snapshots under the lock, formatted outside it -----------
 

@@ -43,11 +43,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from .delivery import Ack, Delivered, Forward, Have, Resend, Serve, Since, Want, direct_key
-from .bucket import take
+from .bucket import new_bucket, take
 from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
 from .private import CAP, split_plain
 from .seen import SeenCache
 from .delivery import ServeSince
+from .files import LINK_KINDS as FILE_LINK_KINDS, OFFER_KIND as FILE_OFFER_KIND
 from .membership import Beacon, Originate
 from .trace import Trace, hops_of
 from .traceroute import CAP as TRACE_CAP, KINDS as TRACE_KINDS, Traceroute
@@ -156,6 +157,7 @@ class RelayConfig:
 
 if TYPE_CHECKING:
     from .delivery import Delivery
+    from .files import Files
     from .membership import Membership
     from .private import Private
     from .trust import Trust
@@ -166,7 +168,11 @@ MAX_ACKS_WAITING = 256  # acks with no neighbour to take them yet
 ACK_WAIT_S = 30.0  # how long such an ack waits for one
 
 # Link-local kinds that make us send (repair answers): taken only from neighbours that proved themselves.
-_NEIGHBOURS_ONLY = frozenset(("WANT", "HAVE", "SINCE"))
+_NEIGHBOURS_ONLY = frozenset(("WANT", "HAVE", "SINCE") + FILE_LINK_KINDS)
+# A file chunk from a proved neighbour draws on a budget of its own, not on the chat rate limits,
+# so that a transfer does not crowd out chat (and chat does not throttle a transfer to 200 chunks/s).
+FILE_DATA_PER_S = 8000.0  # FDATA admitted a second from all neighbours together (bursts of 0.1 s)
+_FDATA_HEAD = b'"kind":"FDATA"'
 
 
 class Counters:
@@ -249,6 +255,7 @@ class Relay:
         sign: Optional[Callable[[Message], Message]] = None,
         unseal: "Optional[Callable[[bytes], Optional[Tuple[bytes, bool]]]]" = None,
         private: "Optional[Private]" = None,
+        files: "Optional[Files]" = None,
     ) -> None:
         self.config = config
         self.private = private  # end-to-end boxes for direct messages (private.py): seal ours, open ours
@@ -270,6 +277,12 @@ class Relay:
         if self.delivery is not None:
             d = self.delivery
             self._link_kinds.update(WANT=d.want_received, HAVE=d.have_received, SINCE=d.since_received)
+        # File sharing (files.py): FOFFER floods like a CHAT; FGET, FDATA and FHAVE go one hop.
+        self.files = files if membership is not None else None
+        self._file_data = new_bucket(FILE_DATA_PER_S, 0.1)
+        if self.files is not None:
+            f = self.files
+            self._link_kinds.update(FGET=f.get_received, FDATA=f.data_received, FHAVE=f.have_received)
         self.label = config.label
         self.seen = SeenCache(config.seen_ttl_s, config.seen_max)
         self.counters = Counters()
@@ -408,8 +421,11 @@ class Relay:
         if cfg.peers_only and addr not in self._peer_set:
             c.dropped_not_peer += 1
             return []
-        if self._limited and not self._admit(addr, now):
-            return []
+        chunk = False
+        if self._limited:
+            chunk = self.files is not None and self._chunk_admitted(data, addr, now)
+            if not chunk and not self._admit(addr, now):
+                return []
         if len(data) > cfg.max_datagram:
             c.dropped_oversize += 1
             return []
@@ -426,6 +442,9 @@ class Relay:
             return []
         if msg.ttl <= 0:
             c.dropped_ttl += 1
+            return []
+        if chunk and msg.kind != "FDATA":
+            c.dropped_rate += 1  # claimed to be a chunk to jump the queue
             return []
         if msg.kind in self._link_kinds:
             c.link_received += 1
@@ -614,6 +633,8 @@ class Relay:
         shown_msg = msg
         if self.private is not None and kind in ("PRESENCE", "KEY"):
             actions.extend(self._key_message(msg, verified, to_me, now, wall))
+        if kind == FILE_OFFER_KIND and self.files is not None:
+            actions.extend(self._sends(self.files.offer_received(msg, verified, now), now, wall))
         if d is not None:
             shown, late, shown_msg = self._deliver(msg, addr, data, now, wall, to_me, shown, actions)
         if shown:
@@ -854,6 +875,13 @@ class Relay:
             self.counters.dropped_rate_total += 1
             return False
         return True
+
+    def _chunk_admitted(self, data: bytes, addr: Addr, now: float) -> bool:
+        """An FDATA (by its head) from a proved neighbour, within the chunks' own budget."""
+        if data.find(_FDATA_HEAD, 0, 160) < 0:
+            return False
+        m = self.membership
+        return m is not None and m.is_up(addr) and take(self._file_data, FILE_DATA_PER_S, now, 0.1)
 
     def _may_answer(self, origin: str, now: float) -> bool:
         last = self._ponged.get(origin)
@@ -1119,12 +1147,14 @@ class Relay:
         actions = self.membership.tick(now, wall)
         if self.delivery is not None:
             actions.extend(self.delivery.tick(now, wall))
+        if self.files is not None:
+            actions.extend(self.files.tick(now, wall))
         return self._count_out(self._sends(actions, now, wall))
 
     def next_deadline(self) -> Optional[float]:
         """When ``timers_due`` next has something to do; None: never, until something arrives."""
         times = []
-        for part in (self.membership, self.delivery):
+        for part in (self.membership, self.delivery, self.files):
             t = part.next_deadline() if part is not None else None
             if t is not None:
                 times.append(t)

@@ -688,3 +688,75 @@ def test_private_boxes_and_key_messages_with_hostile_values_are_counted_never_ra
     s = relay.stats()
     assert s["dropped_bad_box"] > 500 and bad_shown == 0
     assert len(relay.private.keys) <= 4096 and relay.private.counters["keys_answered"] <= 1 + 15 * 10
+
+
+# -- file sharing's kinds and fields (files.py) ---------------------------------------------------
+
+FILE_FIELDS = {
+    "FOFFER": ("file", "file.fid", "file.name", "file.size", "file.sha", "file.hl", "file.cs"),
+    "FGET": ("fid", "want"),
+    "FDATA": ("fid", "i", "body"),
+    "FHAVE": ("fid", "have"),
+}
+FILE_VALUES = MEMBER_VALUES + [
+    [0], [0, 1, 2], list(range(40)), [-1], [10 ** 9], [[0, 1]], [[0, 10 ** 9]], [[5, 2]], [[0, 1]] * 70,
+    "AAAA", "not base64!", "QUJD", "=" * 8, 768, 767, 1 << 31, "../../etc/passwd", "C:\\x\\evil", "CON",
+]
+
+
+def test_file_kinds_with_hostile_values_never_raise_and_keep_the_bounds():
+    import base64 as b64
+    import hashlib
+
+    from meshchat.files import CHUNK_BYTES, MAX_OFFERS, MAX_SOURCES, Files, FilesConfig, Offer
+    from meshchat.membership import Membership, MembershipConfig
+
+    rng = random.Random(20261127)
+    m = Membership(MembershipConfig(label=label_of(1), max_peers=4), secret=b"fuzz")
+    m.is_up = lambda addr: True  # every sender proved: the deepest path
+    files = Files(FilesConfig(label_of(1)), new_mid=lambda: "%012x" % rng.getrandbits(48))
+    r = Relay(RelayConfig(label=label_of(1), rate_limit=0), [addr_of(2), addr_of(3)], membership=m, files=files)
+    content = bytes(range(256)) * 20
+    chunks = [content[i:i + CHUNK_BYTES] for i in range(0, len(content), CHUNK_BYTES)]
+    hashes = b"".join(hashlib.sha256(c).digest() for c in chunks)
+    mine = Offer("00112233445566aa", "mine.bin", len(content), hashlib.sha256(content).hexdigest(),
+                 hashlib.sha256(hashes).hexdigest(), CHUNK_BYTES, label_of(1))
+    files.share(mine, hashes, "/nowhere", 0.0)
+    good_offer = dict(mine._asdict(), fid="00112233445566bb", src=None, dst=None)
+    del good_offer["src"], good_offer["dst"]
+    out = io.StringIO()
+    consoles = [TerminalConsole(out, color=True, interactive=False), JsonConsole(out)]
+    for i in range(6000):
+        kind = rng.choice(list(FILE_FIELDS))
+        sender = rng.choice([addr_of(2), addr_of(3), ("10.8.%d.%d" % (i >> 8 & 255, i & 255), 9000)])
+        fid = rng.choice([mine.fid, "00112233445566bb", "%016x" % rng.getrandbits(64)])
+        extra = {"FOFFER": {"file": dict(good_offer, fid=fid)}, "FGET": {"fid": fid, "want": [0, 1, 2]},
+                 "FDATA": {"fid": fid, "i": rng.randrange(12)}, "FHAVE": {"fid": fid, "have": [[0, 10]]}}[kind]
+        body = b64.b64encode(rng.choice(chunks)).decode() if kind == "FDATA" else ""
+        name = rng.choice(FILE_FIELDS[kind])
+        value = rng.choice(FILE_VALUES)
+        if name.startswith("file."):
+            extra["file"][name[5:]] = value
+        elif name == "body":
+            body = value if isinstance(value, str) else body
+        else:
+            extra[name] = value
+        obj = dict(mid="ff%d" % i, ts=WALL, ttl=1 if kind != "FOFFER" else 8, kind=kind,
+                   src="%s:%d" % sender, dst="", body=body, **extra)
+        now = 1.0 + i * 0.01
+        for action in r.datagram_received(json.dumps(obj).encode(), sender, now, WALL):
+            if isinstance(action, Send):
+                decode(action.data)  # whatever we send is valid
+                continue
+            for c in consoles:
+                c.show(action)
+        if i % 200 == 0:
+            for action in r.timers_due(now, WALL):
+                if isinstance(action, Send):
+                    decode(action.data)
+    assert _adds_up(r)
+    assert len(files.transfers) <= MAX_OFFERS
+    assert all(len(t.sources) <= MAX_SOURCES for t in files.transfers.values())
+    s = files.stats()
+    assert s["file_dropped_malformed"] > 0 and s["file_pieces_served"] > 0 and s["files_offered"] > 0
+    assert not any(c.broken for c in consoles)

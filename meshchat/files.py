@@ -1,0 +1,847 @@
+"""File sharing: offers, piece bookkeeping, fetching from whoever has the file (sans-I/O).
+
+Rules, so that every node agrees:
+1. A file is offered by its origin in a ``FOFFER`` (flooded like a CHAT, signed like every message
+   it originates): ``fid``, ``name``, ``size``, ``sha`` (SHA-256 of the whole), ``cs`` (chunk size)
+   and ``hl`` (SHA-256 of the hash list: the SHA-256 of each chunk, 32 bytes each, concatenated).
+2. Pieces: the hash list is cut into parts of ``cs`` bytes, pieces ``0 .. m-1``; the file's chunks
+   follow, pieces ``m .. m+n-1``. ``FGET`` asks a neighbour for pieces, ``FDATA`` carries one,
+   ``FHAVE`` says which a neighbour has. All three go one hop, only to neighbours that said ``FILE``
+   in their HELLO caps, and are taken only from neighbours that proved themselves (relay.py).
+3. Nothing is stored, served or counted before it is verified: a chunk against its hash, the hash
+   list whole against ``hl`` (before any chunk is asked for), the file whole against ``sha`` when
+   complete (the node's files thread reads it back: ``Finish``).
+4. Every table is bounded: offers remembered, transfers at once, sources, requests in flight, the
+   pieces asked for in one datagram, the answers served a second.
+5. No socket, thread, clock or disk here: ``now`` is an argument, and the disk work comes back as
+   actions (``ReadPiece``, ``WritePiece``, ``SaveMeta``, ``Finish``) for the node's files thread;
+   what it finds comes back through ``piece_read``, ``write_failed`` and ``finished``.
+
+The node calls all of this under its one lock, from the socket thread and the files thread.
+"""
+
+import base64
+import binascii
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+from .bucket import new_bucket, take
+from .membership import Unicast
+from .wire import Addr, Message, encode
+
+CAP = "FILE"
+OFFER_KIND = "FOFFER"
+LINK_KINDS = ("FGET", "FDATA", "FHAVE")
+
+# 1,400 bytes with every header: a 768-byte chunk is 1,024 base64 characters, which leaves room for
+# the envelope with a label of up to 200 characters (tests/test_files.py encodes the worst case).
+CHUNK_BYTES = 768
+HASH_BYTES = 32
+MAX_FILE_BYTES = 1 << 30  # 1 GiB: its hash list (44 MB) is held in memory while it moves
+MAX_NAME_CHARS = 255
+MAX_OFFERS = 256  # offers remembered; the oldest that is not moving is forgotten first
+MAX_ACTIVE = 8  # transfers fetching at once; more wait their turn
+MAX_SOURCES = 16  # neighbours asked for one transfer
+MAX_INFLIGHT = 512  # requests out for one transfer
+MAX_WANT = 32  # pieces asked for in one FGET
+MAX_RANGES = 64  # ranges in one FHAVE (a sender with more announces only the first)
+INITIAL_WINDOW = 8.0  # requests out to a new source
+MAX_WINDOW = 128.0
+SLOW_START_WINDOW = 32.0
+MIN_TIMEOUT_S = 0.25
+MAX_TIMEOUT_S = 2.0
+ENDGAME_PIECES = 16  # at most this many left and all asked for: ask a second source too
+HAVE_CHANGED_S = 0.3  # an FHAVE goes this soon after what we have changed
+HAVE_REFRESH_S = 2.0  # and this often anyway (a neighbour that restarted learns who has what)
+PROGRESS_S = 0.25  # a progress event per transfer at most this often
+SERVE_PER_S = 4000.0  # FDATA a node sends a second, all neighbours together (bursts of 0.1 s)
+SERVE_BURST_S = 0.1
+FETCH_STALL_S = 120.0  # a transfer with no source and no progress for this long fails
+SERVE_KEEP_S = 3600.0  # a finished file is served for this long
+MAX_BAD_PIECES = 3  # a source that sent this many pieces that do not verify is no longer asked
+
+_FID_RE = re.compile(r"[0-9a-f]{16}\Z")
+_SHA_RE = re.compile(r"[0-9a-f]{64}\Z")
+
+
+class Offer(NamedTuple):
+    fid: str
+    name: str
+    size: int
+    sha: str
+    hl: str
+    cs: int
+    src: str
+    dst: str = ""
+
+    @property
+    def chunks(self) -> int:
+        return (self.size + self.cs - 1) // self.cs
+
+    @property
+    def parts(self) -> int:
+        return (self.chunks * HASH_BYTES + self.cs - 1) // self.cs
+
+    def fields(self) -> Dict[str, Any]:
+        return {"fid": self.fid, "name": self.name, "size": self.size, "sha": self.sha, "hl": self.hl,
+                "cs": self.cs}
+
+
+def parse_offer(msg: Message) -> Optional[Offer]:
+    """The offer a FOFFER carries, or None if anything in it is not as rule 1 says."""
+    x = msg.extra.get("file")
+    if not isinstance(x, dict):
+        return None
+    fid, name, size, sha, hl, cs = (x.get(k) for k in ("fid", "name", "size", "sha", "hl", "cs"))
+    if not (isinstance(fid, str) and _FID_RE.match(fid) and isinstance(sha, str) and _SHA_RE.match(sha)
+            and isinstance(hl, str) and _SHA_RE.match(hl)):
+        return None
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+        return None
+    if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES or type(cs) is not int or cs != CHUNK_BYTES:
+        return None
+    return Offer(fid, name, size, sha, hl, cs, msg.src, msg.dst)
+
+
+def hash_list(chunk_hashes: Iterable[bytes]) -> bytes:
+    return b"".join(chunk_hashes)
+
+
+# -- actions and events ------------------------------------------------------------------------------
+
+class ReadPiece(NamedTuple):
+    """Files thread: read chunk ``index`` of ``path`` and give it to ``piece_read`` for ``addr``."""
+    fid: str
+    path: str
+    index: int
+    addr: Addr
+
+
+class WritePiece(NamedTuple):
+    """Files thread: write a verified chunk at ``index * cs`` of the transfer's temporary file."""
+    fid: str
+    index: int
+    data: bytes
+
+
+class SaveMeta(NamedTuple):
+    """Files thread: keep the offer (and the hash list, once verified) beside the temporary file."""
+    offer: Offer
+    hashes: Optional[bytes]
+
+
+class Finish(NamedTuple):
+    """Files thread: every chunk is in: check the whole SHA-256, rename into place, call ``finished``."""
+    offer: Offer
+
+
+class Discard(NamedTuple):
+    """Files thread: a cancelled or failed download: remove its temporary file and its metadata."""
+    fid: str
+
+
+class FileOffered(NamedTuple):
+    offer: Offer
+    verified: Optional[bool]
+    fetching: bool  # False: it waits for /accept (or was refused: a FileFailed follows)
+
+
+class FileProgress(NamedTuple):
+    fid: str
+    name: str
+    have: int  # bytes
+    size: int
+    rate: float  # bytes a second, lately
+    left_s: Optional[float]
+
+
+class FileDone(NamedTuple):
+    fid: str
+    name: str
+    path: str
+    size: int
+    sha: str
+
+
+class FileFailed(NamedTuple):
+    fid: str
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FilesConfig:
+    label: str
+    accept_bytes: int = 16 << 20  # offers up to this from verified senders are fetched at once; 0: ask
+    quota_bytes: int = 1 << 30  # downloads on disk, this run's and earlier ones together
+    used_bytes: int = 0  # already in the downloads folder at start
+    serve_per_s: float = SERVE_PER_S
+
+
+class Source:
+    __slots__ = ("addr", "ranges", "window", "out", "srtt", "bad", "halved_at")
+
+    def __init__(self, addr: Addr) -> None:
+        self.addr = addr
+        self.ranges: List[Tuple[int, int]] = []
+        self.window = INITIAL_WINDOW
+        self.out = 0
+        self.srtt: Optional[float] = None
+        self.bad = 0
+        self.halved_at = float("-inf")
+
+    def has(self, piece: int) -> bool:
+        for a, b in self.ranges:
+            if a <= piece < b:
+                return True
+        return False
+
+    def timeout(self) -> float:
+        if self.srtt is None:
+            return MAX_TIMEOUT_S / 2
+        return min(MAX_TIMEOUT_S, max(MIN_TIMEOUT_S, 4.0 * self.srtt))
+
+
+@dataclass
+class Transfer:
+    offer: Offer
+    state: str  # "offered" (waits for /accept), "fetching", "finishing", "done" (serving), "failed", "own"
+    verified: Optional[bool] = None
+    path: str = ""  # ours: the file we share; a download: where it landed
+    hashes: Optional[bytes] = None  # the hash list, once verified
+    have: bytearray = field(default_factory=bytearray)  # per piece: 1 when we have it
+    need: bytearray = field(default_factory=bytearray)  # per piece: 1 when missing and not asked for
+    count: int = 0  # pieces we have
+    parts: Dict[int, bytes] = field(default_factory=dict)  # hash-list parts before they verify
+    inflight: Dict[int, List[Tuple[Addr, float]]] = field(default_factory=dict)
+    sources: Dict[Addr, Source] = field(default_factory=dict)
+    changed: bool = False  # what we have changed since our last FHAVE
+    have_sent: float = float("-inf")
+    progress_at: float = float("-inf")
+    moved_at: float = 0.0  # last time a piece came (or the transfer started)
+    started: float = 0.0
+    samples: List[Tuple[float, int]] = field(default_factory=list)  # (when, bytes) for the rate
+    since: float = 0.0  # when it reached its state
+
+    @property
+    def pieces(self) -> int:
+        return self.offer.parts + self.offer.chunks
+
+    def have_bytes(self) -> int:
+        m, cs, size = self.offer.parts, self.offer.cs, self.offer.size
+        chunks = self.count - sum(self.have[:m])
+        if chunks and self.have[-1] and size % cs:
+            return (chunks - 1) * cs + size % cs
+        return chunks * cs
+
+
+def ranges_of(bits: bytearray, limit: int = MAX_RANGES) -> List[List[int]]:
+    """The runs of 1s in ``bits`` as ``[start, end)`` pairs, the first ``limit`` of them."""
+    out: List[List[int]] = []
+    i, n = 0, len(bits)
+    while i < n and len(out) < limit:
+        a = bits.find(1, i)
+        if a < 0:
+            break
+        b = bits.find(0, a)
+        if b < 0:
+            b = n
+        out.append([a, b])
+        i = b
+    return out
+
+
+def _parse_ranges(value: object, pieces: int) -> Optional[List[Tuple[int, int]]]:
+    if not isinstance(value, list) or len(value) > MAX_RANGES:
+        return None
+    out = []
+    for r in value:
+        if (not isinstance(r, list) or len(r) != 2 or type(r[0]) is not int or type(r[1]) is not int
+                or not 0 <= r[0] < r[1] <= pieces):
+            return None
+        out.append((r[0], r[1]))
+    return out
+
+
+class Files:
+    """Every transfer this node knows of, and the decisions about them (rules above)."""
+
+    def __init__(self, config: FilesConfig, new_mid: Callable[[], str],
+                 neighbours: Callable[[], Iterable[Addr]] = lambda: ()) -> None:
+        self.config = config
+        self.label = config.label
+        self._new_mid = new_mid
+        self._neighbours = neighbours  # the up neighbours that said FILE
+        self.transfers: Dict[str, Transfer] = {}  # fid -> transfer, oldest first
+        self.used = config.used_bytes
+        self._serve = new_bucket(config.serve_per_s, SERVE_BURST_S)
+        # ``wall - now`` as last told (tick, every datagram): the ts of requests made where only ``now``
+        # is at hand (an /accept, a finished transfer starting the next one).
+        self._wall_offset = 0.0
+        self.counters: Dict[str, int] = {
+            "files_offered": 0, "files_done": 0, "files_failed": 0, "file_pieces_received": 0,
+            "file_pieces_served": 0, "file_requests_sent": 0, "file_timeouts": 0,
+            "file_dropped_bad_piece": 0, "file_dropped_unasked": 0, "file_dropped_malformed": 0,
+            "file_dropped_unknown": 0, "file_serve_budget": 0, "file_offers_forgotten": 0}
+
+    # -- what the user does ------------------------------------------------------------------------
+
+    def share(self, offer: Offer, hashes: bytes, path: str, now: float) -> None:
+        """A file of ours (hashed by the files thread): served to whoever asks for it."""
+        t = Transfer(offer, "own", True, path, hashes, started=now, since=now, moved_at=now)
+        t.have = bytearray(b"\x01") * t.pieces
+        t.need = bytearray(t.pieces)
+        t.count = t.pieces
+        t.changed = True
+        self._remember(t)
+
+    def accept(self, fid: str, now: float) -> Tuple[str, list]:
+        """/accept: start fetching an offer that waits; the text for the user, and actions."""
+        t = self.find(fid)
+        if t is None:
+            return f"no offer {fid!r} (see /files)", []
+        if t.state != "offered":
+            return f"{t.offer.name} is {t.state}", []
+        return "", self._start(t, now)
+
+    def cancel(self, fid: str, now: float) -> Tuple[str, list]:
+        t = self.find(fid)
+        if t is None:
+            return f"no transfer {fid!r} (see /files)", []
+        if t.state in ("own", "done", "failed"):
+            # Stop serving it; the file itself stays where it is.
+            del self.transfers[t.offer.fid]
+            return f"{t.offer.name}: no longer served", []
+        return "", self._fail(t, "cancelled", now)
+
+    def find(self, fid: str) -> Optional[Transfer]:
+        """By id or a unique prefix of it (what /files shows)."""
+        t = self.transfers.get(fid)
+        if t is not None or not fid:
+            return t
+        found = [t for f, t in self.transfers.items() if f.startswith(fid)]
+        return found[0] if len(found) == 1 else None
+
+    def rows(self, now: float) -> List[dict]:
+        """/files: every transfer, oldest first."""
+        out = []
+        for t in self.transfers.values():
+            o = t.offer
+            out.append({"fid": o.fid, "name": o.name, "size": o.size, "state": t.state, "src": o.src,
+                        "have": o.size if t.state in ("own", "done") else t.have_bytes(),
+                        "sources": len(t.sources), "path": t.path, "rate": self._rate(t, now)})
+        return out
+
+    # -- resuming after a restart --------------------------------------------------------------------
+
+    def resume(self, offer: Offer, hashes: Optional[bytes], chunks_had: Iterable[int], now: float) -> list:
+        """A download found on disk by the files thread (its chunks already checked against ``hashes``)."""
+        if offer.fid in self.transfers:
+            return []
+        t = Transfer(offer, "offered", True, started=now, since=now, moved_at=now)
+        self._remember(t)
+        self.used += offer.size
+        self._init_bits(t)
+        if hashes is not None and len(hashes) == offer.chunks * HASH_BYTES:
+            self._hashes_verified(t, hashes)
+            m = offer.parts
+            for i in chunks_had:
+                if 0 <= i < offer.chunks and not t.have[m + i]:
+                    t.have[m + i] = 1
+                    t.need[m + i] = 0
+                    t.count += 1
+        t.state = "fetching"
+        return self._check_complete(t, now)
+
+    # -- the wire: receiving -----------------------------------------------------------------------
+
+    def offer_received(self, msg: Message, verified: Optional[bool], now: float) -> list:
+        """A FOFFER's first copy (the relay floods it on as any message)."""
+        offer = parse_offer(msg)
+        if offer is None:
+            self.counters["file_dropped_malformed"] += 1
+            return []
+        if offer.fid in self.transfers:
+            return []
+        if offer.dst and offer.dst != self.label:
+            return []  # a direct offer for someone else: not ours to fetch
+        if verified is False:
+            # Anyone can put any src on a message: an unverified offer is shown, never fetched by itself.
+            fetch = False
+        else:
+            limit = self.config.accept_bytes
+            fetch = limit > 0 and offer.size <= limit
+        t = Transfer(offer, "offered", verified, started=now, since=now, moved_at=now)
+        self._remember(t)
+        self.counters["files_offered"] += 1
+        out: list = [FileOffered(offer, verified, fetch)]
+        if fetch:
+            out.extend(self._start(t, now))
+        return out
+
+    def have_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
+        self._wall_offset = wall - now
+        t = self._transfer_of(msg)
+        if t is None:
+            return [], ""  # an offer we have not seen (yet), or forgot: nothing to do
+        ranges = _parse_ranges(msg.extra.get("have"), t.pieces)
+        if ranges is None:
+            self.counters["file_dropped_malformed"] += 1
+            return [], ""
+        if t.state not in ("fetching", "offered"):
+            return [], ""
+        s = t.sources.get(addr)
+        if s is None:
+            if len(t.sources) >= MAX_SOURCES or not ranges:
+                return [], ""
+            s = t.sources[addr] = Source(addr)
+        s.ranges = ranges
+        return (self._pump(t, now) if t.state == "fetching" else []), ""
+
+    def get_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
+        """An FGET: each piece we have, verified, goes back as an FDATA, within the serving budget."""
+        self._wall_offset = wall - now
+        t = self._transfer_of(msg)
+        want = msg.extra.get("want")
+        if not isinstance(want, list) or len(want) > MAX_WANT:
+            self.counters["file_dropped_malformed"] += 1
+            return [], ""
+        if t is None or t.state not in ("own", "done", "fetching", "finishing"):
+            self.counters["file_dropped_unknown"] += 1
+            return [], ""
+        out: list = []
+        m = t.offer.parts
+        for piece in want:
+            if type(piece) is not int or not 0 <= piece < t.pieces or not t.have[piece]:
+                continue
+            if not take(self._serve, self.config.serve_per_s, now, SERVE_BURST_S):
+                self.counters["file_serve_budget"] += 1
+                break
+            if piece < m:
+                if t.hashes is None:
+                    continue  # parts of a hash list not verified yet are not served (rule 3)
+                out.append(Unicast(self._fdata(t.offer.fid, piece, t.hashes[piece * t.offer.cs:(piece + 1) * t.offer.cs],
+                                               now, wall), addr))
+                self.counters["file_pieces_served"] += 1
+            else:
+                # Off the socket thread: the files thread reads it and hands it to piece_read.
+                out.append(ReadPiece(t.offer.fid, t.path, piece - m, addr))
+        return out, ""
+
+    def piece_read(self, fid: str, index: int, data: bytes, addr: Addr, wall: float) -> Optional[bytes]:
+        """The FDATA for a chunk the files thread read for ``addr``; None if it is no longer ours to serve
+        or does not match its hash (the file changed on disk under us)."""
+        t = self.transfers.get(fid)
+        if t is None or t.hashes is None:
+            return None
+        if hashlib.sha256(data).digest() != t.hashes[index * HASH_BYTES:(index + 1) * HASH_BYTES]:
+            return None
+        self.counters["file_pieces_served"] += 1
+        return self._fdata(fid, t.offer.parts + index, data, 0.0, wall)
+
+    def data_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
+        self._wall_offset = wall - now
+        t = self._transfer_of(msg)
+        piece = msg.extra.get("i")
+        if t is None or t.state != "fetching":
+            self.counters["file_dropped_unasked"] += 1
+            return [], ""
+        if type(piece) is not int or not 0 <= piece < t.pieces:
+            self.counters["file_dropped_malformed"] += 1
+            return [], ""
+        try:
+            data = base64.b64decode(msg.body, validate=True)
+        except (binascii.Error, ValueError):
+            self.counters["file_dropped_malformed"] += 1
+            return [], ""
+        asked = t.inflight.pop(piece, None)
+        s = t.sources.get(addr)
+        if asked:
+            for who, when in asked:
+                other = t.sources.get(who)
+                if other is not None:
+                    other.out -= 1
+                if who == addr and s is not None:
+                    rtt = now - when
+                    s.srtt = rtt if s.srtt is None else 0.875 * s.srtt + 0.125 * rtt
+                    # Slow start to SLOW_START_WINDOW, then additive increase: about one more a round trip.
+                    s.window = min(MAX_WINDOW, s.window + (1.0 if s.window < SLOW_START_WINDOW else 1.0 / s.window))
+        if t.have[piece]:
+            return self._pump(t, now), ""  # a duplicate (the endgame asks twice)
+        if asked is None:
+            self.counters["file_dropped_unasked"] += 1
+            return [], ""
+        m, cs = t.offer.parts, t.offer.cs
+        out: list = []
+        if piece < m:
+            expected = cs if piece < m - 1 else t.offer.chunks * HASH_BYTES - (m - 1) * cs
+            if len(data) != expected:
+                return self._bad(t, piece, s, now), ""
+            t.parts[piece] = data
+            self._got(t, piece, now)
+            if len(t.parts) == m:
+                whole = b"".join(t.parts[i] for i in range(m))
+                if hashlib.sha256(whole).hexdigest() != t.offer.hl:
+                    # One part is bad and we cannot tell which: all are fetched again (counted).
+                    self.counters["file_dropped_bad_piece"] += 1
+                    for i in range(m):
+                        t.have[i] = 0
+                        t.need[i] = 1
+                    t.count -= m
+                    t.parts.clear()
+                    if s is not None:
+                        s.bad += 1
+                else:
+                    t.parts.clear()
+                    self._hashes_verified(t, whole)
+                    out.append(SaveMeta(t.offer, whole))
+        else:
+            index = piece - m
+            assert t.hashes is not None  # chunks are asked for only once the hash list is verified
+            if hashlib.sha256(data).digest() != t.hashes[index * HASH_BYTES:(index + 1) * HASH_BYTES]:
+                return self._bad(t, piece, s, now), ""
+            self._got(t, piece, now)
+            out.append(WritePiece(t.offer.fid, index, data))
+        self.counters["file_pieces_received"] += 1
+        out.extend(self._check_complete(t, now))
+        if t.state == "fetching":
+            out.extend(self._pump(t, now))
+        return out, ""
+
+    # -- what the files thread found -------------------------------------------------------------
+
+    def write_failed(self, fid: str, index: int, why: str, now: float) -> list:
+        t = self.transfers.get(fid)
+        if t is None or t.state not in ("fetching", "finishing"):
+            return []
+        return self._fail(t, f"cannot write: {why}", now)
+
+    def finished(self, fid: str, path: Optional[str], why: str, now: float) -> list:
+        """The files thread checked the whole file: renamed to ``path``, or not (``why``)."""
+        t = self.transfers.get(fid)
+        if t is None or t.state != "finishing":
+            return []
+        if path is None:
+            return self._fail(t, why, now)
+        t.state, t.path, t.since = "done", path, now
+        t.changed = True
+        self.counters["files_done"] += 1
+        o = t.offer
+        return [FileProgress(o.fid, o.name, o.size, o.size, self._rate(t, now), 0.0),
+                FileDone(o.fid, o.name, path, o.size, o.sha)] + self._next_waiting(now)
+
+    # -- timers ---------------------------------------------------------------------------------------
+
+    def tick(self, now: float, wall: float) -> list:
+        self._wall_offset = wall - now
+        out: list = []
+        neighbours = None
+        for t in list(self.transfers.values()):
+            if t.state == "fetching":
+                out.extend(self._timeouts(t, now))
+                if t.state == "fetching":
+                    out.extend(self._pump(t, now))
+                    if now - t.progress_at >= PROGRESS_S and t.count:
+                        t.progress_at = now
+                        out.append(self._progress(t, now))
+            if t.state == "done" and now - t.since > SERVE_KEEP_S:
+                t.state = "kept"  # listed, no longer served
+                t.have = bytearray()
+                continue
+            if t.state in ("fetching", "done", "own") and (
+                    (t.changed and now - t.have_sent >= HAVE_CHANGED_S) or now - t.have_sent >= HAVE_REFRESH_S):
+                if neighbours is None:
+                    neighbours = list(self._neighbours())
+                if t.hashes is not None and neighbours:
+                    data = self._fhave(t, wall)
+                    out.extend(Unicast(data, a) for a in neighbours)
+                t.changed = False
+                t.have_sent = now
+        return out
+
+    def next_deadline(self) -> Optional[float]:
+        """Coarse but sufficient: while anything moves or is served, every 0.05 s."""
+        soonest = None
+        for t in self.transfers.values():
+            if t.state in ("fetching", "done", "own"):
+                d = t.have_sent + (HAVE_CHANGED_S if t.changed else HAVE_REFRESH_S)
+                if t.state == "fetching":
+                    d = min(d, t.progress_at + PROGRESS_S, self._earliest_timeout(t))
+                soonest = d if soonest is None else min(soonest, d)
+        return soonest
+
+    def stats(self) -> Dict[str, int]:
+        out = dict(self.counters)
+        out["files_moving"] = sum(1 for t in self.transfers.values() if t.state == "fetching")
+        return out
+
+    # -- inside ----------------------------------------------------------------------------------------
+
+    def _transfer_of(self, msg: Message) -> Optional[Transfer]:
+        fid = msg.extra.get("fid")
+        return self.transfers.get(fid) if type(fid) is str else None  # anything else: no transfer
+
+    def _remember(self, t: Transfer) -> None:
+        if len(self.transfers) >= MAX_OFFERS:
+            for fid, old in self.transfers.items():
+                if old.state in ("offered", "done", "failed", "kept"):
+                    del self.transfers[fid]
+                    self.counters["file_offers_forgotten"] += 1
+                    break
+        self.transfers[t.offer.fid] = t
+
+    def _init_bits(self, t: Transfer) -> None:
+        t.have = bytearray(t.pieces)
+        t.need = bytearray(b"\x01") * t.offer.parts + bytearray(t.offer.chunks)
+
+    def _hashes_verified(self, t: Transfer, whole: bytes) -> None:
+        m = t.offer.parts
+        t.hashes = whole
+        for i in range(m):
+            t.have[i] = 1
+            t.need[i] = 0
+        t.count = sum(t.have)
+        t.need[m:] = bytes(1 if not t.have[m + i] else 0 for i in range(t.offer.chunks))
+        t.changed = True
+
+    def _start(self, t: Transfer, now: float) -> list:
+        o = t.offer
+        if o.size > self.config.quota_bytes - self.used:
+            return self._fail(t, f"it does not fit in the downloads quota ({self.used} of "
+                                 f"{self.config.quota_bytes} bytes used)", now)
+        if sum(1 for x in self.transfers.values() if x.state == "fetching") >= MAX_ACTIVE:
+            t.state = "queued"
+            return []
+        self.used += o.size
+        self._init_bits(t)
+        t.state, t.since, t.moved_at, t.started = "fetching", now, now, now
+        if o.parts == 0:  # an empty file: its hash list is empty, nothing to fetch
+            if o.hl != hashlib.sha256(b"").hexdigest():
+                return self._fail(t, "its hash list does not match its size", now)
+            self._hashes_verified(t, b"")
+        return [SaveMeta(o, None)] + self._check_complete(t, now) + self._pump(t, now)
+
+    def _next_waiting(self, now: float) -> list:
+        for t in self.transfers.values():
+            if t.state == "queued":
+                t.state = "offered"
+                return self._start(t, now)
+        return []
+
+    def _fail(self, t: Transfer, reason: str, now: float) -> list:
+        downloading = t.state in ("fetching", "finishing", "queued")
+        if t.state in ("fetching", "finishing"):
+            self.used -= t.offer.size
+        t.state, t.since = "failed", now
+        t.inflight.clear()
+        t.sources.clear()
+        t.have, t.need, t.parts = bytearray(), bytearray(), {}
+        self.counters["files_failed"] += 1
+        out: list = [FileFailed(t.offer.fid, t.offer.name, reason)]
+        if downloading:
+            out.append(Discard(t.offer.fid))
+        return out + self._next_waiting(now)
+
+    def _got(self, t: Transfer, piece: int, now: float) -> None:
+        t.have[piece] = 1
+        t.need[piece] = 0
+        t.count += 1
+        t.changed = True
+        t.moved_at = now
+        t.samples.append((now, t.offer.cs))
+        if len(t.samples) > 4096:
+            del t.samples[:2048]
+
+    def _bad(self, t: Transfer, piece: int, s: Optional[Source], now: float) -> list:
+        """A piece that does not verify: not stored, asked for again (elsewhere if the source keeps lying)."""
+        self.counters["file_dropped_bad_piece"] += 1
+        t.need[piece] = 1
+        if s is not None:
+            s.bad += 1
+            if s.bad >= MAX_BAD_PIECES:
+                self._drop_source(t, s)
+        return self._pump(t, now)
+
+    def _drop_source(self, t: Transfer, s: Source) -> None:
+        del t.sources[s.addr]
+        for piece, asks in list(t.inflight.items()):
+            rest = [a for a in asks if a[0] != s.addr]
+            if rest:
+                t.inflight[piece] = rest
+            else:
+                del t.inflight[piece]
+                t.need[piece] = 1
+
+    def _check_complete(self, t: Transfer, now: float) -> list:
+        if t.state == "fetching" and t.hashes is not None and t.count == t.pieces:
+            t.state, t.since = "finishing", now
+            t.inflight.clear()
+            return [Finish(t.offer)]
+        return []
+
+    def _earliest_timeout(self, t: Transfer) -> float:
+        soonest = float("inf")
+        for piece, asks in t.inflight.items():
+            for addr, when in asks:
+                s = t.sources.get(addr)
+                soonest = min(soonest, when + (s.timeout() if s is not None else MIN_TIMEOUT_S))
+        return soonest
+
+    def _timeouts(self, t: Transfer, now: float) -> list:
+        for piece, asks in list(t.inflight.items()):
+            left = []
+            for addr, when in asks:
+                s = t.sources.get(addr)
+                if s is None:
+                    continue
+                if now - when >= s.timeout():
+                    s.out -= 1
+                    self.counters["file_timeouts"] += 1
+                    if now - s.halved_at >= s.timeout():  # halve once per round trip, not per piece
+                        s.window = max(1.0, s.window / 2.0)
+                        s.halved_at = now
+                else:
+                    left.append((addr, when))
+            if left:
+                t.inflight[piece] = left
+            else:
+                del t.inflight[piece]
+                t.need[piece] = 1
+        if not t.sources and now - t.moved_at > FETCH_STALL_S:
+            return self._fail(t, f"no node had it for {FETCH_STALL_S:g} s", now)
+        return []
+
+    def _pump(self, t: Transfer, now: float) -> list:
+        """Ask each source for what it has and we lack, up to its window: rarest first, then the endgame."""
+        if t.state != "fetching" or not t.sources:
+            return []
+        m = t.offer.parts
+        hashes_only = t.hashes is None  # no chunk is asked for before the hash list verifies
+        limit = m if hashes_only else t.pieces
+        sources = sorted(t.sources.values(), key=lambda s: s.out - s.window)
+        out: list = []
+        for s in sources:
+            free = int(s.window) - s.out
+            room = MAX_INFLIGHT - len(t.inflight)
+            free = min(free, room, MAX_WANT)
+            if free <= 0:
+                continue
+            picks = self._candidates(t, s, limit, free)
+            if not picks and not hashes_only:
+                picks = self._endgame(t, s, free)
+            if not picks:
+                continue
+            for piece in picks:
+                t.need[piece] = 0
+                t.inflight.setdefault(piece, []).append((s.addr, now))
+            s.out += len(picks)
+            self.counters["file_requests_sent"] += 1
+            out.append(Unicast(self._fget(t.offer.fid, picks, now + self._wall_offset), s.addr))
+        return out
+
+    def _candidates(self, t: Transfer, s: Source, limit: int, free: int) -> List[int]:
+        """Up to ``free`` pieces ``s`` has and nobody was asked for, rarest first among a few from each of
+        its ranges (a sample: scanning every piece per answer would cost more than the answer)."""
+        need = t.need
+        found: List[int] = []
+        per_range = max(free, 4)
+        for a, b in s.ranges:
+            b = min(b, limit)
+            i = a
+            taken = 0
+            while i < b and taken < per_range:
+                i = need.find(1, i, b)
+                if i < 0:
+                    break
+                found.append(i)
+                taken += 1
+                i += 1
+            if len(found) >= 4 * free:
+                break
+        if len(found) <= free:
+            return found
+        others = [o for o in t.sources.values() if o is not s]
+        found.sort(key=lambda p: (sum(1 for o in others if o.has(p)), p))
+        return sorted(found[:free])
+
+    def _endgame(self, t: Transfer, s: Source, free: int) -> List[int]:
+        """All that is left is asked for, and little is: ask ``s`` too for pieces another source has out."""
+        if len(t.inflight) > ENDGAME_PIECES or t.pieces - t.count > ENDGAME_PIECES:
+            return []
+        picks = []
+        for piece, asks in t.inflight.items():
+            if len(asks) == 1 and asks[0][0] != s.addr and s.has(piece):
+                picks.append(piece)
+                if len(picks) >= free:
+                    break
+        for piece in picks:
+            t.need[piece] = 1  # put back so _pump marks it asked of s as well
+        return picks
+
+    def _rate(self, t: Transfer, now: float) -> float:
+        recent = [b for when, b in t.samples if now - when <= 3.0]
+        if not recent:
+            return 0.0
+        span = min(3.0, max(0.25, now - t.started))
+        return sum(recent) / span
+
+    def _progress(self, t: Transfer, now: float) -> FileProgress:
+        o = t.offer
+        have = min(t.have_bytes(), o.size)
+        rate = self._rate(t, now)
+        left = (o.size - have) / rate if rate > 0 else None
+        return FileProgress(o.fid, o.name, have, o.size, rate, left)
+
+    # -- datagrams ------------------------------------------------------------------------------------
+
+    def _link(self, kind: str, body: str, extra: Dict[str, Any], wall: float) -> bytes:
+        return encode(Message(self._new_mid(), round(wall, 3), 1, kind, self.label, "", body, extra))
+
+    def _fget(self, fid: str, pieces: List[int], wall: float) -> bytes:
+        return self._link("FGET", "", {"fid": fid, "want": pieces}, wall)
+
+    def _fdata(self, fid: str, piece: int, data: bytes, now: float, wall: float) -> bytes:
+        return self._link("FDATA", base64.b64encode(data).decode("ascii"), {"fid": fid, "i": piece}, wall)
+
+    def _fhave(self, t: Transfer, wall: float) -> bytes:
+        if t.state in ("own", "done"):
+            ranges = [[0, t.pieces]]
+        else:
+            ranges = ranges_of(t.have)
+        return self._link("FHAVE", "", {"fid": t.offer.fid, "have": ranges}, wall)
+
+
+# -- names on disk -----------------------------------------------------------------------------------
+
+_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"} | {f"{p}{i}" for p in ("COM", "LPT") for i in range(1, 10)}
+_BAD_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*\u0080-\u009f\u200b-\u200f\u202a-\u202e\u2066-\u2069]')
+
+
+def safe_name(offered: str) -> str:
+    """The offered name as a plain base name, safe on Linux, macOS and Windows: no directory, no
+    ``..``, no control, reserved or invisible direction characters, no device name; never empty."""
+    base = re.split(r"[/\\]", offered)[-1]
+    base = _BAD_CHARS.sub("_", base).strip(" .")
+    stem = base.split(".")[0].upper().rstrip(" ")
+    if stem in _RESERVED:
+        base = "_" + base
+    if not base or set(base) <= {"_", "."}:
+        base = "file"
+    if len(base.encode("utf-8")) > 200:
+        stem, dot, ext = base.rpartition(".")
+        if not dot or len(ext) > 16:
+            stem, ext, dot = base, "", ""
+        while len((stem + dot + ext).encode("utf-8")) > 200:
+            stem = stem[:-1]
+        base = stem + dot + ext
+    return base
+
+
+def numbered(name: str, n: int) -> str:
+    """``name (n).ext``: the n-th alternative to a name that is taken."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        return f"{name} ({n})"
+    return f"{stem} ({n}).{ext}"
