@@ -638,7 +638,7 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
         console.whoami(node.label, node.membership.nick if node.membership is not None else "",
                        ident.fingerprint if ident is not None else None)
     elif isinstance(cmd, TrustCmd):
-        console_trust(cmd.name, node, console)
+        console_trust(cmd.name, node, console, cmd.fingerprint)
     elif isinstance(cmd, Map):
         if not cmd.path:
             console.map(node.mesh_map())
@@ -685,7 +685,7 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
     return True
 
 
-def console_trust(name: str, node: Node, console) -> None:
+def console_trust(name: str, node: Node, console, fingerprint: str = "") -> None:
     """/trust NAME: accept the newest key NAME offered (a nick, nick#tag or HOST:PORT)."""
     if node.trust is None:
         try:
@@ -707,7 +707,7 @@ def console_trust(name: str, node: Node, console) -> None:
             # A node whose key changed is not shown, so its nick may be unknown: its label always works.
             console.error(f"{error}; /trust takes a nick or the HOST:PORT the notice named")
             return
-    console.notice(node.trust_key(label))
+    console.notice(node.trust_key(label, fingerprint))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -111,6 +111,7 @@ class WhoAmI(NamedTuple):
 
 class TrustCmd(NamedTuple):
     name: str
+    fingerprint: str = ""  # the start of one, when several keys were offered
 
 
 class Map(NamedTuple):
@@ -202,8 +203,12 @@ def parse_line(line: str) -> Command:
         if word == "trust":
             if not rest:
                 return Bad("/trust needs a name: /trust NAME (the notice of a changed key names it)")
-            error = _check_name(rest)
-            return Bad(error) if error else TrustCmd(rest)
+            name, _, fingerprint = rest.partition(" ")
+            fingerprint = fingerprint.strip()
+            if fingerprint and not all(ch in "0123456789abcdefABCDEF " for ch in fingerprint):
+                return Bad("/trust NAME [FINGERPRINT]: a fingerprint is hex digits, as the notice shows it")
+            error = _check_name(name)
+            return Bad(error) if error else TrustCmd(name, fingerprint)
         if word == "history":
             if not rest:
                 return History()

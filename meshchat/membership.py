@@ -665,8 +665,11 @@ class Membership:
 
     # -- what floods tell us -----------------------------------------------------------------
 
-    def learn(self, msg: Message, addr: Addr, now: float) -> None:
-        """The first copy of a flooded message: its origin is alive, this far, and reached through ``addr``."""
+    def learn(self, msg: Message, addr: Addr, now: float, trusted: bool = True) -> None:
+        """The first copy of a flooded message: its origin is alive, this far, and reached through ``addr``.
+
+        ``trusted`` False (a node that checks signatures, and this one is not verified): its
+        distance and way are learned, not the nick, caps or links it claims."""
         src = msg.src
         if src == self.label:
             return
@@ -676,6 +679,9 @@ class Membership:
             ttl0 = x.get("ttl0")
             if type(ttl0) is int and msg.ttl <= ttl0 <= 255:
                 hops = ttl0 - msg.ttl + 1
+            if not trusted:
+                x = None  # what it says of itself: not taken
+        if x:
             nick = x.get("nick")
             if nick is not None:
                 known = self.members.get(src)

@@ -344,12 +344,12 @@ class Node:
         trust = Trust(crypto.verify, crypto.unb64, crypto.fingerprint, pins)
         return trust, signer(self.identity.key_text, self.identity.sign)
 
-    def trust_key(self, label: str) -> str:
-        """/trust: pin the newest key ``label`` offered; the text for the user."""
+    def trust_key(self, label: str, fingerprint: str = "") -> str:
+        """/trust: pin the key ``label`` offered (by fingerprint when several were); the text for the user."""
         if self.trust is None:
             return "this node does not check signatures"
         with self._lock:
-            pin, text = self.trust.accept(label)
+            pin, text = self.trust.accept(label, fingerprint)
         if pin is not None:
             self._pin(pin)
         return text

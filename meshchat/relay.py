@@ -89,6 +89,7 @@ COUNTERS = (
     "dropped_bad_signature",  # signed, but the signature does not verify (forged, or damaged)
     "dropped_key_changed",  # signed by another key than the one pinned for its origin
     "dropped_unsigned",  # --require-signed: not verified
+    "dropped_impostor",  # unsigned, under the name of an origin whose key is pinned
     "dropped_bad_box",  # a private message to us that does not open (tampered, moved, not ours)
     "dropped_unverified_ack",  # an ACK from a node whose key is pinned, not signed by that key
     "dropped_no_route",  # a traceroute answer with no way back
@@ -514,6 +515,9 @@ class Relay:
         if verdict == "key_changed":
             c.dropped_key_changed += 1
             return False, [Notice(text) for text in extra], True
+        if verdict == "impostor":
+            c.dropped_impostor += 1
+            return False, [Notice(text) for text in extra], True
         c.dropped_bad_signature += 1
         return False, [], True
 
@@ -622,7 +626,9 @@ class Relay:
         actions: list = []
         m = self.membership
         if m is not None:
-            m.learn(msg, addr, now)
+            # What an unverified message says of its sender (nick, caps) is not taken where we check
+            # signatures: one forged datagram must not rename a node or make a name ambiguous.
+            m.learn(msg, addr, now, trusted=verified is not False)
             if addr not in m.neighbours:
                 actions.extend(self._sends(m.stranger(addr, len(data), now, wall), now, wall))
         to_me = msg.dst == self.label

@@ -7,17 +7,21 @@ Rules, so that nobody is shown as a node they are not:
 2. A message is judged once, on its first copy, before it can take a
    seen-cache slot: a forged copy sent first is dropped and never silences
    the real one. Verdicts: verified, unsigned (no ``key`` and no ``sig``: a
-   seed-design node, or a seed relay stripped them), bad signature (anything
-   else that does not verify: dropped), key changed (it verifies, under
-   another key than the one pinned for its ``src``: dropped, and offered).
+   seed-design node, or a seed relay stripped them), impostor (unsigned, but
+   under the name of an origin whose key is pinned: dropped, as it may be
+   anyone's), bad signature (anything else that does not verify: dropped),
+   key changed (it verifies, under another key than the one pinned for its
+   ``src``: dropped, and offered).
 3. Pinned on first use: the first verified key of an origin is its key. A
    changed key is never shown as that node; the user is told (at most every
-   ``CHANGE_NOTICE_S`` per origin) with both fingerprints, and ``accept``
-   (``/trust NAME``) pins the newest key offered.
+   ``CHANGE_NOTICE_S`` per origin and key) with both fingerprints, and
+   ``accept`` (``/trust NAME``) pins the key offered; when several were
+   (an impostor's beside the owner's new one), the user picks one by its
+   fingerprint, so a forger's key is never pinned by default.
 4. Bounded: at most ``MAX_PINS`` pins (past it, new origins are not pinned and
    their messages show as unverified: pins are never pushed out, or a flood
-   of made-up origins could unpin a real one) and ``MAX_PENDING`` offered
-   keys (the oldest offer goes).
+   of made-up origins could unpin a real one), ``MAX_PENDING`` origins with
+   offered keys (the oldest goes) and ``MAX_OFFERS`` keys each.
 5. Sans-I/O: no socket, thread, clock or disk; ``now`` is an argument, and the
    signature check itself is injected (``crypto.verify``), so the relay's
    decision stays pure. New pins come back as ``PinKey`` for the node to store.
@@ -36,12 +40,14 @@ KEY_BYTES = 32
 SIG_BYTES = 64
 MAX_PINS = 4096
 MAX_PENDING = 64
-CHANGE_NOTICE_S = 60.0  # a changed key is told at most this often per origin
+MAX_OFFERS = 4  # distinct keys remembered per origin for /trust to choose from
+CHANGE_NOTICE_S = 60.0  # a changed key (or unsigned messages under a pinned name) told at most this often
 
 VERIFIED = "verified"
 UNSIGNED = "unsigned"
 BAD_SIGNATURE = "bad_signature"
 KEY_CHANGED = "key_changed"
+IMPOSTOR = "impostor"
 
 _CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -92,14 +98,17 @@ class Trust:
             key = unb64(text, KEY_BYTES)
             if key is not None and len(self.pins) < max_pins:
                 self.pins[label] = key
-        # label -> (offered key, when last told): the newest offer per origin, oldest origin first
-        self.pending: "OrderedDict[str, Tuple[bytes, Optional[float]]]" = OrderedDict()
+        # label -> {offered key: when last told}, newest last; origins oldest first
+        self.pending: "OrderedDict[str, OrderedDict[bytes, float]]" = OrderedDict()
+        self._impostor_told: "OrderedDict[str, float]" = OrderedDict()
         self.counters = {"pinned": 0, "pins_full": 0, "keys_accepted": 0}
 
     def check(self, msg: Message, now: float) -> Tuple[str, list]:
         """The verdict on a first copy, and what to do besides (a PinKey, a notice text)."""
         extra = msg.extra
         if not extra or (KEY_FIELD not in extra and SIG_FIELD not in extra):
+            if msg.src in self.pins:
+                return IMPOSTOR, self._impostor(msg.src, now)
             return UNSIGNED, []
         key = self._unb64(extra.get(KEY_FIELD), KEY_BYTES)
         sig = self._unb64(extra.get(SIG_FIELD), SIG_BYTES)
@@ -118,28 +127,54 @@ class Trust:
             return VERIFIED, [PinKey(label, extra[KEY_FIELD])]
         return KEY_CHANGED, self._offered(label, pinned, key, now)
 
-    def _offered(self, label: str, pinned: bytes, key: bytes, now: float) -> list:
-        old = self.pending.pop(label, None)
-        told = old[1] if old is not None and old[0] == key else None
+    def _impostor(self, label: str, now: float) -> list:
+        told = self._impostor_told.pop(label, None)
         if told is not None and now - told < CHANGE_NOTICE_S:
-            self.pending[label] = (key, told)
+            self._impostor_told[label] = told
             return []
-        self.pending[label] = (key, now)
+        self._impostor_told[label] = now
+        while len(self._impostor_told) > MAX_PENDING:
+            self._impostor_told.popitem(last=False)
+        return [f"an unsigned message under the name of {label}, whose key is pinned, was dropped: "
+                "forged, or its signature was removed on the way (by a node built from the seed design)"]
+
+    def _offered(self, label: str, pinned: bytes, key: bytes, now: float) -> list:
+        offers = self.pending.pop(label, None)
+        if offers is None:
+            offers = OrderedDict()
+        told = offers.pop(key, None)
+        offers[key] = now if told is None or now - told >= CHANGE_NOTICE_S else told
+        while len(offers) > MAX_OFFERS:
+            offers.popitem(last=False)
+        self.pending[label] = offers
         while len(self.pending) > MAX_PENDING:
             self.pending.popitem(last=False)
+        if told is not None and now - told < CHANGE_NOTICE_S:
+            return []
+        more = f" ({len(offers)} keys offered so far)" if len(offers) > 1 else ""
         return [f"the key of {label} changed: pinned {self._fingerprint(pinned)}, now offered "
-                f"{self._fingerprint(key)}; its messages are dropped. If its owner confirms the new "
-                f"fingerprint, type /trust {label}"]
+                f"{self._fingerprint(key)}{more}; its messages are dropped. If its owner confirms the new "
+                f"fingerprint, type /trust {label}" + (" FINGERPRINT" if more else "")]
 
-    def accept(self, label: str) -> Tuple[Optional[PinKey], str]:
-        """/trust: pin the newest key ``label`` offered; (the PinKey to store, text for the user)."""
-        offer = self.pending.pop(label, None)
-        if offer is None:
+    def accept(self, label: str, fingerprint: str = "") -> Tuple[Optional[PinKey], str]:
+        """/trust: pin the key ``label`` offered (the one whose fingerprint starts with
+        ``fingerprint``, when several were); (the PinKey to store, text for the user)."""
+        offers = self.pending.get(label)
+        if not offers:
             pinned = self.pins.get(label)
             if pinned is not None:
                 return None, f"{label} offered no new key; its pinned key is {self._fingerprint(pinned)}"
             return None, f"no key known for {label} yet"
-        key = offer[0]
+        wanted = fingerprint.replace(" ", "").lower()
+        keys = [k for k in offers if self._fingerprint(k).replace(" ", "").lower().startswith(wanted)]
+        if len(keys) != 1:
+            listed = ", ".join(self._fingerprint(k) for k in offers)
+            if not keys:
+                return None, f"{label} offered no key with fingerprint {fingerprint}; offered: {listed}"
+            return None, (f"{label} offered {len(keys)} keys: {listed}; ask its owner which is theirs, "
+                          f"then type /trust {label} FINGERPRINT")
+        key = keys[0]
+        del self.pending[label]
         self.pins[label] = key
         self.counters["keys_accepted"] += 1
         text = base64.urlsafe_b64encode(key).rstrip(b"=").decode("ascii")

@@ -686,7 +686,8 @@ def test_private_boxes_and_key_messages_with_hostile_values_are_counted_never_ra
                 bad_shown += not action.message.body.startswith("secret")
         assert _adds_up(relay)
     s = relay.stats()
-    assert s["dropped_bad_box"] > 500 and bad_shown == 0
+    # Damaged boxes are dropped: as bad boxes, or before that as impostors when unsigned under a pinned name.
+    assert s["dropped_bad_box"] > 200 and s["dropped_bad_box"] + s["dropped_impostor"] > 500 and bad_shown == 0
     assert len(relay.private.keys) <= 4096 and relay.private.counters["keys_answered"] <= 1 + 15 * 10
 
 

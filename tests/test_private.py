@@ -138,7 +138,8 @@ def test_an_ack_from_a_pinned_node_counts_only_if_it_signed_it(ids):
     mid = shown[0].mid
     forged = Message("f1", WALL, 5, "ACK", C, A, mid, {})  # a relay that saw the mid forges C's ack
     out = ra.datagram_received(encode(forged), ADDR_C, 0.1, WALL)
-    assert not [a for a in out if isinstance(a, Delivered)] and ra.stats()["dropped_unverified_ack"] == 1
+    # Unsigned under C's pinned name: dropped as an impostor before it is even read as an ack.
+    assert not [a for a in out if isinstance(a, Delivered)] and ra.stats()["dropped_impostor"] == 1
     sign_c = signer(ids[C].key_text, ids[C].sign)
     bad_key = signer(ids[B].key_text, ids[B].sign)(Message("f2", WALL, 5, "ACK", C, A, mid, {}))
     assert not [a for a in ra.datagram_received(encode(bad_key), ADDR_C, 0.1, WALL) if isinstance(a, Delivered)]

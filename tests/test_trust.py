@@ -256,3 +256,52 @@ def test_a_seed_node_still_chats_with_a_signing_node_shown_unverified(tmp_path):
             assert seed.shown.get(timeout=5)["body"] == "and back, signed"  # our key and sig do not bother it
     finally:
         node.stop()
+
+
+def test_an_unsigned_message_under_a_pinned_name_is_dropped_and_told_once_a_minute(keys):
+    _, _, sign_a, _ = keys
+    r = secure_relay()
+    r.datagram_received(encode(chat(sign_a)), NEIGHBOUR, 0.0, WALL)  # pins alice
+    forged = Message("f1", WALL, 5, "CHAT", ALICE, "", "FORGED", {"nick": "bob"})
+    out = r.datagram_received(encode(forged), NEIGHBOUR, 0.1, WALL)
+    assert not any(isinstance(a, Display) for a in out)
+    assert any(isinstance(a, Notice) and ALICE in a.text for a in out)
+    assert r.stats()["dropped_impostor"] == 1
+    out = r.datagram_received(encode(forged._replace(mid="f2")), NEIGHBOUR, 0.2, WALL)
+    assert out == [] and r.stats()["dropped_impostor"] == 2  # told once, counted each time
+    # Not pinned (a seed-design node): shown, marked unverified.
+    seed = Message("s1", WALL, 5, "CHAT", "127.0.0.1:9009", "", "plain", {})
+    [shown] = [a for a in r.datagram_received(encode(seed), NEIGHBOUR, 0.3, WALL) if isinstance(a, Display)]
+    assert shown.verified is False
+
+
+def test_two_keys_offered_for_one_name_are_never_pinned_by_default(keys):
+    a, b, sign_a, sign_b = keys
+    c = crypto.Identity(bytes([3]) * 32)
+    sign_c = signer(c.key_text, c.sign)
+    t = new_trust()
+    t.check(chat(sign_a), 0.0)
+    assert t.check(chat(sign_b, mid="m2"), 1.0)[0] == KEY_CHANGED  # the owner's new key, say
+    _, told = t.check(chat(sign_c, mid="m3"), 2.0)  # and an impostor's
+    assert "2 keys offered" in told[0] and "FINGERPRINT" in told[0]
+    pin, text = t.accept(ALICE)
+    assert pin is None and b.fingerprint in text and c.fingerprint in text
+    assert t.accept(ALICE, "ffff ffff")[0] is None
+    pin, text = t.accept(ALICE, b.fingerprint[:9])
+    assert pin == PinKey(ALICE, b.key_text)
+    assert t.check(chat(sign_b, mid="m4"), 3.0)[0] == VERIFIED
+
+
+def test_an_unverified_message_does_not_rename_its_sender_where_signatures_are_checked(keys):
+    from meshchat.membership import Membership
+
+    _, _, sign_a, _ = keys
+    m = Membership(MembershipConfig(label=ME), [NEIGHBOUR], secret=b"k")
+    r = Relay(RelayConfig(ME), peers=[NEIGHBOUR], trust=new_trust(), membership=m)
+    r.datagram_received(encode(chat(sign_a)._replace(extra={})), NEIGHBOUR, 0.0, WALL)  # unsigned: not pinned
+    stranger = Message("x1", WALL, 5, "CHAT", "127.0.0.1:9010", "", "hi", {"nick": "carol"})
+    r.datagram_received(encode(stranger), NEIGHBOUR, 0.1, WALL)
+    assert m.members["127.0.0.1:9010"].nick == ""  # not "carol": /who and @carol are not confused by it
+    signed = sign_a(Message("m9", WALL, 5, "CHAT", ALICE, "", "hi", {"nick": "alice"}))
+    r.datagram_received(encode(signed), NEIGHBOUR, 0.2, WALL)
+    assert m.members[ALICE].nick == "alice"
