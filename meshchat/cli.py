@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--catch-up-hours", type=_number(float, 0.0, 24 * 365, "a number"), default=24.0,
                       metavar="H", help="after a restart, ask neighbours for what was missed up to this far back "
                       "(default 24; 0: never)")
+    p.add_argument("--flood", action="store_true",
+                   help="send every broadcast's payload on every link (plain flooding); by default neighbours "
+                   "that speak LAZY get some as announcements and ask for what they miss (lazy push)")
     p.add_argument("--no-trace", action="store_true",
                    help="keep no per-message records (/why) nor per-neighbour counters (/peers shows "
                    "state, rtt and loss only); /trace still works")
@@ -736,7 +739,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
                          rate_limit=args.rate_limit, rate_limit_total=args.rate_limit_total,
                          peers_only=args.peers_only, display=not args.quiet,
-                         require_signed=args.require_signed, trace=not args.no_trace)
+                         require_signed=args.require_signed, trace=not args.no_trace, flood=args.flood)
     first = args.port
     try:
         node = open_node(args, config, on_event, on_events)
