@@ -706,6 +706,7 @@ def run(p: Params, progress: Callable[[str], None] = lambda s: None, links: Opti
             "latency_first_p50_ms": _ms(pct(lat_first, 0.5)), "latency_first_p99_ms": _ms(pct(lat_first, 0.99)),
             "latency_all_p99_ms": _ms(pct(lat_all, 0.99)),
             "sent_by_kind": {k: sent_n.get(k, 0) for k in kinds if sent_n.get(k)},
+            "sent_bytes_by_kind": {k: sent_b.get(k, 0) for k in kinds if sent_b.get(k)},
             "lost_by_links": sim.lost, "to_dead_nodes": sim.to_dead, "unroutable": sim.unroutable,
             "churned": len(sim.downs),
             "idle_per_node_per_s": {k: round(v / n / p.idle_s, 4) for k, v in sorted(idle.items())},
