@@ -228,3 +228,15 @@ def test_a_live_mesh_with_lazy_push_delivers_every_message():
     # Pruned links carried announcements: fewer payloads than plain flooding's one per link direction
     # less the senders' (12 nodes x 4 links: 4 + 11 x 3 = 37 a message).
     assert chat < 37, chat
+
+
+def test_flood_option_leaves_lazy_out_of_the_caps_and_the_default_announces_it():
+    from meshchat.cli import parse_args
+    from meshchat.node import History
+    from nodes import Cluster
+
+    assert parse_args(["--flood"]).flood is True and parse_args([]).flood is False
+    with Cluster(2, membership=MembershipConfig(label=""), history=History(enabled=False), flood=True) as c:
+        assert "LAZY" not in c[1].node.membership.config.caps and c[1].node.relay.lazy is None
+    with Cluster(1, membership=MembershipConfig(label=""), history=History(enabled=False)) as c:
+        assert "LAZY" in c[1].node.membership.config.caps and c[1].node.relay.lazy is not None
