@@ -1400,7 +1400,7 @@ class LossyMesh:
     """A random degree-4 mesh whose every link goes through a LossyHub (lossless until ``set_loss``).
 
     A node's peers are the hub's ports for its links, so every datagram it sends to a
-    neighbour crosses the hub: the hub counts what enters (HELLO, HAVE, WANT, SINCE apart)
+    neighbour crosses the hub: the hub counts what enters (HELLO, HAVE, WANT, SINCE, IHAVE, GRAFT, PRUNE apart)
     and what it drops."""
 
     def __init__(self, fleet: Fleet, n: int, seed: int, loss: float) -> None:
