@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="most disk the downloads folder may take; an offer that does not fit is refused "
                         "(default 1G)")
     shared.add_argument("--no-files", action="store_true", help="take part in no file sharing")
+    p.add_argument("--lazy", action="store_true",
+                   help="lazy push: neighbours that speak LAZY get a broadcast's payload on the links of a "
+                   "shared tree and an announcement on the others, and ask for what they miss (fewer "
+                   "datagrams, later under loss); the default is plain flooding")
+    p.add_argument("--flood", action="store_true", help="plain flooding: every payload on every link (the default)")
     p.add_argument("--no-trace", action="store_true",
                    help="keep no per-message records (/why) nor per-neighbour counters (/peers shows "
                    "state, rtt and loss only); /trace still works")
@@ -774,7 +779,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          max_ttl=args.max_ttl, max_skew_s=args.max_skew, max_datagram=args.max_datagram,
                          rate_limit=args.rate_limit, rate_limit_total=args.rate_limit_total,
                          peers_only=args.peers_only, display=not args.quiet,
-                         require_signed=args.require_signed, trace=not args.no_trace)
+                         require_signed=args.require_signed, trace=not args.no_trace,
+                         flood=not args.lazy)
     first = args.port
     try:
         node = open_node(args, config, on_event, on_events)

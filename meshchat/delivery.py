@@ -912,6 +912,11 @@ class Delivery:
         while len(buf) > BUFFER_MAX:
             buf.popitem(last=False)
 
+    def buffered(self, mid: str) -> Optional[Message]:
+        """A broadcast we hold in memory (as it came to us), for lazy push to answer a GRAFT with."""
+        held = self._buffer.get(mid)
+        return held[1] if held is not None else None
+
     def want_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
         """A WANT from neighbour ``addr``: the datagrams we hold, ttl 1, within the serving budget."""
         wants, why = parse_want(msg.extra or {})

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Set, Tup
 from . import crypto
 from .crypto import NetworkKey
 from .delivery import CAPS as DELIVERY_CAPS
+from .lazypush import CAP as LAZY_CAP
 from .delivery import Delivery, DeliveryConfig, HeldDrop, HeldItem, HeldPut, OutboxDrop, OutboxItem, OutboxPut
 from .delivery import ServeSince, direct_key, stream_of
 from .delivery import Store as StoreAction
@@ -242,7 +243,8 @@ class Node:
             mcfg = replace(membership or MembershipConfig(label=""), label=self.label,
                            peers_only=config.peers_only, max_ttl=config.max_ttl, discover=discovery is not None)
             if history is not None:
-                mcfg = replace(mcfg, caps=mcfg.caps + DELIVERY_CAPS)
+                # Lazy push rides on delivery (stream mids, its buffer answers GRAFTs): only with --lazy.
+                mcfg = replace(mcfg, caps=mcfg.caps + DELIVERY_CAPS + (() if config.flood else (LAZY_CAP,)))
             if self.identity is not None:
                 mcfg = replace(mcfg, key=self.identity.key_text)  # in our full HELLOs
             if files is not None:

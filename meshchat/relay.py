@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTupl
 from .delivery import Ack, Delivered, Forward, Have, Resend, Serve, Since, Want, direct_key
 from .bucket import new_bucket, take
 from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
+from .lazypush import CAP as LAZY_CAP, KINDS as LAZY_KINDS, LazyPush, Link, Push
 from .private import CAP, split_plain
 from .seen import SeenCache
 from .delivery import ServeSince
@@ -154,6 +155,7 @@ class RelayConfig:
     display: bool = True  # False (--quiet): no CHAT is displayed, so none is counted as displayed
     require_signed: bool = False  # drop every message not verified (needs a trust layer)
     trace: bool = True  # False (--no-trace): no per-message records or per-neighbour counters (trace.py)
+    flood: bool = True  # False (--lazy): lazy push to neighbours that speak it (lazypush.py; needs delivery)
 
 
 if TYPE_CHECKING:
@@ -163,13 +165,13 @@ if TYPE_CHECKING:
     from .private import Private
     from .trust import Trust
 
-_ONE_HOP = (Unicast, Want, Have, Since, Serve)
+_ONE_HOP = (Unicast, Want, Have, Since, Serve, Link, Push)
 RECENTLY_HEARD_S = 60.0  # a direct message for a node silent longer than this is kept to hand over
 MAX_ACKS_WAITING = 256  # acks with no neighbour to take them yet
 ACK_WAIT_S = 30.0  # how long such an ack waits for one
 
 # Link-local kinds that make us send (repair answers): taken only from neighbours that proved themselves.
-_NEIGHBOURS_ONLY = frozenset(("WANT", "HAVE", "SINCE") + FILE_LINK_KINDS)
+_NEIGHBOURS_ONLY = frozenset(("WANT", "HAVE", "SINCE") + FILE_LINK_KINDS + LAZY_KINDS)
 # A file chunk from a proved neighbour draws on a budget of its own, not on the chat rate limits,
 # so that a transfer does not crowd out chat (and chat does not throttle a transfer to 200 chunks/s).
 FILE_DATA_PER_S = 8000.0  # FDATA admitted a second from all neighbours together (bursts of 0.1 s)
@@ -284,6 +286,15 @@ class Relay:
         if self.files is not None:
             f = self.files
             self._link_kinds.update(FGET=f.get_received, FDATA=f.data_received, FHAVE=f.have_received)
+        # Lazy push (lazypush.py): which neighbours get a broadcast's payload, which an announcement.
+        self.lazy: Optional[LazyPush] = None
+        if self.delivery is not None and not config.flood:
+            m_, d_ = membership, self.delivery
+            lp = self.lazy = LazyPush(
+                config.label, new_mid,
+                neighbours=lambda: [(n.addr, n.label) for n in m_.neighbours.values() if n.up and LAZY_CAP in n.caps],
+                known=lambda mid: mid in self.seen, fetch=d_.buffered, version=lambda: m_.version)
+            self._link_kinds.update(IHAVE=lp.ihave_received, GRAFT=lp.graft_received, PRUNE=lp.prune_received)
         self.label = config.label
         self.seen = SeenCache(config.seen_ttl_s, config.seen_max)
         self.counters = Counters()
@@ -435,7 +446,7 @@ class Relay:
             c.dropped_duplicate += 1
             if self.trace is not None:
                 self.trace.duplicate(mid, addr, now)
-            return []
+            return self._pruned(mid, addr, now, wall, int(head.group(2)) if head is not None else None)
         try:
             msg = decode(data)
         except WireError:
@@ -454,7 +465,7 @@ class Relay:
             c.dropped_duplicate += 1
             if self.trace is not None:
                 self.trace.duplicate(msg.mid, addr, now)
-            return []
+            return self._pruned(msg.mid, addr, now, wall, msg.ttl)
         ts = msg.ts
         # A repaired or caught-up message is old on purpose: one hop (ttl 1), and one we asked for.
         asked = self.delivery is not None and msg.ttl == 1 and self.delivery.is_late(msg.mid, ts, now)
@@ -496,6 +507,12 @@ class Relay:
         else:
             actions = self._handle(msg, addr, now, wall, data, head, verified, encrypted)
         return told + actions if told else actions
+
+    def _pruned(self, mid: str, addr: Addr, now: float, wall: float, ttl: Optional[int]) -> list:
+        """A duplicate payload: with lazy push, the link it came on turns lazy (a PRUNE to its sender)."""
+        if self.lazy is None or addr not in self.membership.neighbours:
+            return []
+        return self._sends(self.lazy.duplicate(mid, addr, now, wall, ttl), now, wall)
 
     def _verified(self, msg: Message, now: float) -> Tuple[Optional[bool], list, bool]:
         """Whether ``msg`` is signed by its origin's pinned key (None: we cannot check), the actions
@@ -567,7 +584,7 @@ class Relay:
             kind = type(a)
             if kind in _ONE_HOP:
                 self.counters.sent += 1
-                if kind is not Serve:  # a served copy is a CHAT like any other, not link chatter
+                if kind is not Serve and kind is not Push:  # a served copy is a CHAT, not link chatter
                     self.counters.link_sent += 1
                 out.append(Send(a.data, (a.addr,)))
             elif d is None:
@@ -814,6 +831,8 @@ class Relay:
                     targets = (hop,)
         if targets is None:
             targets = self._flood_targets(msg, addr)
+            if self.lazy is not None and msg.kind == "CHAT" and not msg.dst:
+                targets = self.lazy.split(msg.mid, targets, now, msg.ttl)  # lazy links get an IHAVE instead
         if not targets:
             return None
         self.counters.sent += len(targets)
@@ -994,11 +1013,14 @@ class Relay:
                 if dst:
                     self._unanswered[part.mid] = (now, dst)
             raw = data if part is msg else encode(part)
+            part_targets = targets
+            if self.lazy is not None and kind == "CHAT" and not dst:
+                part_targets = self.lazy.split(part.mid, targets, now)
             if self.trace is not None:
-                self.trace.originated(part, targets, now)
-            if targets:
-                sends.append(Send(raw, targets))
-                self.counters.sent += len(targets)
+                self.trace.originated(part, part_targets, now)
+            if part_targets:
+                sends.append(Send(raw, part_targets))
+                self.counters.sent += len(part_targets)
             if d is not None:
                 if dst:
                     member = m.members.get(dst) if m is not None else None
@@ -1155,12 +1177,14 @@ class Relay:
             actions.extend(self.delivery.tick(now, wall))
         if self.files is not None:
             actions.extend(self.files.tick(now, wall))
+        if self.lazy is not None:
+            actions.extend(self.lazy.tick(now, wall))
         return self._count_out(self._sends(actions, now, wall))
 
     def next_deadline(self) -> Optional[float]:
         """When ``timers_due`` next has something to do; None: never, until something arrives."""
         times = []
-        for part in (self.membership, self.delivery, self.files):
+        for part in (self.membership, self.delivery, self.files, self.lazy):
             t = part.next_deadline() if part is not None else None
             if t is not None:
                 times.append(t)
@@ -1200,6 +1224,8 @@ class Relay:
             del self._buckets[a]
         if self.membership is not None:
             neighbours = self.membership.neighbours
+            if self.lazy is not None:
+                self.lazy.forget(neighbours.__contains__)
             for a in [a for a in self._peer_buckets if a not in self._peer_set and a not in neighbours]:
                 del self._peer_buckets[a]  # a learned neighbour that was forgotten
         notices.extend(Notice(f"no answer from {dst} to our ping within {PING_ANSWER_S:g} s") for _, dst in late)
@@ -1223,6 +1249,8 @@ class Relay:
         if self.trust is not None:
             out.update(self.trust.counters)
             out["pins"] = len(self.trust.pins)
+        if self.lazy is not None:
+            out.update(("lazy_" + k, v) for k, v in self.lazy.stats().items())
         return out
 
     def peer_table(self, now: float) -> List[Tuple[str, bool, Optional[float]]]:

@@ -54,6 +54,7 @@ FULL = dict(
     repair_nodes=12, repair_loss=(0.0, 0.2), repair_broadcasts=40, repair_directs=20, repair_gap_s=0.1,
     repair_settle_s=5.0, repair_deadline_s=30.0, repair_tail_s=40.0, repair_idle_s=30.0,
     security_messages=20_000,
+    lazy_nodes=50, lazy_messages=100, lazy_loss=(0.0, 0.2), lazy_seeds=(1, 2, 3),
 )
 QUICK = dict(
     relay_rounds=1, relay_messages=1000, relay_rate=5000.0, relay_burst=50, relay_max_s=0.3,
@@ -64,10 +65,11 @@ QUICK = dict(
     repair_nodes=6, repair_loss=(0.0, 0.2), repair_broadcasts=8, repair_directs=4, repair_gap_s=0.05,
     repair_settle_s=1.5, repair_deadline_s=5.0, repair_tail_s=0.3, repair_idle_s=0.0,
     security_messages=300,
+    lazy_nodes=20, lazy_messages=20, lazy_loss=(0.0, 0.2), lazy_seeds=(1,),
 )
 QUICK_NODES = 10
-SECTIONS = ("relay", "display", "history", "seal", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery",
-            "repair", "security")
+SECTIONS = ("relay", "display", "history", "seal", "latency", "scale", "memory", "direct", "idle", "liveness",
+            "discovery", "repair", "security", "lazy")
 MESH_SECTIONS = {"scale", "direct", "idle", "liveness"}  # these share one mesh per --nodes size
 LATENCY_HOPS = (1, 4, 8)
 DEGREE = 4
@@ -1533,7 +1535,7 @@ class LossyMesh:
     """A random degree-4 mesh whose every link goes through a LossyHub (lossless until ``set_loss``).
 
     A node's peers are the hub's ports for its links, so every datagram it sends to a
-    neighbour crosses the hub: the hub counts what enters (HELLO, HAVE, WANT, SINCE apart)
+    neighbour crosses the hub: the hub counts what enters (HELLO, HAVE, WANT, SINCE, IHAVE, GRAFT, PRUNE apart)
     and what it drops."""
 
     def __init__(self, fleet: Fleet, n: int, seed: int, loss: float) -> None:
@@ -1709,6 +1711,55 @@ def bench_repair(cfg: dict, fleet: Fleet, seed: int) -> List[dict]:
     finally:
         for m in meshes:
             m.close()
+
+
+# -- 12. lazy push ---------------------------------------------------------------------------------
+
+ANNOUNCE_KINDS = ("IHAVE", "GRAFT", "PRUNE")
+
+
+def bench_lazy(cfg: dict) -> dict:
+    """Flooding against lazy push (lazypush.py) in the random degree-4 mesh, simulated.
+
+    scripts/simulate.py runs the real Relay, Membership, Delivery and LazyPush in virtual time
+    (10 ms links, +-50%, 2 ms jitter), on the same topology, origins and loss for both; tests/
+    test_simulate.py holds it to a live loopback mesh. Per broadcast: payload datagrams (every
+    CHAT sent, served and grafted copies too), announcement datagrams and bytes (IHAVE, GRAFT,
+    PRUNE) apart; delivery after repair; p50 latency of first copies. Each figure is the mean
+    over ``lazy_seeds`` (a topology and origins each)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import simulate
+
+    rows = []
+    for loss in cfg["lazy_loss"]:
+        row: dict = {"loss": loss, "nodes": cfg["lazy_nodes"], "messages": cfg["lazy_messages"],
+                     "seeds": list(cfg["lazy_seeds"])}
+        for model in ("flood", "lazy"):
+            runs = [simulate.run(simulate.Params(nodes=cfg["lazy_nodes"], degree=DEGREE, messages=cfg["lazy_messages"],
+                                                 loss=loss, model=model, seed=seed))
+                    for seed in cfg["lazy_seeds"]]
+            k = len(runs)
+            msgs = [max(1, x["messages"]) for x in runs]
+            row[model] = {
+                "payload_per_msg": sum(x["chat_datagrams_per_message"] for x in runs) / k,
+                "announce_per_msg": sum(sum(x["sent_by_kind"].get(a, 0) for a in ANNOUNCE_KINDS) / m
+                                        for x, m in zip(runs, msgs)) / k,
+                "announce_bytes_per_msg": sum(sum(x["sent_bytes_by_kind"].get(a, 0) for a in ANNOUNCE_KINDS) / m
+                                              for x, m in zip(runs, msgs)) / k,
+                "payload_bytes_per_msg": sum(x["chat_bytes_per_message"] for x in runs) / k,
+                "delivery_first_copy": min(x["delivery_first_copy"] for x in runs),
+                "delivery_after_repair": min(x["delivery_after_repair"] for x in runs),
+                "p50_ms": sum(x["latency_first_p50_ms"] for x in runs) / k,
+                "p99_ms": sum(x["latency_first_p99_ms"] for x in runs) / k,
+                "all_p99_ms": sum(x["latency_all_p99_ms"] for x in runs) / k,
+                "by_kind": {kind: sum(x["sent_by_kind"].get(kind, 0) for x in runs) / sum(msgs)
+                            for kind in sorted({kk for x in runs for kk in x["sent_by_kind"]})},
+            }
+        f, z = row["flood"], row["lazy"]
+        row["fewer_payload_pct"] = 100.0 * (1.0 - z["payload_per_msg"] / f["payload_per_msg"])
+        row["p50_ratio"] = z["p50_ms"] / f["p50_ms"] if f["p50_ms"] else None
+        rows.append(row)
+    return {"rows": rows}
 
 
 # -- 9. discovery ----------------------------------------------------------------------------------
@@ -1944,6 +1995,14 @@ def targets(r: dict) -> List[dict]:
     add("seen dict bytes per entry (worst)", (mem.get("seen") or {}).get("worst_bytes_per_entry"), "<=", 200.0, "B")
     node = mem.get("node") or {}
     add(f"peak RSS after {node.get('ids_sent', 0):,} unique ids", node.get("peak_rss_mb"), "<=", 150.0, "MB")
+    for x in (r.get("lazy") or {}).get("rows", []):
+        note = "" if x["nodes"] == 50 else f"target is for 50 nodes; run with {x['nodes']}"
+        if x["loss"] == 0.0:
+            add(f"lazy push: fewer payload datagrams than flooding ({x['nodes']} nodes, simulated)",
+                x["fewer_payload_pct"], ">=", 40.0, "%", note)
+            add("lazy push: p50 latency / flooding's, 0% loss (simulated)", x["p50_ratio"], "<=", 1.5, "x", note)
+        add(f"lazy push: delivered after repair at {pct(x['loss'])} loss (simulated)",
+            x["lazy"]["delivery_after_repair"], ">=", 1.0, "", note)
     floods = [f for f in r.get("flood") or [] if f.get("fewer_than_naive_pct") is not None]
     if floods:
         f = min(floods, key=lambda f: abs(f["nodes"] - 50))
@@ -2252,6 +2311,22 @@ def report(r: dict) -> str:
                           ["duplicates (never verified)", "", sec["duplicate_us"], ""],
                           ["datagram bytes: unsigned, signed, sealed", b["unsigned"], f"{b['signed']}, "
                            f"{b['sealed_signed']}", ""]]))
+    lz = (r.get("lazy") or {}).get("rows")
+    if lz:
+        lrows = []
+        for x in lz:
+            for model in ("flood", "lazy"):
+                y = x[model]
+                lrows.append([pct(x["loss"]), model, y["payload_per_msg"], y["payload_bytes_per_msg"],
+                              y["announce_per_msg"], y["announce_bytes_per_msg"], pct(y["delivery_first_copy"]),
+                              pct(y["delivery_after_repair"]), y["p50_ms"], y["p99_ms"], y["all_p99_ms"]])
+        parts.append(f"12. Lazy push against flooding, {lz[0]['nodes']} nodes, random degree-{DEGREE}, "
+                     f"{lz[0]['messages']} broadcasts from random origins, simulated (scripts/simulate.py: the real "
+                     f"relay, membership, delivery and lazy push in virtual time; 10 ms links), mean of seeds "
+                     f"{lz[0]['seeds']}; per broadcast\n" + table(
+                         ["loss", "relaying", "payload datagrams", "payload bytes", "announcements (IHAVE, GRAFT, "
+                          "PRUNE)", "announcement bytes", "first copy", "after repair", "p50 ms", "p99 ms",
+                          "p99 incl. repair ms"], lrows))
     parts.append("Targets\n" + table(["target", "this run", "target", "status"], rows))
     errors = [f"{k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
     errors += [f"{k}: {x['error']}" for k in ("scale", "idle", "liveness", "repair") for x in r.get(k) or []
@@ -2375,6 +2450,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             r["repair"] = got if isinstance(got, list) else [got]
         if "security" in sections:
             r["security"] = run("security: signatures and private messages", lambda: bench_security(cfg))
+        if "lazy" in sections:
+            r["lazy"] = run("lazy push against flooding, simulated", lambda: bench_lazy(cfg))
     except KeyboardInterrupt:
         say("interrupted")
         return 130

@@ -50,6 +50,7 @@ from meshchat.delivery import CAPS as DELIVERY_CAPS  # noqa: E402
 from meshchat.delivery import Delivery, DeliveryConfig, ServeSince  # noqa: E402
 from meshchat.membership import (CAPS as MEMBERSHIP_CAPS, MAX_MEMBERS, PRESENCE_MAX_S, PRESENCE_MIN_S,  # noqa: E402
                                  PRESENCE_PER_MEMBER_S, Membership, MembershipConfig, Originate)
+from meshchat.lazypush import CAP as LAZY_CAP  # noqa: E402
 from meshchat.relay import Display, Relay, RelayConfig, Send  # noqa: E402
 
 WALL0 = 1_700_000_000.0  # the wall clock at virtual time 0 (every node's clock agrees)
@@ -257,8 +258,9 @@ class NodeSpec:
     settled_interval: Optional[float] = None
 
 
-def flood_node(spec: NodeSpec) -> Relay:
-    """Today's node: flooding, membership, acks and gap repair, with no history on disk."""
+def flood_node(spec: NodeSpec, lazy: bool = False) -> Relay:
+    """Today's node: flooding, membership, acks and gap repair, with no history on disk; ``lazy``:
+    with lazy push (LAZY in its caps, so its neighbours with it get announcements, not payloads)."""
     i = spec.index
     label = label_of(i)
     counter = iter(range(1 << 62))
@@ -268,7 +270,8 @@ def flood_node(spec: NodeSpec) -> Relay:
         return prefix + str(next(counter))
 
     rng = random.Random(spec.seed)
-    mcfg = MembershipConfig(label=label, max_ttl=spec.max_ttl, caps=MEMBERSHIP_CAPS + DELIVERY_CAPS)
+    mcfg = MembershipConfig(label=label, max_ttl=spec.max_ttl,
+                            caps=MEMBERSHIP_CAPS + DELIVERY_CAPS + ((LAZY_CAP,) if lazy else ()))
     m = SimMembership(mcfg, secret=b"k%d.%d" % (i, spec.incarnation), new_mid=new_mid,
                       rng=random.Random(rng.random()))
     if spec.shortcut:
@@ -277,11 +280,16 @@ def flood_node(spec: NodeSpec) -> Relay:
     node_id = "%016x" % ((i << 20 | spec.incarnation) & (1 << 64) - 1)
     d = Delivery(DeliveryConfig(label, node_id, catch_up_s=0.0), neighbours=m.repair_neighbours,
                  rng=random.Random(rng.random()), new_mid=new_mid)
-    cfg = RelayConfig(label=label, ttl=spec.ttl, max_ttl=spec.max_ttl)
+    cfg = RelayConfig(label=label, ttl=spec.ttl, max_ttl=spec.max_ttl, flood=not lazy)
     return Relay(cfg, spec.peers, new_mid=new_mid, membership=m, delivery=d)
 
 
-MODELS: Dict[str, Callable[[NodeSpec], Any]] = {"flood": flood_node}
+def lazy_node(spec: NodeSpec) -> Relay:
+    """A node with lazy push (lazypush.py): eager links get payloads, lazy ones IHAVEs."""
+    return flood_node(spec, lazy=True)
+
+
+MODELS: Dict[str, Callable[[NodeSpec], Any]] = {"flood": flood_node, "lazy": lazy_node}
 
 
 # -- the simulation ---------------------------------------------------------------------------------
@@ -698,6 +706,7 @@ def run(p: Params, progress: Callable[[str], None] = lambda s: None, links: Opti
             "latency_first_p50_ms": _ms(pct(lat_first, 0.5)), "latency_first_p99_ms": _ms(pct(lat_first, 0.99)),
             "latency_all_p99_ms": _ms(pct(lat_all, 0.99)),
             "sent_by_kind": {k: sent_n.get(k, 0) for k in kinds if sent_n.get(k)},
+            "sent_bytes_by_kind": {k: sent_b.get(k, 0) for k in kinds if sent_b.get(k)},
             "lost_by_links": sim.lost, "to_dead_nodes": sim.to_dead, "unroutable": sim.unroutable,
             "churned": len(sim.downs),
             "idle_per_node_per_s": {k: round(v / n / p.idle_s, 4) for k, v in sorted(idle.items())},

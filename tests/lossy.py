@@ -43,8 +43,9 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-# One-hop chatter of membership and repair: HELLO, WANT, HAVE, SINCE (nodes count it as link_*).
-_LINK_KINDS = re.compile(rb'"kind":"(?:HELLO|WANT|HAVE|SINCE)"')
+# One-hop chatter of membership, repair and lazy push: HELLO, WANT, HAVE, SINCE, IHAVE, GRAFT, PRUNE
+# (nodes count it as link_*).
+_LINK_KINDS = re.compile(rb'"kind":"(?:HELLO|WANT|HAVE|SINCE|IHAVE|GRAFT|PRUNE)"')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 20.0

@@ -172,6 +172,12 @@ def test_quick_benchmark_runs_and_reports_every_section(tmp_path):
         b = sec["datagram_bytes"]
         assert b["unsigned"] < b["signed"] < b["sealed_signed"], sec
 
+    # Lazy push against flooding (simulated): fewer payloads, announcements counted apart, all delivered.
+    for row in r["lazy"]["rows"]:
+        f, z = row["flood"], row["lazy"]
+        assert z["payload_per_msg"] < f["payload_per_msg"] and z["announce_per_msg"] > 0 == f["announce_per_msg"], row
+        assert z["delivery_after_repair"] == f["delivery_after_repair"] == 1.0, row
+
     names = [t["target"] for t in r["targets"]]
     assert len(names) >= 15 and all(t["met"] in (True, False, None) for t in r["targets"])
     assert all(key in r["machine"] for key in ("cpu", "cores", "python", "os"))

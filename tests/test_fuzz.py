@@ -761,3 +761,54 @@ def test_file_kinds_with_hostile_values_never_raise_and_keep_the_bounds():
     s = files.stats()
     assert s["file_dropped_malformed"] > 0 and s["file_pieces_served"] > 0 and s["files_offered"] > 0
     assert not any(c.broken for c in consoles)
+
+
+# -- lazy push's kinds and fields (lazypush.py) ------------------------------------------------------
+
+def test_lazy_push_kinds_with_hostile_fields_never_raise_are_counted_and_keep_the_bounds():
+    from meshchat import lazypush as lp
+    from meshchat.delivery import Delivery, DeliveryConfig
+    from meshchat.membership import Membership, MembershipConfig, Neighbour
+
+    label = label_of(1)
+    m = Membership(MembershipConfig(label=label, caps=("HELLO", "ACK", "REPAIR", "LAZY")), secret=b"fuzz")
+    d = Delivery(DeliveryConfig(label, "00000000000000f1"), neighbours=m.repair_neighbours)
+    r = Relay(RelayConfig(label=label, rate_limit=0, ttl=8, flood=False), membership=m, delivery=d)
+    for i in range(2, 8):  # proven neighbours that speak LAZY (the handshake's result, set directly)
+        n = m.neighbours[addr_of(i)] = Neighbour(addr_of(i), True, 0.0)
+        n.up, n.speaks, n.label, n.caps = True, True, label_of(i), frozenset(("HELLO", "REPAIR", "LAZY"))
+    m._changed()
+    rng = random.Random(20261126)
+    origins = ["%016x" % k for k in range(1, 6)]
+    o = origins[0]
+    values = WRONG_VALUES + [
+        {o: [1, 2]}, {o: list(range(1, 65))}, {o: list(range(1, 66))}, {o: [0]}, {o: [2 ** 53 + 1]},
+        {o: [True]}, {o: "1"}, {o.upper(): [1]}, {"zz": [1]}, {o: []}, {str(k): [1] for k in range(70)},
+    ]
+    sent_kinds = set()
+    for i in range(6000):
+        now = 1.0 + i * 0.01
+        sender = addr_of(rng.randrange(2, 10))  # 8 and 9: strangers, never proven
+        kind = rng.choice(["IHAVE", "GRAFT", "PRUNE", "CHAT", "CHAT"])
+        if kind == "CHAT":  # stream broadcasts, so duplicates prune and grafts find payloads
+            mid = "%s-%d" % (rng.choice(origins), rng.randrange(1, 300))
+            msg = Message(mid, WALL, rng.choice([1, 2, 8]), "CHAT", label_of(20), "", "hi", {"ttl0": 8})
+        else:
+            field = {"IHAVE": "ihave", "GRAFT": "graft", "PRUNE": "tree"}[kind]
+            extra = {field: rng.choice(values + [{rng.choice(origins): [rng.randrange(1, 300)]}] * 5)}
+            msg = Message("lz%d" % i, WALL, 1, kind, "%s:%d" % sender, label, "", extra)
+        for action in r.datagram_received(encode(msg), sender, now, WALL):
+            if isinstance(action, Send):
+                sent_kinds.add(decode(action.data).kind)  # whatever we send is valid
+        if i % 7 == 0:
+            for action in r.timers_due(now, WALL):
+                if isinstance(action, Send):
+                    sent_kinds.add(decode(action.data).kind)
+        assert _adds_up(r)
+    s = r.stats()
+    assert {"PRUNE", "IHAVE", "GRAFT", "CHAT"} <= sent_kinds  # every path was taken
+    assert s["lazy_malformed_ihave"] > 0 and s["lazy_malformed_graft"] > 0 and s["dropped_unproven"] > 0
+    assert s["lazy_graft_answered"] > 0
+    assert len(r.lazy._missing) <= lp.MAX_MISSING and all(len(x.announcers) <= lp.MAX_ANNOUNCERS
+                                                            for x in r.lazy._missing.values())
+    assert len(r.lazy._first) <= lp.MAX_FIRST and all(c <= lp.MAX_IHAVE_SEQS for c in r.lazy._ihave_count.values())

@@ -181,9 +181,9 @@ class LossyCountingSocket:
 TTL = 8  # fixed on both sides: the adaptive ttl would depend on which PRESENCE floods got through
 
 
-def live_run(links, origins, loss, seed):
-    """Real nodes on loopback: the fraction of (message, node) pairs shown by first copy and in
-    all, and CHAT datagrams sent per message."""
+def live_run(links, origins, loss, seed, **config):
+    """Real nodes on loopback (``config``: more RelayConfig fields): the fraction of (message, node)
+    pairs shown by first copy and in all, and CHAT datagrams sent per message."""
     n = len(links)
     counts, lock = {}, threading.Lock()
     seeds = iter(range(seed * 1000, seed * 1000 + n))
@@ -193,7 +193,7 @@ def live_run(links, origins, loss, seed):
 
     edges = sorted({(min(a, b) + 1, max(a, b) + 1) for a in range(n) for b in links[a]})
     with Cluster(n, edges, wrap_socket=wrap, membership=MembershipConfig(label=""),
-                 history=History(enabled=False), ttl=TTL) as c:
+                 history=History(enabled=False), ttl=TTL, **config) as c:
         want = {i: len(links[i - 1]) for i in range(1, n + 1)}
         c.wait_until(lambda: all(c[i].node.stats()["neighbours_up"] == want[i] for i in want), timeout=20)
         for i in want:
@@ -229,7 +229,7 @@ def test_the_simulation_agrees_with_a_live_mesh_on_loopback(loss):
     n, degree, messages, seed = 12, 4, 10, 7
     links = sim.random_regular(n, degree, random.Random(seed))
     origins = [random.Random(seed + k).randrange(n) for k in range(messages)]
-    first_live, all_live, chat_live = live_run(links, origins, loss, seed)
+    first_live, all_live, chat_live = live_run(links, origins, loss, seed, flood=True)  # as the "flood" model
     r = sim.run(sim.Params(nodes=n, messages=messages, loss=loss, seed=seed, ttl=TTL, settle_s=20.0,
                            idle_s=5.0, drain_s=15.0), links=links, origins=origins)
     assert all_live == 1.0 and r["delivery_after_repair"] == 1.0
