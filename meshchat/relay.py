@@ -499,13 +499,13 @@ class Relay:
                 return told
         self.seen.add(msg.mid, now, ts)
         if self.trace is not None:
-            self.trace.first(msg, addr, now)
+            self.trace.first(msg, addr, now, served=asked)
         if msg.kind == "PONG" and msg.dst != self.label:
             return self._relay_pong(msg, addr, now, data, head)
         if msg.kind in TRACE_KINDS and self.traceroute is not None:
             actions = self._traceroute(msg, addr, now, wall, data, head)
         else:
-            actions = self._handle(msg, addr, now, wall, data, head, verified, encrypted)
+            actions = self._handle(msg, addr, now, wall, data, head, verified, encrypted, served=asked)
         return told + actions if told else actions
 
     def _pruned(self, mid: str, addr: Addr, now: float, wall: float, ttl: Optional[int]) -> list:
@@ -637,7 +637,7 @@ class Relay:
 
     def _handle(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
                 head: "Optional[re.Match[bytes]]", verified: Optional[bool] = None,
-                encrypted: Optional[bool] = None) -> list:
+                encrypted: Optional[bool] = None, served: bool = False) -> list:
         c = self.counters
         c.handled += 1
         actions: list = []
@@ -645,7 +645,8 @@ class Relay:
         if m is not None:
             # What an unverified message says of its sender (nick, caps) is not taken where we check
             # signatures: one forged datagram must not rename a node or make a name ambiguous.
-            m.learn(msg, addr, now, trusted=verified is not False)
+            if not served:  # a copy served to us by repair: old, and one hop from whoever had it
+                m.learn(msg, addr, now, trusted=verified is not False)
             if addr not in m.neighbours:
                 actions.extend(self._sends(m.stranger(addr, len(data), now, wall), now, wall))
         to_me = msg.dst == self.label

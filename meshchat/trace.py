@@ -137,13 +137,15 @@ class Trace:
         records[mid] = rec
         return rec
 
-    def first(self, msg: Message, addr: Addr, now: float) -> None:
-        """The first copy of ``msg`` came from ``addr`` (the relaying path: written out, no calls)."""
+    def first(self, msg: Message, addr: Addr, now: float, served: bool = False) -> None:
+        """The first copy of ``msg`` came from ``addr`` (the relaying path: written out, no calls);
+        ``served``: a copy served by repair, whose ttl says nothing of the way it came."""
         records = self.records
         if len(records) >= self.max_records:
             records.popitem(last=False)
         x = msg.extra
-        records[msg.mid] = [msg.kind, msg.src, msg.dst, now, addr, msg.ttl, x.get("ttl0") if x else None, None,
+        ttl0 = x.get("ttl0") if x and not served else None
+        records[msg.mid] = [msg.kind, msg.src, msg.dst, now, addr, msg.ttl, ttl0, None,
                             0, (), NOT_SHOWN, "", False, None, None]
 
     def duplicate(self, mid: Optional[str], addr: Addr, now: float) -> None:
