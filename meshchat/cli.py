@@ -565,6 +565,8 @@ def _resolved(cmd: object, node: Node) -> object:
     if label is None:
         if re.fullmatch(r"[0-9.]+|localhost", cmd.dst):
             error += "; an address needs its port: HOST:PORT"
+        if isinstance(cmd, TraceRoute):  # worded as when a label cannot be traced
+            return Bad(f"cannot trace {cmd.dst}: {error}")
         return Bad(f"{error}; nothing was sent")
     return cmd._replace(dst=label)
 
@@ -811,8 +813,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         console.ready(node.label, identity)
         if node.metrics is not None:
             console.notice(f"metrics at {node.metrics.url}")
-        for warning in node.store.warnings if node.store is not None else ():
-            print(f"meshchat: warning: {warning}", file=sys.stderr)
+        for warning in [*(node.store.warnings if node.store is not None else ()), node.identity_warning]:
+            if warning:
+                print(f"meshchat: warning: {warning}", file=sys.stderr)
         if isinstance(console, TerminalConsole):
             console.name_of = lambda label: display_name(label, node.nick_of(label))
             if node.store is not None and not args.quiet:

@@ -22,6 +22,8 @@ else:
     _MISSING = None
 
 EXTRA = "meshchat[secure]"
+# People with a clone install the extra from it (the README says so): the line names both ways.
+INSTALL_HINT = f"pip install '{EXTRA}' (from a clone: pip install '.[secure]')"
 
 
 class CryptoUnavailable(RuntimeError):
@@ -35,7 +37,7 @@ def available() -> bool:
 def require(option: str) -> None:
     """Raise CryptoUnavailable with the one line the user sees if the extra is missing."""
     if _MISSING is not None:
-        raise CryptoUnavailable(f"{option} needs the secure extra: pip install '{EXTRA}' ({_MISSING})")
+        raise CryptoUnavailable(f"{option} needs the secure extra: {INSTALL_HINT}; {_MISSING}")
 
 
 # -- Identity and signatures ----------------------------------------------------------------------
@@ -139,6 +141,23 @@ class Identity:
 
     def sign(self, data: bytes) -> str:
         return b64(self._private.sign(data))
+
+
+def exposed_warning(path: "os.PathLike[str] | str") -> str:
+    """One line if the key file at ``path`` can be read or changed by others (POSIX modes), else "".
+
+    Only a warning: the key still works, and refusing it would stop a node over a chmod; but anyone
+    who can read it can sign as this node, so the user is told once, at start."""
+    if os.name != "posix":
+        return ""  # on Windows the folder's rights apply; modes say nothing there
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if not mode & 0o077:
+        return ""
+    return (f"identity file {path} is readable or writable by others (mode {mode & 0o777:04o}): "
+            f"anyone who can read it can sign as this node and open its private messages; chmod 600 {path}")
 
 
 _key_cache: "Dict[bytes, Any]" = {}

@@ -852,6 +852,8 @@ class Membership:
             if nk and nk.lower() == nick.lower() and (not tag or tag_of(label) == tag.lower()):
                 found[label] = nk
         if not found:
+            if self.nick and self.nick.lower() == nick.lower() and (not tag or tag_of(self.label) == tag.lower()):
+                return None, "that is this node"  # our own name: never in the tables above
             return None, f"no node called {name!r} is known; /who lists the nodes"
         if len(found) > 1:
             options = ", ".join(f"{display_name(lb, nk)} ({lb})" for lb, nk in sorted(found.items()))

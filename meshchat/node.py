@@ -40,7 +40,7 @@ from .lazypush import CAP as LAZY_CAP
 from .delivery import Delivery, DeliveryConfig, HeldDrop, HeldItem, HeldPut, OutboxDrop, OutboxItem, OutboxPut
 from .delivery import ServeSince, direct_key, stream_of
 from .delivery import Store as StoreAction
-from .membership import Beacon, Membership, MembershipConfig, Originate
+from .membership import Beacon, Membership, MembershipConfig, Originate, PeerDown
 from .metrics import MetricsServer, exposition, json_page
 from . import __version__
 from .private import BOX_FIELD, Private
@@ -230,6 +230,7 @@ class Node:
             sealing["unseal"] = crypto.opener(network_key, network_key_optional)
         self.identity: Any = None  # crypto.Identity, with security
         self.identity_where = ""  # the file, or "" for one in memory
+        self.identity_warning = ""  # one line if others can read the key file
         trust, sign = None, None
         if security is not None:
             try:
@@ -342,6 +343,7 @@ class Node:
         else:
             self.identity = crypto.Identity.load_or_create(path)[0]
             self.identity_where = path
+            self.identity_warning = crypto.exposed_warning(path)  # said once at start (cli)
         pins = self.store.pins() if self.store is not None else {}
         trust = Trust(crypto.verify, crypto.unb64, crypto.fingerprint, pins)
         return trust, signer(self.identity.key_text, self.identity.sign)
@@ -503,6 +505,9 @@ class Node:
         What there is to show (and to save) goes to ``batch`` if given, else on at once."""
         for action in actions:
             kind = type(action)
+            if kind is PeerDown and not action.nick:
+                # A goodbye HELLO carries no nick: name it by the one the mesh knew it by.
+                action = action._replace(nick=self.nick_of(action.label))
             if kind is Send:
                 self._send(action)
             elif kind is Beacon:
@@ -806,7 +811,11 @@ class Node:
             return []
         with self._lock:
             t = self.relay.trace
-            return t.neighbour_rows(self._clock()) if t is not None else self.membership.peer_rows(self._clock())
+            rows = t.neighbour_rows(self._clock()) if t is not None else self.membership.peer_rows(self._clock())
+            for row in rows:
+                if not row["nick"]:  # one that said goodbye, or one gone: the nick the mesh knew it by
+                    row["nick"] = self.membership.nick_of(row["label"])
+            return rows
 
     def why(self, prefix: str) -> Tuple[Optional[dict], str]:
         """/why: this node's record of the message whose id starts with ``prefix`` ("" for the last

@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from meshchat.cli import parse_args as parse_node_args, stdin_lines  # noqa: E402
-from meshchat.console import peer_lines, sanitize, stats_lines, who_lines  # noqa: E402
+from meshchat.jsonview import JsonView  # noqa: E402
 from meshchat.membership import display_name, valid_nick  # noqa: E402
 
 TOPOLOGIES = ("full", "ring", "line", "star", "random")
@@ -243,6 +243,7 @@ class Mesh:
         self.children: List[subprocess.Popen] = []
         self.names: List[str] = []
         self.nicks = effective_nicks(args)
+        self.views: List[JsonView] = []  # per node: its events as its terminal would show them
         self.ports: Dict[int, int] = {}
         self.discover = args.discover
         self.errors: List[List[str]] = []  # each node's stderr until the mesh is up
@@ -263,6 +264,7 @@ class Mesh:
                                      creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0))
             self.children.append(child)
             self.names.append(f"node {i + 1}")
+            self.views.append(JsonView(self.name_of))
             self.errors.append([])
             self.ports[args.base_port + i] = i
             for body, name in ((self._pump, "pump"), (self._pump_stderr, "stderr")):
@@ -346,38 +348,13 @@ class Mesh:
         return f"{PALETTE[i % len(PALETTE)]}{text}\x1b[0m" if self.color else text
 
     def show(self, i: int, e: dict) -> None:
-        kind = e.get("event")
-        if kind == "ready":
+        """Node i's event as its terminal would show it (meshchat.jsonview), after its coloured name."""
+        lines = self.views[i].lines(e)
+        if e.get("event") == "ready" and isinstance(e.get("node"), str):
             self.names[i] = f"node {i + 1} {e['node']}"
-            text = f"ready: {display_name(e['node'], self.nicks[i])}"
-        elif kind == "chat":
-            private = " (private)" if e.get("dst") else ""
-            who = display_name(e["src"], e["nick"] if valid_nick(e.get("nick")) else "")
-            text = f"<{sanitize(who)}>{private} {sanitize(e['body'])}"
-        elif kind == "sent":
-            to = f" (private to {sanitize(self.name_of(e['dst']))})" if e.get("dst") else ""
-            text = f"<you>{to} {sanitize(e['body'])}"
-        elif kind == "ping":
-            text = f"* ping sent to {e.get('dst') or 'every node'}"
-        elif kind == "pong":
-            text = f"* pong from {e['src']}: {e['rtt_ms']:.1f} ms"
-        elif kind in ("notice", "error"):
-            mark = "*" if kind == "notice" else "!"
-            text = "\n".join(f"{mark} {sanitize(line)}"
-                              for line in str(e.get("text") or e.get("error")).splitlines())
-        elif kind == "stats":
-            text = "\n".join("* " + line for line in stats_lines(e))
-        elif kind == "peers":
-            text = "\n".join("* " + line for line in peer_lines(e["peers"]))
-        elif kind == "who":
-            text = "\n".join("* " + line for line in who_lines(e["nodes"]))
-        elif kind in ("peer_up", "peer_down"):
-            name = sanitize(display_name(e["peer"], e["nick"] if valid_nick(e.get("nick")) else ""))
-            text = f"* neighbour {name} is {kind[len('peer_'):]}"
-        else:
-            text = "* " + ", ".join(f"{k} {v}" for k, v in e.items() if k != "event")
-        self.print("\n".join(f"{self.paint(i, '[' + self.names[i] + ']')} {line}"
-                             for line in text.splitlines() or [""]))
+            # Instead of "meshchat node ... is up": the name the other nodes will show it by.
+            lines = [f"ready: {display_name(e['node'], self.nicks[i])}"] + lines[1:]
+        self.print("\n".join(f"{self.paint(i, '[' + self.names[i] + ']')} {line}" for line in lines or [""]))
 
     def index_of(self, label: str) -> Optional[int]:
         """Which of our nodes has ``label`` (they are all 127.0.0.1:PORT), if any."""
@@ -390,6 +367,12 @@ class Mesh:
         return label if j is None else display_name(label, self.nicks[j])
 
     def print(self, text: str) -> None:
+        # The tree of /map and the tick of a delivery in a pipe or console that cannot show them: as escapes.
+        encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+        try:
+            text = text.encode(encoding, "backslashreplace").decode(encoding)
+        except LookupError:
+            text = text.encode("ascii", "backslashreplace").decode("ascii")
         with self._print_lock:
             print(text, flush=True)
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from meshchat import crypto
 from meshchat.membership import display_name
 
 from meshsim import connected
@@ -90,9 +91,10 @@ def test_piped_lines_reach_the_whole_mesh_then_everything_stops():
     assert f"[node 2 127.0.0.1:{base + 1}] <{n1}> hello all" in out
     assert f"[node 3 127.0.0.1:{base + 2}] <{n1}> hello all" in out
     assert f"[node 1 127.0.0.1:{base}] <{n3}> from three" in out
-    assert f"[node 1 127.0.0.1:{base}] <{n2}> (private) psst" in out
-    assert f"[node 2 127.0.0.1:{base + 1}] <you> (private to {n1}) psst" in out
-    assert f"[node 3 127.0.0.1:{base + 2}] <{n2}> (private) by nick" in out
+    sealed = ", encrypted" if crypto.available() else ""  # as the terminal says it, at both ends
+    assert f"[node 1 127.0.0.1:{base}] <{n2}> (private{sealed}) psst" in out
+    assert f"[node 2 127.0.0.1:{base + 1}] <you> (private to {n1}{sealed}) psst" in out
+    assert f"[node 3 127.0.0.1:{base + 2}] <{n2}> (private{sealed}) by nick" in out
     assert out.count("psst") == 2 and out.count("by nick") == 2, "shown at its target and as sent, nowhere else"
     assert "\x1b" not in out
 
@@ -115,7 +117,8 @@ def test_discover_nodes_find_each_other_and_chat_and_the_tables_read_well():
     for node in (2, 3):
         assert f"[node {node} 127.0.0.1:{base + node - 1}] <{a1}> hello all" in out
     assert f"[node 1 127.0.0.1:{base}] <{a3}> from three" in out
-    assert f"[node 1 127.0.0.1:{base}] <{a2}> (private) psst" in out and out.count("psst") == 2
+    sealed = ", encrypted" if crypto.available() else ""
+    assert f"[node 1 127.0.0.1:{base}] <{a2}> (private{sealed}) psst" in out and out.count("psst") == 2
     who = [line for line in out.splitlines() if line.startswith(f"[node 2 127.0.0.1:{base + 1}] * ")]
     assert any(a2 in line and line.rstrip().endswith("you") for line in who)
     # Right after the handshake one side may not know the other's nick yet (it comes with the next HELLO).
@@ -128,6 +131,30 @@ def test_discover_nodes_find_each_other_and_chat_and_the_tables_read_well():
     assert any(f"127.0.0.1:{base + 1}" in line and " found " in line and " up " in line for line in peers)
     assert any("] * received " in line and "handled" in line for line in peers)
     assert any("] * sent " in line and "datagrams" in line for line in peers), "/stats: each of its lines marked"
+
+
+def test_the_demo_shows_why_map_trace_and_deliveries_as_the_terminal_does():
+    for attempt in range(3):  # the ports were free a moment ago; another program may take one
+        base = free_port_run(3)
+        # --linger: a private message may wait for its destination's key, then for its acknowledgement.
+        result = spawn("-n", "3", "--base-port", str(base), "--linger", "4",
+                       input="hello all\n/why\n/map\n/trace n3\n2: @n1 psst\n3: /nick\n")
+        if result.returncode != 1:
+            break
+    assert result.returncode == 0, result.stderr
+    n1, n2, n3 = (display_name(f"127.0.0.1:{base + i}", f"n{i + 1}") for i in range(3))
+    one, two = f"[node 1 127.0.0.1:{base}] ", f"[node 2 127.0.0.1:{base + 1}] "
+    lines = result.stdout.splitlines()
+    mine = [line[len(one):] for line in lines if line.startswith(one)]
+    assert any(line.startswith("* ") and line.endswith(": CHAT of ours, now") for line in mine), "/why"
+    assert f"* sent by us to {n2}, {n3}" in mine or f"* sent by us to {n3}, {n2}" in mine
+    assert f"{n1} (you, 127.0.0.1:{base})" in mine, "/map: the tree"
+    assert any(line.startswith(("├── ", "└── ")) and n3 in line for line in mine)
+    assert f"* trace to {n3}: 1 hop" in mine
+    assert any(line.split() == ["*", "1", n3] + line.split()[3:] and line.endswith(" ms") for line in mine)
+    assert f"{two}\u2713 delivered to {n1} (" in result.stdout
+    assert "{'" not in result.stdout and "mid " not in result.stdout, "no event as a raw dict"
+    assert f"[node 3 127.0.0.1:{base + 2}] * you are {n3}" in result.stdout
 
 
 def one_line(text):
