@@ -548,7 +548,7 @@ class Membership:
         if n.label != msg.src:
             n.label = msg.src
             self._changed()
-        if h.nick or n.nick:
+        if h.nick or (n.nick and h.caps):  # only a full HELLO (it has caps) says the nick is gone
             n.nick = h.nick
         if h.caps:
             n.caps = h.caps

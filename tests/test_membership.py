@@ -322,3 +322,13 @@ def test_full_hellos_carry_our_identity_key_and_neighbours_show_it():
     for bad in ("k" * 42, "k" * 44, "+" * 43, 43, None):
         m.hello_received(hello_from(addr(2), ask=False, key=bad), addr(2), 500, 1.0, WALL)
         assert m.neighbours[addr(2)].key == ""
+
+
+def test_a_goodbye_or_a_bare_answer_keeps_the_nick_a_full_hello_told():
+    net = Net(2, configured=[(1, 2), (2, 1)])
+    net.ms[2].nick = "bob"
+    net.advance(5.0)
+    assert net.ms[1].neighbours[addr(2)].nick == "bob"
+    net.events[1].clear()
+    net.deliver(2, net.ms[2].goodbye(net.now, WALL))  # no caps, no nick: it says nothing of the nick
+    assert net.events[1] == [PeerDown(label(2), addr(2), "bob")]
