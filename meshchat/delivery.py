@@ -731,6 +731,12 @@ class Delivery:
 
     def _handover_message(self, h: _Held, wall: float) -> Message:
         extra = dict(h.msg.extra)
+        sig = extra.pop("sig", None)
+        if sig is not None:
+            # The origin's signature covers the mid and ts it signed, which a hand-over changes: it
+            # travels as ``osig`` with them (``hmid``, ``hts``), so the destination still checks it
+            # (trust.py rule 6).
+            extra.update(osig=sig, hmid=h.msg.mid, hts=h.msg.ts)
         extra["re"] = h.key
         extra.setdefault("ots", h.msg.ts)
         mid = f"{h.key}~h{self._rng.getrandbits(32):x}"

@@ -631,6 +631,8 @@ class Relay:
         no longer matches its signature, so it goes unsigned (shown unverified) rather than as a forgery."""
         if msg.src == self.label and self._sign is not None:
             return self._sign(msg)
+        if msg.extra and "osig" in msg.extra:
+            return msg  # a hand-over that carries its origin's signature as it was signed (trust.py rule 6)
         if msg.extra and ("sig" in msg.extra or "key" in msg.extra):
             return msg._replace(extra={k: v for k, v in msg.extra.items() if k not in ("key", "sig")})
         return msg

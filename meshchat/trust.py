@@ -22,6 +22,12 @@ Rules, so that nobody is shown as a node they are not:
    their messages show as unverified: pins are never pushed out, or a flood
    of made-up origins could unpin a real one), ``MAX_PENDING`` origins with
    offered keys (the oldest goes) and ``MAX_OFFERS`` keys each.
+6. A hand-over (store-and-forward: a node that held a direct message for
+   someone sends it on with a new ``mid`` and ``ts``) carries the origin's
+   signature as ``osig``, with the ``mid`` and ``ts`` it covers (``hmid``,
+   ``hts``): the message the origin signed is rebuilt and checked as any
+   other (the hand-over's own ``re`` and ``ots`` left out when the origin
+   signed the first try itself), so a held message stays verified.
 5. Sans-I/O: no socket, thread, clock or disk; ``now`` is an argument, and the
    signature check itself is injected (``crypto.verify``), so the relay's
    decision stays pure. New pins come back as ``PinKey`` for the node to store.
@@ -36,6 +42,8 @@ from .wire import Message
 
 KEY_FIELD = "key"
 SIG_FIELD = "sig"
+OSIG_FIELD = "osig"  # a hand-over's: the origin's signature, of the mid and ts in hmid and hts
+MAX_HMID_CHARS = 128
 KEY_BYTES = 32
 SIG_BYTES = 64
 MAX_PINS = 4096
@@ -64,6 +72,20 @@ def signing_bytes(msg: Message) -> bytes:
     obj = {k: v for k, v in msg.extra.items() if k != SIG_FIELD} if msg.extra else {}
     obj.update(mid=msg.mid, ts=msg.ts, kind=msg.kind, src=msg.src, dst=msg.dst, body=msg.body)
     return _CANON.encode(obj).encode("utf-8")
+
+
+def as_signed(handover: Message) -> Optional[Message]:
+    """The message its origin signed, rebuilt from a hand-over (rule 6); None if the fields are malformed."""
+    x = dict(handover.extra)
+    osig, hmid, hts = x.pop(OSIG_FIELD, None), x.pop("hmid", None), x.pop("hts", None)
+    if (type(osig) is not str or type(hmid) is not str or not 0 < len(hmid) <= MAX_HMID_CHARS
+            or type(hts) not in (int, float)):
+        return None
+    if hmid == x.get("re"):  # the origin signed its first try, which had neither re nor ots
+        x.pop("re", None)
+        x.pop("ots", None)
+    x[SIG_FIELD] = osig
+    return handover._replace(mid=hmid, ts=hts, extra=x)
 
 
 def signer(key_text: str, sign: Callable[[bytes], str]) -> Callable[[Message], Message]:
@@ -105,6 +127,11 @@ class Trust:
 
     def check(self, msg: Message, now: float) -> Tuple[str, list]:
         """The verdict on a first copy, and what to do besides (a PinKey, a notice text)."""
+        if msg.extra and OSIG_FIELD in msg.extra and SIG_FIELD not in msg.extra:
+            signed = as_signed(msg)
+            if signed is None:
+                return BAD_SIGNATURE, []
+            msg = signed
         extra = msg.extra
         if not extra or (KEY_FIELD not in extra and SIG_FIELD not in extra):
             if msg.src in self.pins:

@@ -119,14 +119,20 @@ def test_a_retry_and_a_hand_over_stay_decryptable(ids):
     retry = sends(ra._sends(ra.delivery.peer_heard(C, 31.0, WALL + 31, frozenset({"ACK"})), 31.0, WALL + 31))
     msg = decode(retry[0].data)
     assert msg.mid.startswith(decode(first).mid + "~") and msg.body.startswith(MARKER) and b"cake" not in retry[0].data
-    # B holds the first copy for C (not heard from lately) and hands it over later: unsigned, still sealed.
+    # B holds the first copy for C (not heard from lately) and hands it over later: a new mid and ts,
+    # the origin's signature carried along (osig, with the mid and ts it covers), still sealed.
     rb.datagram_received(first, ADDR_A, 0.0, WALL)
     handed = sends(rb._sends(rb.delivery.peer_heard(C, 40.0, WALL + 40, frozenset({"ACK"})), 40.0, WALL + 40))
     over = decode(handed[0].data)
     assert over.mid != decode(first).mid and "sig" not in over.extra and over.body.startswith(MARKER)
+    assert over.extra["osig"] == decode(first).extra["sig"] and over.extra["hmid"] == decode(first).mid
+    # Changed on the way (another text under the origin's signature): refused, and the real one still shows.
+    forged = over._replace(mid=over.mid + "x", body=MARKER + over.body[len(MARKER) + 4:])
+    assert not [a for a in rc.datagram_received(encode(forged), ADDR_B, 40.05, WALL + 40) if isinstance(a, Display)]
+    assert rc.stats()["dropped_bad_signature"] == 1
     out = rc.datagram_received(handed[0].data, ADDR_B, 40.1, WALL + 40)
     [d] = [a for a in out if isinstance(a, Display)]
-    assert d.message.body == SECRET and d.encrypted is True and d.verified is False  # the hand-over lost the signature
+    assert d.message.body == SECRET and d.encrypted is True and d.verified is True  # still the origin's
     # The retry opens too (and is shown once: the hand-over showed it already).
     assert rc.private.open(decode(retry[0].data))[0].body == SECRET
 
