@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bad-link", type=_bad_link, action="append", default=[], metavar="A-B:LOSS",
                    help="this link loses LOSS instead of --loss (e.g. 3-5:0.4); repeatable. The report "
                    "then shows which links the nodes' /peers flag")
+    p.add_argument("--map", metavar="FILE.svg", help="at the end, node 0 draws the mesh as it knows it (/map FILE.svg)")
     return p
 
 
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
         report = run_chaos(nodes=args.nodes, degree=args.degree, loss=args.loss, duration_s=args.duration,
                            kills_per_min=args.kills_per_minute, seed=args.seed, rate=args.rate, dup=args.dup,
                            delay=args.delay, reorder=args.reorder, netns=args.netns, down_s=args.down,
-                           max_down=args.max_down, progress=progress, bad_links=dict(args.bad_link))
+                           max_down=args.max_down, progress=progress, bad_links=dict(args.bad_link),
+                           map_svg=args.map)
     except NetnsUnavailable as e:
         print(f"chaos: --netns is not possible here: {e}", file=sys.stderr)
         return 3

@@ -1082,6 +1082,14 @@ class Mesh:
         self._await_ready(i)
         self.restarts += 1
 
+    def write_map(self, i: int, path: str, timeout: float) -> bool:
+        """Node ``i`` writes ``/map PATH`` (an SVG); True once it said it did."""
+        key = (i, self.incarnation[i])
+        seen = len(self.log.get(key, []))
+        self.procs[i].send(f"/map {path}")
+        return self.wait_until(lambda: any(e.get("event") == "notice" and path in str(e.get("text", ""))
+                                           for e in self.log.get(key, [])[seen:]), timeout)
+
     def query_peers(self, nodes: Sequence[int], timeout: float) -> Dict[int, List[dict]]:
         """Each node's /peers rows (what a user would type to find a bad link)."""
         for i in nodes:
@@ -1187,7 +1195,7 @@ def run_chaos(nodes: int = 12, degree: int = 4, loss: float = 0.2, duration_s: f
               delay: Tuple[float, float] = (0.0, 0.0), reorder: float = 0.0, netns: bool = False,
               down_s: Tuple[float, float] = (1.0, 3.0), max_down: Optional[int] = None,
               progress: Callable[[str], None] = lambda text: None,
-              bad_links: Optional[Dict[Tuple[int, int], float]] = None) -> Report:
+              bad_links: Optional[Dict[Tuple[int, int], float]] = None, map_svg: Optional[str] = None) -> Report:
     """Messages from random live nodes at ``rate`` a second for ``duration_s``; meanwhile random
     nodes are SIGKILLed (``kills_per_min`` on average, at most ``max_down`` down at once) and
     restarted on the same port after ``down_s`` seconds. Then every node is up again, the mesh
@@ -1244,6 +1252,8 @@ def run_chaos(nodes: int = 12, degree: int = 4, loss: float = 0.2, duration_s: f
         report = mesh.report(settled=settled)
         report.rss_kib = mesh.rss()
         report.flagged = flagged_links(mesh, mesh.query_peers(mesh.live(), 10.0))
+        if map_svg:  # node 0 draws the mesh as it knows it, as a user would type /map FILE.svg
+            mesh.write_map(0, os.path.abspath(map_svg), 10.0)
     finally:
         exits = mesh.close()
     report.exits = exits

@@ -246,7 +246,7 @@ def test_the_chaos_script_reports_delivery_duplicates_and_memory(tmp_path):
     html = tmp_path / "chaos.html"
     p = subprocess.run([sys.executable, SCRIPT, "--nodes", "6", "--degree", "3", "--loss", "10%",
                         "--duration", "4", "--kills-per-minute", "30", "--down", "0.5,1", "--seed", "5",
-                        "--json", "--min-delivery", "0.8", "--html", str(html)],
+                        "--json", "--min-delivery", "0.8", "--html", str(html), "--map", str(tmp_path / "mesh.svg")],
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines()
@@ -254,6 +254,11 @@ def test_the_chaos_script_reports_delivery_duplicates_and_memory(tmp_path):
     assert any(line.startswith("duplicates shown: 0 ") for line in lines)
     assert any(line.startswith("memory per node (VmRSS): ") for line in lines)
     assert any(line.startswith("links flagged by /peers: ") for line in lines)  # --bad-link's finding
+    import xml.etree.ElementTree as ET
+
+    svg = ET.parse(tmp_path / "mesh.svg").getroot()  # --map: node 0's /map FILE.svg
+    drawn = {g.get("data-label") for g in svg.iter("{http://www.w3.org/2000/svg}g") if g.get("data-label")}
+    assert len(drawn) >= 1 + 3  # node 0 and its three neighbours at least (the rest once their presence came)
     report = json.loads(lines[-1])
     assert report["nodes"] == 6 and report["settled"] is True
     assert report["kills"] >= 1 and report["restarts"] == report["kills"]
