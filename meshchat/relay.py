@@ -1081,6 +1081,8 @@ class Relay:
             return None, [], "no neighbour that speaks TRACE is up"
         ttl = self.config.ttl or m.ttl_for(dst)
         msg = Message(self._new_mid(), wall, ttl, "TRACE", self.label, dst, "", {"ttl0": ttl})
+        if self._sign is not None:
+            msg = self._sign(msg)
         self.seen.add(msg.mid, now, wall)
         tr.started(msg.mid, dst, now)
         self.counters.sent += len(targets)
@@ -1145,6 +1147,8 @@ class Relay:
             # It goes back the way the TRACE came: ``hop`` hops, and a little slack.
             answer = Message(self._new_mid(), wall, min(hop + 2, self.config.max_ttl), "HOP", self.label,
                              msg.src, msg.mid, extra)
+            if self._sign is not None:  # signed like all we originate: unsigned, our pinned name drops it
+                answer = self._sign(answer)
             self.seen.add(answer.mid, now, wall)
             c.sent += 1
             actions.append(Send(encode(answer), (addr,)))
