@@ -19,6 +19,7 @@ means and the results of a full run.
 """
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -514,32 +515,11 @@ def serve_bare(sock: socket.socket, peers: List[Tuple[str, int]]) -> None:
                 sendto(data, p)
 
 
-def serve_straightforward(sock: socket.socket, peers: List[Tuple[str, int]]) -> None:
-    """A correct relay written the obvious way: json.loads, a dict of seen ids, ttl - 1, json.dumps."""
-    seen: Dict[str, float] = {}
-    while True:
-        data, addr = sock.recvfrom(65535)
-        try:
-            msg = json.loads(data)
-            mid = msg["mid"]
-            ttl = int(msg["ttl"]) - 1
-        except (ValueError, KeyError, TypeError):
-            continue
-        if mid in seen:
-            continue
-        seen[mid] = time.monotonic()
-        if ttl <= 0:
-            continue
-        msg["ttl"] = ttl
-        out = json.dumps(msg).encode()
-        for p in peers:
-            if p != addr:
-                sock.sendto(out, p)
+def serve_straightforward(sock: socket.socket, peers: List[Tuple[str, int]], show: bool = False) -> None:
+    """A correct relay written the obvious way: json.loads, a dict of seen ids, ttl - 1, json.dumps.
 
-
-def serve_straightforward_printing(sock: socket.socket, peers: List[Tuple[str, int]]) -> None:
-    """The straightforward relay that also shows every message: a JSON line on stdout, flushed,
-    from the socket thread (what a displaying node is measured against, issue 14)."""
+    ``show``: it also shows every message, a JSON line on stdout, flushed, from the socket thread
+    (what a displaying node is measured against, issue 14)."""
     seen: Dict[str, float] = {}
     out_stream = sys.stdout
     while True:
@@ -553,8 +533,9 @@ def serve_straightforward_printing(sock: socket.socket, peers: List[Tuple[str, i
         if mid in seen:
             continue
         seen[mid] = time.monotonic()
-        out_stream.write(json.dumps(dict(msg, event="chat")) + "\n")
-        out_stream.flush()
+        if show:
+            out_stream.write(json.dumps(dict(msg, event="chat")) + "\n")
+            out_stream.flush()
         if ttl <= 0:
             continue
         msg["ttl"] = ttl
@@ -565,7 +546,7 @@ def serve_straightforward_printing(sock: socket.socket, peers: List[Tuple[str, i
 
 
 SERVERS = {"bare": serve_bare, "straightforward": serve_straightforward,
-           "straightforward_printing": serve_straightforward_printing}
+           "straightforward_printing": functools.partial(serve_straightforward, show=True)}
 
 
 def serve(kind: str, peer_texts: List[str]) -> int:
