@@ -698,7 +698,8 @@ class TerminalConsole(Console):
 
     def whoami(self, label: str, nick: str, fingerprint: Optional[str]) -> None:
         fp = f"fingerprint {fingerprint}" if fingerprint else "no key (pip install 'meshchat[secure]' for one)"
-        self.notice(f"you are {display_name(label, nick)}, {fp}")
+        shown = display_name(label, nick)
+        self.notice(f"you are {shown}{f' ({label})' if shown != label else ''}, {fp}")
 
     def delivery(self, e: "Union[Delivered, Undelivered]") -> None:
         to = sanitize(self.name_of(e.dst))
@@ -719,7 +720,7 @@ class TerminalConsole(Console):
                 self.notice("no history yet")
             return
         if replay:
-            self.notice(f"the last {len(rows)} messages, from history:")
+            self.notice(f"the last {len(rows)} message{'s' if len(rows) != 1 else ''}, from history:")
         for r in rows:
             when = time.strftime("%m-%d %H:%M", time.localtime(r["ts"]))
             who = "you" if r["src"] == self.label else sanitize(self.name_of(r["src"]))

@@ -489,7 +489,7 @@ class Relay:
                 self.trace.refused(msg, addr, "replay", now)
             return []
         # Judged before it takes a seen-cache slot, so a forged copy sent first cannot silence the real one.
-        verified, told, dropped = self._verified(msg, now)
+        verified, told, dropped = self._verified(msg, now, quiet=asked)
         if dropped:
             return told
         encrypted = None
@@ -514,9 +514,12 @@ class Relay:
             return []
         return self._sends(self.lazy.duplicate(mid, addr, now, wall, ttl), now, wall)
 
-    def _verified(self, msg: Message, now: float) -> Tuple[Optional[bool], list, bool]:
+    def _verified(self, msg: Message, now: float, quiet: bool = False) -> Tuple[Optional[bool], list, bool]:
         """Whether ``msg`` is signed by its origin's pinned key (None: we cannot check), the actions
-        the check asks for (a pin to store, a notice), and whether it is dropped (counted here)."""
+        the check asks for (a pin to store, a notice), and whether it is dropped (counted here).
+
+        ``quiet``: a copy served by repair (old on purpose): an unsigned one under a pinned name is
+        dropped without a notice (it is most likely from before its origin had a key)."""
         trust = self.trust
         if trust is None:
             return None, [], False
@@ -534,7 +537,7 @@ class Relay:
             return False, [Notice(text) for text in extra], True
         if verdict == "impostor":
             c.dropped_impostor += 1
-            return False, [Notice(text) for text in extra], True
+            return False, [] if quiet else [Notice(text) for text in extra], True
         c.dropped_bad_signature += 1
         return False, [], True
 

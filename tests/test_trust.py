@@ -305,3 +305,13 @@ def test_an_unverified_message_does_not_rename_its_sender_where_signatures_are_c
     signed = sign_a(Message("m9", WALL, 5, "CHAT", ALICE, "", "hi", {"nick": "alice"}))
     r.datagram_received(encode(signed), NEIGHBOUR, 0.2, WALL)
     assert m.members[ALICE].nick == "alice"
+
+
+def test_an_old_unsigned_copy_served_by_repair_under_a_pinned_name_is_dropped_without_a_notice(keys):
+    _, _, sign_a, _ = keys
+    r = secure_relay()
+    r.datagram_received(encode(chat(sign_a)), NEIGHBOUR, 0.0, WALL)  # pins alice
+    r.delivery = type("Late", (), {"is_late": staticmethod(lambda mid, ts, now: True)})()  # asked for: repair
+    old = Message("o1", WALL - 3600, 1, "CHAT", ALICE, "", "from before her key", {})
+    out = r._received(encode(old), NEIGHBOUR, 1.0, WALL)
+    assert out == [] and r.stats()["dropped_impostor"] == 1  # dropped, and no notice of a forgery
