@@ -40,20 +40,23 @@ import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
-from .delivery import Ack, Delivered, Forward, Have, Resend, Serve, Since, Want, direct_key
+from .actions import Display, Notice, Pong, Send, peek as _peek, with_ttl as _with_ttl
 from .bucket import new_bucket, take
-from .membership import BASE_KINDS, DEFAULT_TTL, PeerUp, Unicast
-from .lazypush import CAP as LAZY_CAP, KINDS as LAZY_KINDS, LazyPush, Link, Push
-from .private import CAP, split_plain
-from .seen import SeenCache
-from .delivery import ServeSince
 from .files import LINK_KINDS as FILE_LINK_KINDS, OFFER_KIND as FILE_OFFER_KIND
-from .membership import Beacon, Originate
-from .trace import Trace, hops_of
-from .traceroute import CAP as TRACE_CAP, KINDS as TRACE_KINDS, Traceroute
-from .wire import MAX_MID_CHARS, Addr, Message, WireError, decode, encode, format_addr
+from .lazypush import CAP as LAZY_CAP, KINDS as LAZY_KINDS, LazyPush
+from .membership import BASE_KINDS, DEFAULT_TTL
+from .private import CAP, split_plain
+from .relay_delivery import DeliveryHooks
+from .relay_security import SecurityHooks
+from .relay_trace import TraceHooks
+from .seen import SeenCache
+from .trace import Trace
+from .traceroute import KINDS as TRACE_KINDS, Traceroute
+from .wire import Addr, Message, WireError, decode, encode, format_addr
+
+__all__ = ["COUNTERS", "Display", "Notice", "Pong", "Relay", "RelayConfig", "Send", "split_body"]
 
 MAX_SEND_BYTES = 1400  # one Ethernet frame; also under macOS's 9216-byte default
 PONG_INTERVAL_S = 10.0  # answer a broadcast PING from one origin at most this often
@@ -107,39 +110,6 @@ COUNTERS = (
 )
 
 
-class Send(NamedTuple):
-    """Send ``data`` to each of ``addrs``."""
-
-    data: bytes
-    addrs: Tuple[Addr, ...]
-
-
-class Display(NamedTuple):
-    """Show ``message`` to the user; ``late``: it came by repair or catch-up, after later ones;
-    ``verified``: signed by its origin's pinned key (None: this node cannot check signatures).
-    ``sealed``: None outside a closed mesh, else whether it came sealed under the network key."""
-
-    message: Message
-    late: bool = False
-    verified: Optional[bool] = None
-    sealed: Optional[bool] = None
-    encrypted: Optional[bool] = None  # a direct message: it came sealed to us (None: a broadcast, or no E2E here)
-
-
-class Pong(NamedTuple):
-    """A PONG answered our PING ``mid`` from ``src`` after ``rtt_ms``."""
-
-    src: str
-    rtt_ms: float
-    mid: str
-
-
-class Notice(NamedTuple):
-    """Something the node tells its user."""
-
-    text: str
-
-
 @dataclass(frozen=True)
 class RelayConfig:
     label: str
@@ -165,10 +135,6 @@ if TYPE_CHECKING:
     from .private import Private
     from .trust import Trust
 
-_ONE_HOP = (Unicast, Want, Have, Since, Serve, Link, Push)
-RECENTLY_HEARD_S = 60.0  # a direct message for a node silent longer than this is kept to hand over
-MAX_ACKS_WAITING = 256  # acks with no neighbour to take them yet
-ACK_WAIT_S = 30.0  # how long such an ack waits for one
 
 # Link-local kinds that make us send (repair answers): taken only from neighbours that proved themselves.
 _NEIGHBOURS_ONLY = frozenset(("WANT", "HAVE", "SINCE") + FILE_LINK_KINDS + LAZY_KINDS)
@@ -192,36 +158,6 @@ class Counters:
 # The head of a datagram as wire.encode (and the seed design) writes it. It lets
 # a duplicate be dropped before decoding, and a copy be made by rewriting the
 # ttl digits in place, leaving every other byte (unknown fields too) as it came.
-_HEAD = re.compile(rb'\{"mid":"([^"\\]{1,%d})","ts":[-+.0-9eE]{1,40},"ttl":(-?[0-9]{1,30}),' % (4 * MAX_MID_CHARS))
-
-
-def _peek(data: bytes) -> "Tuple[Optional[str], Optional[re.Match[bytes]]]":
-    """The mid of a datagram in the usual compact form, and its head, without decoding it all."""
-    head = _HEAD.match(data)
-    if head is None:
-        return None, None
-    try:
-        return head.group(1).decode("utf-8"), head
-    except UnicodeDecodeError:
-        return None, None
-
-
-# Any later key that JSON could read as "ttl": written plainly, with escapes
-# ("\u0074tl"), or with whitespace before its colon.
-_TTL_KEY = re.compile(rb'"(?:t|\\u0074)(?:t|\\u0074)(?:l|\\u006[cC])"[ \t\n\r]*:')
-
-
-def _with_ttl(data: bytes, head: "Optional[re.Match[bytes]]", msg: Message, ttl: int) -> bytes:
-    """``data`` with ``ttl``: the digits rewritten in place when that is exact, else encoded anew."""
-    # Exact only if the head's ttl is the one JSON decoded and no other "ttl" key
-    # (a duplicate key, escaped or not, or one in a nested unknown field) could be
-    # taken for it. Otherwise encode what decode validated, which always encodes.
-    if head is not None and int(head.group(2)) == msg.ttl and _TTL_KEY.search(data, head.end()) is None:
-        start, end = head.span(2)
-        return b"%s%d%s" % (data[:start], ttl, data[end:])
-    return encode(msg._replace(ttl=ttl))
-
-
 def _escaped_len(ch: str) -> int:
     """Bytes ``ch`` takes inside a JSON string as ``wire.encode`` writes it."""
     o = ord(ch)
@@ -246,7 +182,7 @@ def split_body(body: str, room: int) -> List[str]:
     return pieces
 
 
-class Relay:
+class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
     def __init__(
         self,
         config: RelayConfig,
@@ -361,38 +297,6 @@ class Relay:
                 actions[i] = a._replace(sealed=True)
         return actions
 
-    def _traced(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
-        t = self.trace
-        if t is None:
-            return self._opened(data, addr, now, wall)
-        # Tracing: the datagram counted in its neighbour's row, its outcome charged to it (a drop by
-        # the reason the counters show), and every copy sent counted out per neighbour.
-        c = self.counters
-        handled, dups = c.handled, c.dropped_duplicate
-        links = t.links
-        link = links.get(addr)
-        if link is None:
-            m = self.membership
-            link = t.new_link(addr, addr in self._peer_set or (m is not None and addr in m.neighbours))
-        link.rx += 1
-        link.last = now
-        actions = self._opened(data, addr, now, wall)
-        if c.handled == handled:
-            if c.dropped_duplicate != dups:
-                link.dups += 1
-            else:
-                t.dropped(link, c)
-        for a in actions:
-            kind = type(a)
-            if kind is Send:
-                for to in a.addrs:
-                    out = links.get(to)
-                    if out is not None:
-                        out.tx += 1
-            elif kind is Delivered:
-                t.acked(a.mid, a.tries, a.rtt_ms, now)
-        return actions
-
     def _opened(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
         m = self.membership
         if m is None or addr not in m.neighbours:
@@ -405,24 +309,6 @@ class Relay:
             heard.extend(self.delivery.peer_heard(label, now, wall, caps))
         actions = self._received(data, addr, now, wall)
         return self._sends(heard, now, wall) + actions if heard else actions
-
-    def _plaintext(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
-        """--network-key-optional: an unsealed datagram, taken as a node without a key would take
-        it and shown marked, but nothing it leads to is sent: an outsider neither makes us answer
-        (we would be its reflector) nor reaches the sealed mesh under our seal. It proves no
-        neighbour alive, and no HELLO of ours reaches it readable, so it never becomes one."""
-        c = self.counters
-        c.received_plaintext += 1
-        out = []
-        for a in self._received(data, addr, now, wall):
-            kind = type(a)
-            if kind in _SENDS:
-                c.plaintext_withheld += 1
-                if kind is Send:
-                    c.sent -= len(a.addrs)
-            else:
-                out.append(a._replace(sealed=False) if kind is Display else a)
-        return out
 
     def _received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
         c = self.counters
@@ -514,49 +400,6 @@ class Relay:
             return []
         return self._sends(self.lazy.duplicate(mid, addr, now, wall, ttl), now, wall)
 
-    def _verified(self, msg: Message, now: float, quiet: bool = False) -> Tuple[Optional[bool], list, bool]:
-        """Whether ``msg`` is signed by its origin's pinned key (None: we cannot check), the actions
-        the check asks for (a pin to store, a notice), and whether it is dropped (counted here).
-
-        ``quiet``: a copy served by repair (old on purpose): an unsigned one under a pinned name is
-        dropped without a notice (it is most likely from before its origin had a key)."""
-        trust = self.trust
-        if trust is None:
-            return None, [], False
-        verdict, extra = trust.check(msg, now)
-        if verdict == "verified":
-            return True, extra, False
-        c = self.counters
-        if verdict == "unsigned":
-            if self.config.require_signed:
-                c.dropped_unsigned += 1
-                return False, [], True
-            return False, [], False
-        if verdict == "key_changed":
-            c.dropped_key_changed += 1
-            return False, [Notice(text) for text in extra], True
-        if verdict == "impostor":
-            c.dropped_impostor += 1
-            return False, [] if quiet else [Notice(text) for text in extra], True
-        c.dropped_bad_signature += 1
-        return False, [], True
-
-    def _private_in(self, msg: Message, verified: Optional[bool]) -> Tuple[Optional[Message], Optional[bool]]:
-        """A first copy addressed to us: a box opened (None: it does not open, counted), and an ACK
-        from a node whose key is pinned taken only if that key signed it (None: counted)."""
-        c = self.counters
-        if msg.kind == "ACK":
-            if verified is False and self.trust is not None and msg.src in self.trust.pins:
-                c.dropped_unverified_ack += 1  # a relay could forge it: our message may never have arrived
-                return None, None
-            return msg, None
-        if msg.kind != "CHAT" or self.private is None:
-            return msg, None
-        opened, encrypted = self.private.open(msg)
-        if opened is None:
-            c.dropped_bad_box += 1
-        return opened, encrypted
-
     def _link_local(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> list:
         """A one-hop message (HELLO): never flooded, never in the seen cache; its owner decides."""
         c = self.counters
@@ -574,71 +417,6 @@ class Relay:
         c.handled += 1
         c.consumed += 1
         return self._sends(out, now, wall)
-
-    def _sends(self, actions: list, now: float, wall: float) -> list:
-        """What membership and delivery asked for, as Sends where it is a datagram; the rest as it is.
-
-        One-hop datagrams (HELLO, WANT, HAVE, SINCE, served copies) go to their one address; acks,
-        retries and hand-overs go like direct messages we originate; a neighbour that comes up gets
-        what delivery has for it (a summary, and a catch-up request after a restart)."""
-        out = []
-        d = self.delivery
-        for a in actions:
-            kind = type(a)
-            if kind in _ONE_HOP:
-                self.counters.sent += 1
-                if kind is not Serve and kind is not Push:  # a served copy is a CHAT, not link chatter
-                    self.counters.link_sent += 1
-                out.append(Send(a.data, (a.addr,)))
-            elif d is None:
-                out.append(a)
-            elif kind is Ack:
-                sends = self._originate("ACK", a.mid, a.dst, now, wall)[1]
-                if not sends and len(self._acks_waiting) < MAX_ACKS_WAITING:
-                    # No neighbour takes it yet (we have just restarted, say): it goes with the next one up.
-                    self._acks_waiting.append((a, now))
-                out.extend(sends)
-            elif kind is Resend or kind is Forward:
-                # A retry floods: no answer came the routed way, so the route may be wrong.
-                out.extend(self._send_direct(a.message, now, flood=kind is Resend))
-            elif kind is PeerUp:
-                out.append(a)
-                waiting = [ack for ack, when in self._acks_waiting if now - when < ACK_WAIT_S]
-                self._acks_waiting.clear()
-                out.extend(self._sends(d.neighbour_up(a.addr, a.label, now, wall) + waiting, now, wall))
-            else:
-                out.append(a)
-        return out
-
-    def _send_direct(self, msg: Message, now: float, flood: bool = False) -> List[Send]:
-        """A retry or hand-over: a fresh datagram, routed like a direct message of ours (or flooded)."""
-        p = self.private
-        if (p is not None and msg.kind == "CHAT" and msg.src == self.label and msg.dst
-                and not p.sealed_or_plain(msg)):
-            sealed = p.seal(msg)  # held for want of a key (private.py rule 2): sealed now, or not sent
-            if sealed is None:
-                return self._ask_key(msg.dst, now, msg.ts)  # a retry's ts is the wall clock now
-            msg = sealed
-        msg = self._signed_again(msg)
-        self.seen.add(msg.mid, now, msg.ts)
-        targets = self.membership.flood_targets(msg.kind) if flood else self._origin_targets(msg.kind, msg.dst, now)
-        if not targets:
-            return []
-        self.counters.sent += len(targets)
-        if self.trace is not None:
-            self.trace.retried(msg, targets, now)
-        return [Send(encode(msg), targets)]
-
-    def _signed_again(self, msg: Message) -> Message:
-        """A message re-issued with a new mid and ts: ours is signed again; another origin's (a hand-over)
-        no longer matches its signature, so it goes unsigned (shown unverified) rather than as a forgery."""
-        if msg.src == self.label and self._sign is not None:
-            return self._sign(msg)
-        if msg.extra and "osig" in msg.extra:
-            return msg  # a hand-over that carries its origin's signature as it was signed (trust.py rule 6)
-        if msg.extra and ("sig" in msg.extra or "key" in msg.extra):
-            return msg._replace(extra={k: v for k, v in msg.extra.items() if k not in ("key", "sig")})
-        return msg
 
     def _handle(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
                 head: "Optional[re.Match[bytes]]", verified: Optional[bool] = None,
@@ -697,66 +475,6 @@ class Relay:
         if not shown:
             c.consumed += 1
         return actions
-
-    def _deliver(self, msg: Message, addr: Addr, data: bytes, now: float, wall: float, to_me: bool,
-                 shown: bool, actions: list) -> Tuple[bool, bool, Message]:
-        """Hand a first copy to the delivery layer: acks, gap tracking, what waits for its origin.
-
-        Returns whether it is still to be shown (not a retry of one shown before), whether late, and
-        the message to show (a retry under its original id)."""
-        d, m = self.delivery, self.membership
-        kind = msg.kind
-        late = False
-        out: list = []
-        if kind == "CHAT":
-            if not msg.dst:
-                late = d.broadcast_seen(msg, addr, now)
-                d.remember(msg, data, now)
-                # Caught up after a restart, or replayed then (dated before the restart), but shown before it.
-                before = self.replay_before_ts
-                if (late or (before is not None and msg.ts <= before)) and self._shown_before(msg.mid):
-                    shown = False
-            elif to_me:
-                show, out = d.direct_received(msg, now)
-                shown = shown and show
-                if shown and "~" in msg.mid:  # a retry: shown under the id its sender knows
-                    msg = msg._replace(mid=direct_key(msg))
-            else:
-                fresh = m.heard_within(msg.dst, now, RECENTLY_HEARD_S) and not m.is_down(msg.dst)
-                out = d.relayed_direct(msg, data, now, wall, fresh)
-        elif kind == "ACK":
-            out = d.ack_received(msg, now) if to_me else d.ack_relayed(msg)
-        if kind in ("CHAT", "PRESENCE") and msg.src:
-            out.extend(d.peer_heard(msg.src, now, wall, m.caps_of(msg.src)))
-        if out:
-            actions.extend(self._sends(out, now, wall))
-        return shown, late, msg
-
-    def _key_message(self, msg: Message, verified: Optional[bool], to_me: bool, now: float, wall: float) -> list:
-        """A PRESENCE or KEY (first copy): learn its origin's box key (verified only: private.py rule 3),
-        send what waited for that key, and answer a key request addressed to us (rule 4)."""
-        p = self.private
-        assert p is not None
-        out: list = []
-        m = self.membership
-        if p.learn(msg, verified) and self.delivery is not None:
-            self.delivery.due_now(msg.src)  # a try that found no key must not delay the first sealed one
-            caps = m.caps_of(msg.src) if m is not None else None
-            out.extend(self._sends(self.delivery.peer_heard(msg.src, now, wall, caps), now, wall))
-        if msg.kind == "KEY" and to_me and msg.extra.get("ask") == 1 and p.may_answer(msg, verified, now):
-            caps = m.config.caps if m is not None else ()
-            out.extend(self.originate("KEY", "", msg.src, now, wall, extra=p.answer_fields(caps))[1])
-        return out
-
-    def _ask_key(self, dst: str, now: float, wall: float) -> list:
-        """A key request for ``dst``, unless one went lately (private.py rule 4)."""
-        p = self.private
-        if p is None or not self._origin_targets("KEY", dst, now) or not p.may_ask(dst, now):
-            return []  # with no neighbour up yet, the next try asks (when one comes up)
-        return self.originate("KEY", "", dst, now, wall, extra={"ask": 1})[1]
-
-    def _shown_before(self, mid: str) -> bool:
-        return self.delivery is not None and self.delivery.in_history(mid)
 
     def _answer(self, ping: Message, addr: Addr, now: float, wall: float) -> List[Send]:
         """A PONG for ``ping``, to the neighbour it came from only: one datagram, whatever ``src`` says."""
@@ -1070,112 +788,6 @@ class Relay:
                 targets = targets + (own,)
         return targets
 
-    # -- observability: traceroute (traceroute.py keeps its state; the way a probe goes is decided here) --
-
-    def trace_route(self, dst: str, now: float, wall: float) -> Tuple[Optional[Message], list, str]:
-        """Our TRACE to ``dst``: the message, its Sends, and "" (or None, [], why it cannot go)."""
-        m, tr = self.membership, self.traceroute
-        if m is None or tr is None:
-            return None, [], "this node has no membership, so no traceroute"
-        if dst == self.label:
-            return None, [], "that is this node"
-        targets = self._trace_targets(dst, "", None, now)
-        if not targets:
-            return None, [], "no neighbour that speaks TRACE is up"
-        ttl = self.config.ttl or m.ttl_for(dst)
-        msg = Message(self._new_mid(), wall, ttl, "TRACE", self.label, dst, "", {"ttl0": ttl})
-        if self._sign is not None:
-            msg = self._sign(msg)
-        self.seen.add(msg.mid, now, wall)
-        tr.started(msg.mid, dst, now)
-        self.counters.sent += len(targets)
-        if self.trace is not None:
-            self.trace.originated(msg, targets, now)
-        return msg, self._count_out([Send(encode(msg), targets)]), ""
-
-    def _trace_targets(self, dst: str, origin: str, addr: Optional[Addr], now: float) -> Tuple[Addr, ...]:
-        """Where a TRACE goes: the route to ``dst`` if known, else every neighbour up but the sender and the
-        origin; always only to neighbours that said they speak TRACE."""
-        m = self.membership
-        assert m is not None
-        ns = m.neighbours
-
-        def speaks(a: Addr) -> bool:
-            n = ns.get(a)
-            return n is not None and TRACE_CAP in n.caps
-
-        hop = m.next_hop(dst, now)
-        if hop is not None and hop != addr and speaks(hop):
-            return (hop,)
-        back = m.addr_by_label.get(origin) if origin else None
-        return tuple(a for a in m.flood_targets("TRACE") if a != addr and a != back and speaks(a))
-
-    def _traceroute(self, msg: Message, addr: Addr, now: float, wall: float, data: bytes,
-                    head: "Optional[re.Match[bytes]]") -> list:
-        """A TRACE (answered with a HOP, and sent on towards its target) or a HOP (back along its TRACE's path)."""
-        c, m, tr = self.counters, self.membership, self.traceroute
-        assert m is not None and tr is not None
-        if not m.is_up(addr):
-            c.dropped_unproven += 1  # an answer to a forged source would make us a reflector
-            return []
-        if not msg.dst:
-            c.dropped_malformed += 1  # a trace has a target: one to everyone would make the whole mesh answer
-            return []
-        to_me = msg.dst == self.label
-        ttl = min(msg.ttl, self.config.max_ttl)
-        if msg.kind == "HOP":
-            if to_me:
-                c.handled += 1
-                c.consumed += 1
-                return tr.hop_received(msg, now)
-            back = tr.way_back(msg.body)
-            if back is None or back == addr or ttl <= 1 or not m.is_up(back):
-                c.dropped_no_route += 1  # never flooded: an answer costs one datagram a hop, or none
-                return []
-            c.handled += 1
-            c.relayed += 1
-            c.sent += 1
-            if self.trace is not None:
-                self.trace.relayed(msg.mid, (back,))
-            return [Send(_with_ttl(data, head, msg, ttl - 1), (back,))]
-        c.handled += 1
-        m.learn(msg, addr, now)
-        tr.came_from(msg.mid, addr, now)
-        actions: list = []
-        hop = hops_of(msg)  # from the TRACE's ttl0: how far its origin is
-        if hop is not None and tr.may_answer(now):
-            extra: Dict[str, Any] = {"hop": hop}
-            if to_me:
-                extra["end"] = 1
-            # It goes back the way the TRACE came: ``hop`` hops, and a little slack.
-            answer = Message(self._new_mid(), wall, min(hop + 2, self.config.max_ttl), "HOP", self.label,
-                             msg.src, msg.mid, extra)
-            if self._sign is not None:  # signed like all we originate: unsigned, our pinned name drops it
-                answer = self._sign(answer)
-            self.seen.add(answer.mid, now, wall)
-            c.sent += 1
-            actions.append(Send(encode(answer), (addr,)))
-        if not to_me and ttl > 1:
-            targets = self._trace_targets(msg.dst, msg.src, addr, now)
-            if targets:
-                c.sent += len(targets)
-                c.relayed += 1
-                if self.trace is not None:
-                    self.trace.relayed(msg.mid, targets)
-                actions.append(Send(_with_ttl(data, head, msg, ttl - 1), targets))
-                return actions
-        c.consumed += 1
-        return actions
-
-    def _count_out(self, actions: list) -> list:
-        """With tracing on, the datagrams in ``actions`` counted per neighbour."""
-        t = self.trace
-        if t is not None:
-            for a in actions:
-                if type(a) is Send:
-                    t.sent(a.addrs)
-        return actions
-
     # -- housekeeping ----------------------------------------------------------
 
     def timers_due(self, now: float, wall: float) -> list:
@@ -1275,7 +887,6 @@ class Relay:
         return rows
 
 
-_SENDS = (Send, Originate, Beacon, ServeSince)  # actions that make the node send
 
 
 def _full_bucket() -> List[float]:
