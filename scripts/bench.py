@@ -67,7 +67,7 @@ QUICK = dict(
 )
 QUICK_NODES = 10
 SECTIONS = ("relay", "display", "history", "seal", "latency", "scale", "memory", "direct", "idle", "liveness", "discovery",
-            "repair", "security")
+            "repair", "security", "files")
 MESH_SECTIONS = {"scale", "direct", "idle", "liveness"}  # these share one mesh per --nodes size
 LATENCY_HOPS = (1, 4, 8)
 DEGREE = 4
@@ -1950,7 +1950,19 @@ def targets(r: dict) -> List[dict]:
         note = "" if f["nodes"] == 50 else f"target is for 50 nodes; run with {f['nodes']}"
         add(f"flood: fewer datagrams than naive ({f['nodes']} nodes)", f["fewer_than_naive_pct"], ">=", 30.0, "%",
             note)
+    if r.get("files") and "config" in r["files"]:
+        out.extend(files_section().targets(r["files"]))
     return out
+
+
+def files_section():
+    """scripts/bench_files.py: the files section, kept in a file of its own."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import bench_files
+
+    return bench_files
 
 
 def fmt(value: object, digits: int = 2) -> str:
@@ -2252,6 +2264,8 @@ def report(r: dict) -> str:
                           ["duplicates (never verified)", "", sec["duplicate_us"], ""],
                           ["datagram bytes: unsigned, signed, sealed", b["unsigned"], f"{b['signed']}, "
                            f"{b['sealed_signed']}", ""]]))
+    if r.get("files"):
+        parts.append("\n".join(files_section().report(r["files"], fmt, table)).strip())
     parts.append("Targets\n" + table(["target", "this run", "target", "status"], rows))
     errors = [f"{k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
     errors += [f"{k}: {x['error']}" for k in ("scale", "idle", "liveness", "repair") for x in r.get(k) or []
@@ -2375,6 +2389,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             r["repair"] = got if isinstance(got, list) else [got]
         if "security" in sections:
             r["security"] = run("security: signatures and private messages", lambda: bench_security(cfg))
+        if "files" in sections:
+            r["files"] = run("files: a line, a mesh, a lossy line", lambda: files_section().bench_files(
+                sys.modules[__name__], args.quick, fleet, args.seed))
     except KeyboardInterrupt:
         say("interrupted")
         return 130
