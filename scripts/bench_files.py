@@ -71,29 +71,34 @@ def send_and_wait(fleet, sender, receivers: Sequence, path: str, sha: str, timeo
     index = {id(c): i for i, c in enumerate(receivers)}
     done: Dict[int, float] = {}
     t0 = time.perf_counter()
+
+    def seen(child, obj: dict, at: float) -> None:
+        ev = obj.get("event")
+        i = index.get(id(child))
+        if ev == "file_failed" and i is not None:
+            raise RuntimeError(f"a transfer failed: {obj.get('reason')}")
+        if ev == "file_done" and i is not None:
+            if obj.get("sha256") != sha:
+                raise RuntimeError("a node finished a file whose sha256 is not the one sent")
+            with open(obj["path"], "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != sha:
+                    raise RuntimeError(f"{obj['path']}: its content differs from the file sent")
+            done[i] = at - t0
+
     sender.write(f"/send {path}")
     while len(done) < len(receivers):
         if time.perf_counter() - t0 > timeout:
             raise RuntimeError(f"{len(done)} of {len(receivers)} nodes had the file after {timeout:g} s")
         for child, obj, at in fleet.poll(0.05):
-            ev = obj.get("event")
-            i = index.get(id(child))
-            if ev == "file_failed" and i is not None:
-                raise RuntimeError(f"a transfer failed: {obj.get('reason')}")
-            if ev == "file_done" and i is not None:
-                if obj.get("sha256") != sha:
-                    raise RuntimeError("a node finished a file whose sha256 is not the one sent")
-                with open(obj["path"], "rb") as f:
-                    if hashlib.sha256(f.read()).hexdigest() != sha:
-                        raise RuntimeError(f"{obj['path']}: its content differs from the file sent")
-                done[i] = at - t0
-        if during is not None:
-            during(time.perf_counter() - t0)
+            seen(child, obj, at)
+        if during is not None and len(done) < len(receivers):
+            during(time.perf_counter() - t0, seen)
     return done
 
 
-def chat_probe(fleet, first, last, count: int, gap_s: float, tag: str) -> List[float]:
-    """Chat lines typed at ``first``; each one's delay until ``last`` prints it (ms)."""
+def chat_probe(fleet, first, last, count: int, gap_s: float, tag: str, other=None) -> List[float]:
+    """Chat lines typed at ``first``; each one's delay until ``last`` prints it (ms). Every other event
+    read meanwhile goes to ``other`` (a transfer's file_done must not be lost to the probe)."""
     delays: List[float] = []
     for k in range(count):
         body = f"probe {tag} {k}"
@@ -105,6 +110,8 @@ def chat_probe(fleet, first, last, count: int, gap_s: float, tag: str) -> List[f
             for child, obj, at in fleet.poll(end - time.perf_counter()):
                 if child is last and obj.get("event") == "chat" and obj.get("body") == body:
                     got = at
+                elif other is not None:
+                    other(child, obj, at)
         if got is not None:
             delays.append((got - t) * 1000.0)
         pause = t + gap_s - time.perf_counter()
@@ -127,10 +134,10 @@ def bench_line(b, cfg: dict, fleet, folder: str, seed: int) -> dict:
         busy: List[float] = []
         probing = {"k": 0, "next": 0.3}
 
-        def during(elapsed: float) -> None:
+        def during(elapsed: float, seen) -> None:
             # One chat line at a time while the file moves, each waited for (its delay is the figure).
             if elapsed >= probing["next"] and probing["k"] < cfg["chat_messages"]:
-                busy.extend(chat_probe(fleet, nodes[0], nodes[-1], 1, 0.0, f"busy{probing['k']}"))
+                busy.extend(chat_probe(fleet, nodes[0], nodes[-1], 1, 0.0, f"busy{probing['k']}", seen))
                 probing["k"] += 1
                 probing["next"] = elapsed + cfg["chat_gap_s"]
 
