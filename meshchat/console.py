@@ -628,6 +628,10 @@ class TerminalConsole(Console):
             self._fore = self._style = _Plain()
         self.label = ""
         self._progress_shown: Dict[str, float] = {}  # fid -> when its last progress line was shown
+        # Interactive: one row per active transfer just above the prompt, redrawn in place; every
+        # line printed goes above them (_line clears and redraws them with the prompt).
+        self._status: Dict[str, str] = {}  # fid -> its progress text
+        self._status_rows = 0  # rows of them on the screen now
 
     def _color_of(self, label: str) -> str:
         return getattr(self._fore, _PALETTE[zlib.crc32(label.encode("utf-8", "replace")) % len(_PALETTE)])
@@ -652,12 +656,29 @@ class TerminalConsole(Console):
             up = _rows_below_start(PROMPT + typed, columns)
         else:
             up = 0
+        self._write(self._redraw_below(up, text + "\n", typed, columns))
+
+    def _redraw_below(self, up: int, text: str, typed: str, columns: int) -> str:
+        """Up over the progress rows and the prompt, clear, ``text``, then progress rows and prompt again."""
+        up += self._status_rows
+        rows = list(self._status.values())
+        if len(rows) > MAX_STATUS_ROWS:
+            rows = rows[:MAX_STATUS_ROWS - 1] + [f"and {len(rows) - MAX_STATUS_ROWS + 1} more transfers (/files)"]
+        status = "".join(fit(row, columns - 1) + "\n" for row in rows)
+        self._status_rows = len(rows)
         tail = ""
         if self.reading:
             tail = PROMPT + typed
             if text_width(tail) % columns == 0:
                 tail += " \r"  # as readline does: onto the next row, where it counts the cursor
-        self._write((f"\x1b[{up}A" if up else "") + "\r\x1b[J" + text + "\n" + tail)
+        return (f"\x1b[{up}A" if up else "") + "\r\x1b[J" + text + status + tail
+
+    def _redraw_status(self) -> None:
+        """The progress rows changed: draw them again in place, and the prompt under them."""
+        columns = max(20, self._columns())
+        typed = self._get_typed() if self.reading else ""
+        up = _rows_below_start(PROMPT + typed, columns) if self.reading else 0
+        self._write(self._redraw_below(up, "", typed, columns))
 
     def _who(self, label: str, nick: str = "") -> str:
         # The colour and the tag follow the label: two "alice"s differ in both.
@@ -801,6 +822,19 @@ class TerminalConsole(Console):
             self.notice(f"{'you offer' if mine else self.name_of(o.src) + ' offers'} {o.name!r} "
                         f"({human_bytes(o.size)}, id {o.fid[:6]})" + ("" if mine else f": {what}"
                         + ("" if e.verified is not False else " (unverified sender)")))
+        elif isinstance(e, FileProgress) and self.interactive:
+            last = self._progress_shown.get(e.fid, float("-inf"))
+            now = time.monotonic()
+            if e.have < e.size and now - last < STATUS_REDRAW_S:
+                return
+            self._progress_shown[e.fid] = now
+            if len(self._progress_shown) > 64:
+                self._progress_shown.pop(next(iter(self._progress_shown)))
+            if e.have >= e.size:
+                self._status.pop(e.fid, None)  # FileDone says the rest, as a line
+            else:
+                self._status[e.fid] = sanitize(progress_text(e))
+            self._redraw_status()
         elif isinstance(e, FileProgress):
             last = self._progress_shown.get(e.fid, float("-inf"))
             now = time.monotonic()
@@ -812,9 +846,11 @@ class TerminalConsole(Console):
             self.notice(progress_text(e))
         elif isinstance(e, FileDone):
             self._progress_shown.pop(e.fid, None)
+            self._status.pop(e.fid, None)
             self.notice(f"{e.name!r} is complete and verified: {e.path}")
         elif isinstance(e, FileFailed):
             self._progress_shown.pop(e.fid, None)
+            self._status.pop(e.fid, None)
             self.error(f"file {e.name!r} ({e.fid[:6]}) failed: {e.reason}")
 
     def files(self, rows: List[dict]) -> None:
@@ -831,7 +867,21 @@ class TerminalConsole(Console):
             self.notice(line)
 
 
-TERMINAL_PROGRESS_S = 1.0
+TERMINAL_PROGRESS_S = 1.0  # not interactive: a progress line at most this often per transfer
+STATUS_REDRAW_S = 0.25  # interactive: its row redrawn in place at most this often
+MAX_STATUS_ROWS = 4  # progress rows above the prompt; more transfers are counted in the last
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` columns (wide characters count two), so that it stays one row."""
+    if text_width(text) <= width:
+        return text
+    out = ""
+    for ch in text:
+        if text_width(out + ch) > width - 3:
+            break
+        out += ch
+    return out + "..."
 
 
 def human_bytes(n: float) -> str:

@@ -46,7 +46,7 @@ class FileDisk:
         self._cb = callbacks
         self._queue: "queue.Queue" = queue.Queue(QUEUE_ITEMS)
         self._stop = threading.Event()
-        self._handles: Dict[str, object] = {}  # fid -> open file (ours to serve, or a download)
+        self._handles: Dict[str, Tuple[object, str]] = {}  # fid -> (open file, its mode): ours or a download
         self.dropped = 0
 
     def used_bytes(self) -> int:
@@ -86,7 +86,7 @@ class FileDisk:
                     break
                 self._jobs(job)
         finally:
-            for f in self._handles.values():
+            for f, _ in self._handles.values():
                 try:
                     f.close()  # type: ignore[attr-defined]
                 except OSError:
@@ -124,7 +124,10 @@ class FileDisk:
 
     def _read(self, fid: str, path: str, index: int, addr: tuple) -> None:
         # A download serves what it has from its temporary file, through the handle it writes with.
-        f = self._handle(fid, path or str(self.partial / f"{fid}.part"), "rb" if path else "r+b")
+        part = self.partial / f"{fid}.part"
+        if not path and fid not in self._handles and not part.exists():
+            return  # it finished (or was cancelled) after this was asked: the requester asks again
+        f = self._handle(fid, path or str(part), "rb" if path else "r+b")
         f.seek(index * CHUNK_BYTES)  # type: ignore[attr-defined]
         self._cb.read(fid, index, f.read(CHUNK_BYTES), addr)  # type: ignore[attr-defined]
 
@@ -226,18 +229,22 @@ class FileDisk:
             self._cb.resumed(offer, hashes, have)
 
     def _handle(self, fid: str, path: str, mode: str) -> object:
-        f = self._handles.get(fid)
-        if f is None or getattr(f, "mode", mode) != mode:
-            if f is not None:
-                f.close()  # type: ignore[attr-defined]
-            f = open(path, mode)
-            if len(self._handles) >= 64:  # open files: bounded
-                old = next(iter(self._handles))
-                self._handles.pop(old).close()  # type: ignore[attr-defined]
-            self._handles[fid] = f
+        # Kept with the mode it was opened in: a file's own .mode is normalised ("r+b" reads "rb+"), and
+        # comparing against it reopened the file for every chunk read or written.
+        kept = self._handles.get(fid)
+        if kept is not None and kept[1] == mode:
+            return kept[0]
+        if kept is not None:
+            kept[0].close()  # type: ignore[attr-defined]
+            del self._handles[fid]
+        f = open(path, mode)
+        if len(self._handles) >= 64:  # open files: bounded
+            old = next(iter(self._handles))
+            self._handles.pop(old)[0].close()  # type: ignore[attr-defined]
+        self._handles[fid] = (f, mode)
         return f
 
     def _close(self, fid: str) -> None:
-        f = self._handles.pop(fid, None)
-        if f is not None:
-            f.close()  # type: ignore[attr-defined]
+        kept = self._handles.pop(fid, None)
+        if kept is not None:
+            kept[0].close()  # type: ignore[attr-defined]

@@ -57,7 +57,7 @@ HAVE_CHANGED_S = 0.3  # an FHAVE goes this soon after what we have changed
 HAVE_REFRESH_S = 2.0  # and this often anyway (a neighbour that restarted learns who has what)
 PROGRESS_S = 0.25  # a progress event per transfer at most this often
 SERVE_PER_S = 4000.0  # FDATA a node sends a second, all neighbours together (bursts of 0.1 s)
-SERVE_BURST_S = 0.1
+SERVE_BURST_S = 0.25
 FETCH_STALL_S = 120.0  # a transfer with no source and no progress for this long fails
 SERVE_KEEP_S = 3600.0  # a finished file is served for this long
 MAX_BAD_PIECES = 3  # a source that sent this many pieces that do not verify is no longer asked
@@ -181,7 +181,7 @@ class FilesConfig:
 
 
 class Source:
-    __slots__ = ("addr", "ranges", "window", "out", "srtt", "bad", "halved_at")
+    __slots__ = ("addr", "ranges", "window", "out", "srtt", "rttvar", "bad", "halved_at")
 
     def __init__(self, addr: Addr) -> None:
         self.addr = addr
@@ -189,6 +189,7 @@ class Source:
         self.window = INITIAL_WINDOW
         self.out = 0
         self.srtt: Optional[float] = None
+        self.rttvar = 0.0
         self.bad = 0
         self.halved_at = float("-inf")
 
@@ -199,9 +200,19 @@ class Source:
         return False
 
     def timeout(self) -> float:
+        # RFC 6298's srtt + 4 x rttvar: a neighbour that stalls now and then (a busy CPU, a GIL) gets
+        # the margin its variance asks for; a spurious timeout re-asks a piece still on its way,
+        # and a window of duplicates is what then fills the serving budget.
         if self.srtt is None:
             return MAX_TIMEOUT_S / 2
-        return min(MAX_TIMEOUT_S, max(MIN_TIMEOUT_S, 4.0 * self.srtt))
+        return min(MAX_TIMEOUT_S, max(MIN_TIMEOUT_S, self.srtt + 4.0 * self.rttvar))
+
+    def sampled(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
 
 
 @dataclass
@@ -224,6 +235,7 @@ class Transfer:
     started: float = 0.0
     samples: List[Tuple[float, int]] = field(default_factory=list)  # (when, bytes) for the rate
     since: float = 0.0  # when it reached its state
+    spread: int = 0  # where this node starts asking in the file (_candidates)
 
     @property
     def pieces(self) -> int:
@@ -373,7 +385,8 @@ class Files:
         else:
             limit = self.config.accept_bytes
             fetch = limit > 0 and offer.size <= limit
-        t = Transfer(offer, "offered", verified, started=now, since=now, moved_at=now)
+        t = Transfer(offer, "offered", verified, started=now, since=now, moved_at=now,
+                     spread=int.from_bytes(hashlib.sha256((self.label + offer.fid).encode()).digest()[:4], "big"))
         self._remember(t)
         self.counters["files_offered"] += 1
         out: list = [FileOffered(offer, verified, fetch)]
@@ -464,8 +477,7 @@ class Files:
                 if other is not None:
                     other.out -= 1
                 if who == addr and s is not None:
-                    rtt = now - when
-                    s.srtt = rtt if s.srtt is None else 0.875 * s.srtt + 0.125 * rtt
+                    s.sampled(now - when)
                     # Slow start to SLOW_START_WINDOW, then additive increase: about one more a round trip.
                     s.window = min(MAX_WINDOW, s.window + (1.0 if s.window < SLOW_START_WINDOW else 1.0 / s.window))
         if t.have[piece]:
@@ -726,7 +738,7 @@ class Files:
             free = int(s.window) - s.out
             room = MAX_INFLIGHT - len(t.inflight)
             free = min(free, room, MAX_WANT)
-            if free <= 0:
+            if free <= 0 or (s.out and free < self._batch(s)):
                 continue
             picks = self._candidates(t, s, limit, free)
             if not picks and not hashes_only:
@@ -741,23 +753,34 @@ class Files:
             out.append(Unicast(self._fget(t.offer.fid, picks, now + self._wall_offset), s.addr))
         return out
 
+    @staticmethod
+    def _batch(s: Source) -> int:
+        """Pieces a source with requests out waits to have free before it is asked again: one FGET per
+        piece would cost a datagram per chunk each way, and the neighbour's rate limit (relay.py) drops
+        FGETs long before the chunks run out; a quarter of the window keeps it full between asks."""
+        return max(1, min(MAX_WANT, int(s.window) // 4))
+
     def _candidates(self, t: Transfer, s: Source, limit: int, free: int) -> List[int]:
         """Up to ``free`` pieces ``s`` has and nobody was asked for, rarest first among a few from each of
         its ranges (a sample: scanning every piece per answer would cost more than the answer)."""
         need = t.need
         found: List[int] = []
         per_range = max(free, 4)
+        # Each node starts its scan at its own point of the file (t.spread): fetchers of one source then
+        # ask it for different pieces, and get the rest from each other, not all the same ones from it.
+        start = t.spread % limit if limit and t.hashes is not None else 0
         for a, b in s.ranges:
             b = min(b, limit)
-            i = a
             taken = 0
-            while i < b and taken < per_range:
-                i = need.find(1, i, b)
-                if i < 0:
-                    break
-                found.append(i)
-                taken += 1
-                i += 1
+            for lo, hi in ((max(a, start), b), (a, min(b, start))):
+                i = lo
+                while i < hi and taken < per_range:
+                    i = need.find(1, i, hi)
+                    if i < 0:
+                        break
+                    found.append(i)
+                    taken += 1
+                    i += 1
             if len(found) >= 4 * free:
                 break
         if len(found) <= free:

@@ -70,7 +70,7 @@ QUICK = dict(
 )
 QUICK_NODES = 10
 SECTIONS = ("relay", "display", "history", "seal", "latency", "scale", "memory", "direct", "idle", "liveness",
-            "discovery", "repair", "security", "lazy")
+            "discovery", "repair", "security", "lazy", "files")
 MESH_SECTIONS = {"scale", "direct", "idle", "liveness"}  # these share one mesh per --nodes size
 LATENCY_HOPS = (1, 4, 8)
 DEGREE = 4
@@ -1990,7 +1990,19 @@ def targets(r: dict) -> List[dict]:
         note = "" if f["nodes"] == 50 else f"target is for 50 nodes; run with {f['nodes']}"
         add(f"flood: fewer datagrams than naive ({f['nodes']} nodes)", f["fewer_than_naive_pct"], ">=", 30.0, "%",
             note)
+    if r.get("files") and "config" in r["files"]:
+        out.extend(files_section().targets(r["files"]))
     return out
+
+
+def files_section():
+    """scripts/bench_files.py: the files section, kept in a file of its own."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import bench_files
+
+    return bench_files
 
 
 def fmt(value: object, digits: int = 2) -> str:
@@ -2308,6 +2320,8 @@ def report(r: dict) -> str:
                          ["loss", "relaying", "payload datagrams", "payload bytes", "announcements (IHAVE, GRAFT, "
                           "PRUNE)", "announcement bytes", "first copy", "after repair", "p50 ms", "p99 ms",
                           "p99 incl. repair ms"], lrows))
+    if r.get("files"):
+        parts.append("\n".join(files_section().report(r["files"], fmt, table)).strip())
     parts.append("Targets\n" + table(["target", "this run", "target", "status"], rows))
     errors = [f"{k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
     errors += [f"{k}: {x['error']}" for k in ("scale", "idle", "liveness", "repair") for x in r.get(k) or []
@@ -2433,6 +2447,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             r["security"] = run("security: signatures and private messages", lambda: bench_security(cfg))
         if "lazy" in sections:
             r["lazy"] = run("lazy push against flooding, simulated", lambda: bench_lazy(cfg))
+        if "files" in sections:
+            r["files"] = run("files: a line, a mesh, a lossy line", lambda: files_section().bench_files(
+                sys.modules[__name__], args.quick, fleet, args.seed))
     except KeyboardInterrupt:
         say("interrupted")
         return 130

@@ -529,3 +529,86 @@ def test_a_batch_of_events_is_written_with_one_flush(make):
     assert stream.flushes == 1 and all("hello %d" % i in stream.getvalue() for i in range(5))
     console.show(Display(msgs[0]))
     assert stream.flushes == 2  # outside a batch, each event is flushed as it is written
+
+
+# -- files: /send, /accept, /cancel parsed; progress rows redrawn in place above the prompt ----------
+
+from meshchat.console import FileCmd, SendFile, progress_text  # noqa: E402
+from meshchat.files import FileDone, FileProgress  # noqa: E402
+
+
+@pytest.mark.parametrize("line, command", [
+    ("/send photo.jpg", SendFile("photo.jpg")),
+    ("/send My Photos/summer day.jpg", SendFile("My Photos/summer day.jpg")),  # spaces are the path's
+    ("/send @alice notes.txt", SendFile("notes.txt", "alice")),
+    ("/send @bob#ab12 a b.txt", SendFile("a b.txt", "bob#ab12")),
+    ("/send @127.0.0.1:9002 x", SendFile("x", "127.0.0.1:9002")),
+    ("/accept 3f9a2c", FileCmd("accept", "3f9a2c")),
+    ("/accept 3F9A2C", FileCmd("accept", "3f9a2c")),
+    ("/cancel 0123456789abcdef", FileCmd("cancel", "0123456789abcdef")),
+])
+def test_file_commands_parse(line, command):
+    assert parse_line(line) == command
+
+
+@pytest.mark.parametrize("line, error", [
+    ("/send", "/send PATH"),
+    ("/send   ", "/send PATH"),
+    ("/send @al/ice x.txt", "bad name"),
+    ("/accept", "/accept ID"),
+    ("/accept two words", "/accept ID"),
+    ("/accept ../x", "/accept ID"),
+    ("/cancel " + "a" * 17, "/cancel ID"),
+])
+def test_bad_file_commands_get_one_clear_error(line, error):
+    cmd = parse_line(line)
+    assert isinstance(cmd, Bad) and error in cmd.error and "\n" not in cmd.error
+
+
+def progress(have: int, fid: str = "f1", name: str = "photo.jpg") -> FileProgress:
+    return FileProgress(fid, name, have, 1000, 250.0, (1000 - have) / 250.0)
+
+
+def test_progress_text_says_percent_rate_and_time_left():
+    assert progress_text(progress(500)) == "photo.jpg [##########..........] 50% 250 B/s, 2 s left"
+    assert progress_text(progress(1000)).endswith("100% 250 B/s")
+
+
+def test_a_progress_row_is_redrawn_in_place_above_the_prompt_and_lines_go_above_it():
+    out, con = interactive("half", columns=80)
+    con.reading = True
+    con.file_event(progress(100))
+    first = out.getvalue()
+    # No row of it yet: clear from the prompt's row, the progress row, the prompt and what is typed.
+    assert first == "\r\x1b[J" + progress_text(progress(100)) + "\n> half"
+    out.truncate(0), out.seek(0)
+    con._progress_shown["f1"] = float("-inf")  # as if a quarter second had gone by
+    con.file_event(progress(500))
+    assert out.getvalue() == "\x1b[1A\r\x1b[J" + progress_text(progress(500)) + "\n> half"  # in place
+    out.truncate(0), out.seek(0)
+    con.chat(chat(body="incoming"))
+    text = out.getvalue()
+    # The chat line goes where the progress row was, and the row and the prompt come back under it.
+    assert text.startswith("\x1b[1A\r\x1b[J") and text.endswith("incoming\n" + progress_text(progress(500)) + "\n> half")
+    out.truncate(0), out.seek(0)
+    con.file_event(FileDone("f1", "photo.jpg", "/d/photo.jpg", 1000, "ab"))
+    text = out.getvalue()
+    assert text.startswith("\x1b[1A\r\x1b[J") and text.endswith("/d/photo.jpg\n> half")  # the row is gone
+
+
+def test_progress_rows_are_redrawn_a_few_times_a_second_at_most_and_fit_one_row():
+    out, con = interactive()
+    con.file_event(progress(100, name="x" * 200))
+    drawn = out.getvalue()
+    con.file_event(progress(200, name="x" * 200))  # at once: not drawn again
+    assert out.getvalue() == drawn
+    row = drawn.split("\r\x1b[J", 1)[1].split("\n")[0]
+    assert len(row) <= 19 and row.endswith("...")
+
+
+def test_not_interactive_progress_is_a_line_now_and_then():
+    out = io.StringIO()
+    con = TerminalConsole(out, color=False, interactive=False)
+    con.file_event(progress(100))
+    con.file_event(progress(200))
+    assert out.getvalue().count("photo.jpg [") == 1 and "\x1b[" not in out.getvalue()
