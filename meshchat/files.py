@@ -242,6 +242,8 @@ class Transfer:
         return self.offer.parts + self.offer.chunks
 
     def have_bytes(self) -> int:
+        if not self.have:
+            return 0  # failed or cancelled: its pieces are gone
         m, cs, size = self.offer.parts, self.offer.cs, self.offer.size
         chunks = self.count - sum(self.have[:m])
         if chunks and self.have[-1] and size % cs:

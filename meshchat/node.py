@@ -887,6 +887,7 @@ class Node:
         if dst:
             return ("files go to everyone for now: /send PATH (a file for one node needs end-to-end "
                     "encrypted chunks, not built yet)")
+        path = os.path.expanduser(path)  # ~/Pictures/cat.jpg, as a shell would take it
         try:
             with open(path, "rb"):
                 pass
@@ -917,7 +918,9 @@ class Node:
         if self.files is None:
             return "file sharing is off on this node"
         with self._lock:
-            text, actions = getattr(self.files, what)(fid, self._clock())
+            now = self._clock()
+            text, actions = getattr(self.files, what)(fid, now)
+            actions = self.relay._sends(actions, now, self._wall())  # its FGETs as datagrams
         self._act(actions)
         self._wake()
         return text

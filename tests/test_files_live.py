@@ -106,6 +106,21 @@ def test_an_offer_above_the_limit_waits_for_accept(nodes, tmp_path):
     assert b.node.accept_file(offer.offer.fid[:6]) == ""
     done = b.next(FileDone)
     assert Path(done.path).read_bytes() == data
+    # /accept's first requests are datagrams sent at once, never events shown as "the node stopped".
+    assert not [e for e in b.seen if type(e).__name__ == "Unicast"]
+
+
+def test_files_listed_after_a_cancel_and_a_path_with_a_tilde(nodes, tmp_path, monkeypatch):
+    a, b = nodes(2, accept=1000)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("USERPROFILE", str(tmp_path))
+    a_file(tmp_path / "big.bin", 50_000)
+    assert a.node.send_file("~/big.bin") == ""  # as a user types it
+    offer = b.next(FileOffered)
+    assert b.node.accept_file(offer.offer.fid) == ""
+    assert b.node.cancel_file(offer.offer.fid) == ""
+    rows = b.node.file_rows()  # raised IndexError after a cancel
+    assert [r["state"] for r in rows if r["fid"] == offer.offer.fid] == ["failed"]
 
 
 def test_an_existing_file_is_never_overwritten(nodes, tmp_path):
