@@ -1900,7 +1900,8 @@ def targets(r: dict) -> List[dict]:
     out: List[dict] = []
 
     def add(name: str, value: Optional[float], op: str, limit: float, unit: str, note: str = "") -> None:
-        met = None if value is None else bool({"<=": value <= limit, "<": value < limit, ">=": value >= limit}[op])
+        met = None if value is None else bool({"<=": value <= limit, "<": value < limit, ">=": value >= limit,
+                                               ">": value > limit}[op])
         out.append({"target": name, "value": value, "op": op, "limit": limit, "unit": unit, "met": met,
                     "note": note})
 
@@ -2286,7 +2287,7 @@ def report(r: dict) -> str:
         if idle_rows:
             parts.append("10b. The same meshes idle afterwards, per node\n" + table(
                 ["loss", "window s", "HAVE/s", "WANT/s", "served/s", "HELLO/s"], idle_rows))
-    ops = {"<=": "≤", "<": "<", ">=": "≥"}
+    ops = {"<=": "≤", "<": "<", ">=": "≥", ">": ">"}
     rows = [[t["target"], t["value"], f"{ops[t['op']]} {fmt(t['limit'])} {t['unit']}".rstrip(),
              {True: "met", False: "NOT MET", None: "n/a"}[t["met"]] + (f" ({t['note']})" if t["note"] else "")]
             for t in r["targets"]]
