@@ -2377,12 +2377,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     def run(name: str, body: Callable[[], object]) -> object:
         nonlocal failed
         say(f"{name} ...")
+        started = time.perf_counter()
         try:
             return body()
         except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
             failed = True
             say(f"{name} failed: {e}")
             return {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            r.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
 
     try:
         if "relay" in sections:
