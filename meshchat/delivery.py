@@ -1003,8 +1003,13 @@ class Delivery:
         return have
 
     def neighbour_up(self, addr: Addr, label: str, now: float, wall: float) -> list:
-        """A repair-speaking neighbour came up: a HAVE at once, and a SINCE if we restarted with history."""
+        """A repair-speaking neighbour came up: a HAVE at once, and a SINCE if we restarted with history;
+        and a direct message for it still being retried goes at the next tick, not after its backoff."""
         actions: list = []
+        for o in self._trying.values():
+            if o.dst == label and o.due > now:
+                o.due = now
+                self._retry_due = now
         have = self._summary()
         if have:
             actions.append(Have(self._link("HAVE", label, {"have": have}, wall), addr))

@@ -586,3 +586,18 @@ def test_a_node_that_gave_up_on_a_seq_stops_summarising_after_a_few_rounds():
     before = w.d[2].counters["haves_sent"]
     w.advance(600.0)
     assert w.d[2].counters["haves_sent"] == before
+
+
+def test_a_message_being_retried_goes_at_once_when_its_destination_comes_back_up():
+    w = World()
+    w.down.add(2)
+    mid = w.direct(1, 2)
+    w.advance(1.5)  # the first retry has gone, the next is seconds away
+    d = w.d[1]
+    tries = d.counters["retries"]
+    w.down.discard(2)
+    d.neighbour_up(addr(2), label(2), w.now, WALL)
+    w.advance(0.1)
+    assert d.counters["retries"] == tries + 1  # not after its backoff: at the next tick
+    w.advance(1.0)
+    assert [e.mid for e in w.of(1, Delivered)] == [mid]
