@@ -744,7 +744,10 @@ class TerminalConsole(Console):
             self.notice(f"the last {len(rows)} message{'s' if len(rows) != 1 else ''}, from history:")
         for r in rows:
             when = time.strftime("%m-%d %H:%M", time.localtime(r["ts"]))
-            who = "you" if r["src"] == self.label else sanitize(self.name_of(r["src"]))
+            name = self.name_of(r["src"])
+            if name == r["src"] and valid_nick(r.get("nick")):  # the mesh does not know it yet: as it said
+                name = display_name(r["src"], r["nick"])
+            who = "you" if r["src"] == self.label else sanitize(name)
             if not r["dst"]:
                 to = ""
             elif r["dst"] == self.label:

@@ -24,6 +24,7 @@ writer's batching uses ``time.monotonic()``.
 """
 
 import errno
+import json
 import logging
 import os
 import queue
@@ -240,6 +241,16 @@ class _DirLock:
 
 def _is_locked_error(exc: sqlite3.Error) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
+
+
+def _nick_in(raw: Any) -> str:
+    """The nick a stored datagram carried ("" if none, or not readable): history names its sender by
+    it when the mesh does not know the sender yet (just after a start)."""
+    try:
+        nick = json.loads(raw).get("nick") if raw else None
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return ""
+    return nick if isinstance(nick, str) and len(nick) <= 64 else ""
 
 
 class Store:
@@ -738,11 +749,11 @@ class Store:
     def last_messages(self, n: int) -> List[Dict[str, Any]]:
         """The ``n`` newest messages by ``ts``, oldest first (late ones in their place in the conversation)."""
         rows = self._read(
-            "SELECT mid, ts, src, dst, kind, body, late FROM messages ORDER BY ts DESC, stored_at DESC LIMIT ?",
+            "SELECT mid, ts, src, dst, kind, body, late, raw FROM messages ORDER BY ts DESC, stored_at DESC LIMIT ?",
             (max(0, n),),
         )
-        keys = ("mid", "ts", "src", "dst", "kind", "body", "late")
-        return [dict(zip(keys, row[:6] + (bool(row[6]),))) for row in reversed(rows)]
+        keys = ("mid", "ts", "src", "dst", "kind", "body", "late", "nick")
+        return [dict(zip(keys, row[:6] + (bool(row[6]), _nick_in(row[7])))) for row in reversed(rows)]
 
     def messages_since(self, ts: float, limit: int) -> List[bytes]:
         """Raw datagrams of the broadcasts newer than ``ts``, oldest first, at most ``limit``.

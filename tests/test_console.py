@@ -612,3 +612,13 @@ def test_not_interactive_progress_is_a_line_now_and_then():
     con.file_event(progress(100))
     con.file_event(progress(200))
     assert out.getvalue().count("photo.jpg [") == 1 and "\x1b[" not in out.getvalue()
+
+
+def test_history_names_a_sender_by_the_nick_its_message_carried_until_the_mesh_knows_it():
+    out = io.StringIO()
+    con = TerminalConsole(out, color=False, interactive=False)
+    con.label = "127.0.0.1:9001"
+    rows = [{"mid": "m1", "ts": 1.0, "src": "127.0.0.1:9002", "dst": "", "kind": "CHAT", "body": "hi",
+             "late": False, "nick": "bob"}]
+    con.history(rows, replay=True)
+    assert display_name("127.0.0.1:9002", "bob") in out.getvalue() and "the last 1 message," in out.getvalue()

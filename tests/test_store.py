@@ -96,7 +96,7 @@ def test_round_trip_through_the_writer(opened, tmp_path):
     last = s.last_messages(10)
     assert [m["mid"] for m in last] == ["0123456789abcdef-1", "0123456789abcdef-2", "x-d1"]
     assert last[1] == {"mid": "0123456789abcdef-2", "ts": 1002.0, "src": "a:1", "dst": "", "kind": "CHAT",
-                       "body": "hello 2", "late": True}
+                       "body": "hello 2", "late": True, "nick": ""}
     assert s.messages_since(1001.0, 10) == [b"raw 2"]  # broadcasts only, newer than ts
     assert s.messages_since(0, 1) == [b"raw 1"]
     assert s.has_message("x-d1") and not s.has_message("nope")
@@ -468,3 +468,12 @@ def test_forward_without_a_writer_or_after_close_calls_at_once(opened):
     s.close()
     s.forward(got.append, ["b"])
     assert got == [["a"], ["b"]]
+
+
+def test_history_rows_carry_the_nick_their_datagram_said(opened):
+    s = opened()
+    raw = b'{"mid":"n-1","ts":1.0,"ttl":3,"kind":"CHAT","src":"a:1","dst":"","body":"hi","nick":"alice"}'
+    s.put(SaveMessage("n-1", 1.0, "a:1", "", "CHAT", "hi", "n", 1, False, raw))
+    s.put(SaveMessage("n-2", 2.0, "a:1", "", "CHAT", "hi", "n", 2, False, b"not json"))
+    s.flush()
+    assert [m["nick"] for m in s.last_messages(5)] == ["alice", ""]
