@@ -730,7 +730,7 @@ class TerminalConsole(Console):
                        f"{self._style.RESET_ALL}")
         elif e.held:
             self.notice(f"not delivered to {to} yet ({e.tries} {'try' if e.tries == 1 else 'tries'}): "
-                        "kept, and sent again when it is heard from")
+                        "kept, and sent as soon as it can be (when it is heard from, or when its key comes)")
         else:
             self.error(f"gave up on a message to {to}: not delivered in time, or the outbox was full")
 
