@@ -22,15 +22,15 @@ Rules, so that nobody is shown as a node they are not:
    their messages show as unverified: pins are never pushed out, or a flood
    of made-up origins could unpin a real one), ``MAX_PENDING`` origins with
    offered keys (the oldest goes) and ``MAX_OFFERS`` keys each.
+5. Sans-I/O: no socket, thread, clock or disk; ``now`` is an argument, and the
+   signature check itself is injected (``crypto.verify``), so the relay's
+   decision stays pure. New pins come back as ``PinKey`` for the node to store.
 6. A hand-over (store-and-forward: a node that held a direct message for
    someone sends it on with a new ``mid`` and ``ts``) carries the origin's
    signature as ``osig``, with the ``mid`` and ``ts`` it covers (``hmid``,
    ``hts``): the message the origin signed is rebuilt and checked as any
    other (the hand-over's own ``re`` and ``ots`` left out when the origin
    signed the first try itself), so a held message stays verified.
-5. Sans-I/O: no socket, thread, clock or disk; ``now`` is an argument, and the
-   signature check itself is injected (``crypto.verify``), so the relay's
-   decision stays pure. New pins come back as ``PinKey`` for the node to store.
 """
 
 import base64
