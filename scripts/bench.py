@@ -657,6 +657,44 @@ def bench_relay(cfg: dict, fleet: Fleet) -> dict:
             s.close()
 
 
+def take_turns(cfg: dict, names: Sequence[str], procs: Dict[str, Child], src: socket.socket,
+               sinks: Sequence[socket.socket], gen: "Datagrams", every: Optional[Callable[[], None]] = None,
+               settle: Optional[Callable[[str, int], None]] = None) -> Dict[str, dict]:
+    """Section 1's pacing for each relay in ``names``, taking turns, so that a change in the machine's
+    load hits every relay alike: per relay the CPU µs per message one at a time and in bursts, of the
+    whole process and of its busiest thread (its socket thread). ``settle(name, sent_so_far)`` waits
+    for what a relay does after the last copy has gone (showing, saving)."""
+    rows = {name: {"rounds_cpu_us": [], "rounds_cpu_us_burst": [], "rounds_net_us": [], "rounds_net_us_burst": [],
+                   "sent": 0, "received": 0} for name in names}
+    index = 0
+    for _ in range(cfg["relay_rounds"]):
+        for burst, key in ((1, "rounds_cpu_us"), (cfg["relay_burst"], "rounds_cpu_us_burst")):
+            for name in names:
+                p, row = procs[name], rows[name]
+                batch = [gen.make(index + i) for i in range(cfg["relay_messages"])]
+                index += len(batch)
+                before = cpu_seconds(p.pid)
+                threads_before = thread_cpu_seconds(p.pid)
+                got = drive_paced(src, (HOST, p.port), sinks, batch, cfg["relay_rate"], burst, every=every)
+                if settle is not None:
+                    settle(name, row["sent"] + got["sent"])
+                used = delta(cpu_seconds(p.pid), before)
+                net = busiest_thread_delta(threads_before, thread_cpu_seconds(p.pid))
+                row["sent"] += got["sent"]
+                row["received"] += sum(got["received"])
+                if used is not None:
+                    row[key].append(used / got["sent"] * 1e6)
+                if net is not None:
+                    row[key.replace("cpu", "net")].append(net / got["sent"] * 1e6)
+    for row in rows.values():
+        row["delivered_fraction"] = row["received"] / (2 * row["sent"]) if row["sent"] else None
+        for suffix in ("", "_burst"):
+            row["cpu_us_per_msg" + suffix] = median(row["rounds_cpu_us" + suffix])
+            net = row["rounds_net_us" + suffix]
+            row["net_us_per_msg" + suffix] = median(net) if net else None
+    return rows
+
+
 # -- 1d. display cost: a node showing every message against a straightforward relay printing it ------
 
 DISPLAY_RELAYS = ("straightforward_printing", "meshchat_json", "meshchat_terminal")
@@ -692,30 +730,9 @@ def bench_display(cfg: dict, fleet: Fleet) -> dict:
     try:
         fleet.wait_ready([procs["straightforward_printing"], procs["meshchat_json"]])
         fleet.drain(1.0)  # the terminal node prints no ready event: give it the time the others took
-        gen = Datagrams(label_of(src))
-        rows = {name: {"rounds_cpu_us": [], "rounds_cpu_us_burst": [], "sent": 0, "received": 0}
-                for name in DISPLAY_RELAYS}
-        index = 0
-        for _ in range(cfg["relay_rounds"]):
-            for burst, key in ((1, "rounds_cpu_us"), (cfg["relay_burst"], "rounds_cpu_us_burst")):
-                for name in DISPLAY_RELAYS:
-                    p = procs[name]
-                    batch = [gen.make(index + i) for i in range(cfg["relay_messages"])]
-                    index += len(batch)
-                    before = cpu_seconds(p.pid)
-                    got = drive_paced(src, (HOST, p.port), sinks, batch, cfg["relay_rate"], burst, every=read)
-                    fleet.drain(0.2)  # the last lines are written after the last copy went
-                    used = delta(cpu_seconds(p.pid), before)
-                    row = rows[name]
-                    row["sent"] += got["sent"]
-                    row["received"] += sum(got["received"])
-                    if used is not None:
-                        row[key].append(used / got["sent"] * 1e6)
-        for name in DISPLAY_RELAYS:
-            row = rows[name]
-            row["delivered_fraction"] = row["received"] / (2 * row["sent"]) if row["sent"] else None
-            row["cpu_us_per_msg"] = median(row["rounds_cpu_us"])
-            row["cpu_us_per_msg_burst"] = median(row["rounds_cpu_us_burst"])
+        # The last lines are written after the last copy went.
+        rows = take_turns(cfg, DISPLAY_RELAYS, procs, src, sinks, Datagrams(label_of(src)), every=read,
+                          settle=lambda name, sent: fleet.drain(0.2))
         out = {"paced_rate_per_s": cfg["relay_rate"], "burst": cfg["relay_burst"], "rounds": cfg["relay_rounds"],
                "messages_per_relay": 2 * cfg["relay_messages"] * cfg["relay_rounds"], "relays": rows}
         for suffix in ("", "_burst"):
@@ -759,44 +776,21 @@ def bench_history(cfg: dict, fleet: Fleet) -> dict:
     try:
         fleet.wait_ready(list(procs.values()))
         fleet.drain(0.3)
-        gen = Datagrams(label_of(src))
-        rows = {name: {"rounds_cpu_us": [], "rounds_cpu_us_burst": [], "rounds_net_us": [], "rounds_net_us_burst": [],
-                       "sent": 0, "received": 0} for name in HISTORY_RELAYS}
-        index = 0
-        for _ in range(cfg["relay_rounds"]):
-            for burst, key in ((1, "rounds_cpu_us"), (cfg["relay_burst"], "rounds_cpu_us_burst")):
-                for name in HISTORY_RELAYS:
-                    p = procs[name]
-                    batch = [gen.make(index + i) for i in range(cfg["relay_messages"])]
-                    index += len(batch)
-                    before = cpu_seconds(p.pid)
-                    threads_before = thread_cpu_seconds(p.pid)
-                    got = drive_paced(src, (HOST, p.port), sinks, batch, cfg["relay_rate"], burst, every=read)
-                    # The display and the history writer finish after the last copy has gone.
-                    end = time.perf_counter() + 2.0
-                    while shown[name] < rows[name]["sent"] + got["sent"] and time.perf_counter() < end:
-                        read()
-                        time.sleep(0.005)
-                    used = delta(cpu_seconds(p.pid), before)
-                    net = busiest_thread_delta(threads_before, thread_cpu_seconds(p.pid))
-                    row = rows[name]
-                    row["sent"] += got["sent"]
-                    row["received"] += sum(got["received"])
-                    if used is not None:
-                        row[key].append(used / got["sent"] * 1e6)
-                    if net is not None:
-                        row[key.replace("cpu", "net")].append(net / got["sent"] * 1e6)
+        def settle(name: str, sent: int) -> None:
+            # The display and the history writer finish after the last copy has gone.
+            end = time.perf_counter() + 2.0
+            while shown[name] < sent and time.perf_counter() < end:
+                read()
+                time.sleep(0.005)
+
+        # net_us_per_msg is the relaying path alone: the socket thread (the busiest), without the
+        # store's writer and the console, which history adds work to but which never hold up a relay.
+        rows = take_turns(cfg, HISTORY_RELAYS, procs, src, sinks, Datagrams(label_of(src)), every=read,
+                          settle=settle)
         fleet.drain(0.5)
         stats = collect_stats(fleet, [procs[name] for name in HISTORY_RELAYS])
         for k, name in enumerate(HISTORY_RELAYS):
             row, st = rows[name], stats.get(k, {})
-            row["delivered_fraction"] = row["received"] / (2 * row["sent"]) if row["sent"] else None
-            row["cpu_us_per_msg"] = median(row["rounds_cpu_us"])
-            row["cpu_us_per_msg_burst"] = median(row["rounds_cpu_us_burst"])
-            # The relaying path alone: the socket thread (the busiest), without the store's writer
-            # and the console, which history adds work to but which never hold up a relay.
-            row["net_us_per_msg"] = median(row["rounds_net_us"]) if row["rounds_net_us"] else None
-            row["net_us_per_msg_burst"] = median(row["rounds_net_us_burst"]) if row["rounds_net_us_burst"] else None
             row["shown"] = shown[name]
             row["displayed"] = st.get("displayed")
             row["history_commits"] = st.get("history_commits")
