@@ -825,28 +825,23 @@ class TerminalConsole(Console):
             self.notice(f"{'you offer' if mine else self.name_of(o.src) + ' offers'} {o.name!r} "
                         f"({human_bytes(o.size)}, id {o.fid[:6]})" + ("" if mine else f": {what}"
                         + ("" if e.verified is not False else " (unverified sender)")))
-        elif isinstance(e, FileProgress) and self.interactive:
+        elif isinstance(e, FileProgress):
+            # A row redrawn in place above the prompt (a few times a second), or a line now and then.
             last = self._progress_shown.get(e.fid, float("-inf"))
             now = time.monotonic()
-            if e.have < e.size and now - last < STATUS_REDRAW_S:
+            if e.have < e.size and now - last < (STATUS_REDRAW_S if self.interactive else TERMINAL_PROGRESS_S):
                 return
             self._progress_shown[e.fid] = now
             if len(self._progress_shown) > 64:
                 self._progress_shown.pop(next(iter(self._progress_shown)))
-            if e.have >= e.size:
+            if not self.interactive:
+                self.notice(progress_text(e))
+            elif e.have >= e.size:
                 self._status.pop(e.fid, None)  # FileDone says the rest, as a line
+                self._redraw_status()
             else:
                 self._status[e.fid] = sanitize(progress_text(e))
-            self._redraw_status()
-        elif isinstance(e, FileProgress):
-            last = self._progress_shown.get(e.fid, float("-inf"))
-            now = time.monotonic()
-            if e.have < e.size and now - last < TERMINAL_PROGRESS_S:
-                return
-            self._progress_shown[e.fid] = now
-            if len(self._progress_shown) > 64:
-                self._progress_shown.pop(next(iter(self._progress_shown)))
-            self.notice(progress_text(e))
+                self._redraw_status()
         elif isinstance(e, FileDone):
             self._progress_shown.pop(e.fid, None)
             self._status.pop(e.fid, None)
