@@ -552,7 +552,7 @@ def _resolved(cmd: object, node: Node) -> object:
     ``address:port``, as --peers do (labels are addresses); anything else is a
     nick or nick#tag, which the node's membership knows or not. A name that does
     not resolve, or names several nodes, is an error, and nothing is sent."""
-    if not isinstance(cmd, (Say, Ping, TraceRoute)) or not cmd.dst:
+    if not isinstance(cmd, (Say, Ping, TraceRoute, SendFile)) or not cmd.dst:
         return cmd
     if ":" in cmd.dst:  # a nick never has one
         try:
@@ -659,7 +659,7 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
             else:
                 console.notice(f"map of {len(snapshot['nodes'])} nodes written to {cmd.path}")
     elif isinstance(cmd, SendFile):
-        error = node.send_file(cmd.path, cmd.dst)
+        error = node.send_file(cmd.path, cmd.dst, cmd.plain)
         if error:
             console.error(error)
         elif echo and isinstance(console, TerminalConsole):

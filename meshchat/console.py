@@ -59,6 +59,8 @@ Type a line to send it to everyone.
   /map [FILE.svg]    the mesh as this node knows it; with a file, as a picture
   /history [N]       the last N messages (20) shown or sent, kept on disk
   /send PATH         offer a file to everyone (they fetch it, from whoever has it)
+  /send @NAME PATH   a file to one node only (end-to-end encrypted when both have keys)
+  /send --plain @NAME PATH   the same, in clear, on purpose
   /files             offers seen, transfers moving and done, with their ids
   /accept ID         fetch an offer that waits (over --accept-files, or unverified)
   /cancel ID         stop fetching (or serving) a file
@@ -133,6 +135,7 @@ class Nothing(NamedTuple):
 class SendFile(NamedTuple):
     path: str
     dst: str = ""
+    plain: bool = False  # /send --plain @NAME PATH: a direct file in clear, asked for explicitly
 
 
 class FilesCmd(NamedTuple):
@@ -244,12 +247,17 @@ def _file_command(word: str, rest: str) -> Command:
     """/send PATH, /send NAME PATH (a path with spaces is fine: only a first word that names a
     node and is followed by more is taken as NAME), /accept ID, /cancel ID."""
     if word == "send":
+        plain = rest == "--plain" or rest.startswith("--plain ")
+        if plain:
+            rest = rest[len("--plain"):].strip()
         if not rest:
             return Bad("/send needs a file: /send PATH")
         first, _, path = rest.partition(" ")
         if path.strip() and first[:1] == "@":
             error = _check_name(first[1:])
-            return Bad(error) if error else SendFile(path.strip(), first[1:])
+            return Bad(error) if error else SendFile(path.strip(), first[1:], plain)
+        if plain:
+            return Bad("--plain is for a file to one node: /send --plain @NAME PATH")
         return SendFile(rest)
     if not rest or " " in rest or len(rest) > 16 or not rest.isalnum():
         return Bad(f"/{word} needs a file id (what /files shows): /{word} ID")
@@ -857,7 +865,10 @@ class TerminalConsole(Console):
         for r in rows:
             have = f"{100 * r['have'] // r['size']}%" if r["size"] else "100%"
             self.notice(f"{r['fid'][:6]}  {r['state']:<9} {have:>4}  {human_bytes(r['size']):>9}  {r['name']}"
-                        + (f"  from {self.name_of(r['src'])}" if r["state"] not in ("own",) else "")
+                        + (f"  from {self.name_of(r['src'])}" if r["state"] not in ("own", "waiting") else "")
+                        + (f"  for {self.name_of(r['dst'])}" if r.get("dst") else "")
+                        + ("" if r.get("encrypted") is None else
+                           "  (encrypted)" if r["encrypted"] else "  (not encrypted)")
                         + (f"  -> {r['path']}" if r["path"] else ""))
 
     def trace(self, r: TraceResult) -> None:

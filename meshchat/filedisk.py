@@ -20,7 +20,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from .files import CHUNK_BYTES, HASH_BYTES, Offer, numbered, safe_name
+from . import crypto
+from .files import CHUNK_BYTES, HASH_BYTES, SEALED_CHUNK_BYTES, Offer, numbered, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class FileDisk:
         self._queue: "queue.Queue" = queue.Queue(QUEUE_ITEMS)
         self._stop = threading.Event()
         self._handles: Dict[str, Tuple[object, str]] = {}  # fid -> (open file, its mode): ours or a download
+        self._ciphers: Optional[Tuple[str, "crypto.FileCipher"]] = None  # the sealed file last used
         self.dropped = 0
 
     def used_bytes(self) -> int:
@@ -101,43 +103,71 @@ class FileDisk:
 
     # -- jobs ----------------------------------------------------------------------------------------
 
-    def _hash(self, path: str, fid: str, src: str, dst: str) -> None:
+    def _hash(self, path: str, fid: str, src: str, dst: str, key: str = "", hops: int = 0) -> None:
+        # A sealed file (``key``): the hash list is over the sealed chunks, which is what travels and what
+        # carriers check; the SHA-256 of the whole stays over the plaintext (it goes inside the box).
+        cipher = crypto.FileCipher(bytes.fromhex(key), fid) if key else None
         h = hashlib.sha256()
         hashes = []
         size = 0
         try:
             with open(path, "rb") as f:
                 while True:
-                    chunk = f.read(CHUNK_BYTES)
+                    chunk = f.read(SEALED_CHUNK_BYTES if cipher else CHUNK_BYTES)
                     if not chunk:
                         break
-                    size += len(chunk)
                     h.update(chunk)
+                    if cipher is not None:
+                        chunk = cipher.seal(len(hashes), chunk)
+                    size += len(chunk)
                     hashes.append(hashlib.sha256(chunk).digest())
         except OSError as e:
             self._cb.hash_failed(path, e.strerror or str(e))
             return
+        if cipher is not None:
+            size -= len(hashes) * crypto.FILE_TAG_BYTES
         whole = b"".join(hashes)
         name = os.path.basename(path) or "file"
-        offer = Offer(fid, name[:255], size, h.hexdigest(), hashlib.sha256(whole).hexdigest(), CHUNK_BYTES, src, dst)
+        offer = Offer(fid, name[:255], size, h.hexdigest(), hashlib.sha256(whole).hexdigest(), CHUNK_BYTES, src, dst,
+                      "", hops, key)
         self._cb.hashed(offer, whole, path)
 
-    def _read(self, fid: str, path: str, index: int, addr: tuple) -> None:
+    def _read(self, fid: str, path: str, index: int, addr: tuple, key: str = "") -> None:
         # A download serves what it has from its temporary file, through the handle it writes with.
+        # A sealed file held in clear (ours, or one we are the destination of) is sealed again per chunk.
         part = self.partial / f"{fid}.part"
         if not path and fid not in self._handles and not part.exists():
             return  # it finished (or was cancelled) after this was asked: the requester asks again
         f = self._handle(fid, path or str(part), "rb" if path else "r+b")
-        f.seek(index * CHUNK_BYTES)  # type: ignore[attr-defined]
-        self._cb.read(fid, index, f.read(CHUNK_BYTES), addr)  # type: ignore[attr-defined]
+        size = SEALED_CHUNK_BYTES if key else CHUNK_BYTES
+        f.seek(index * size)  # type: ignore[attr-defined]
+        data = f.read(size)  # type: ignore[attr-defined]
+        if key:
+            data = self._cipher(fid, key).seal(index, data)
+        self._cb.read(fid, index, data, addr)
 
-    def _write(self, fid: str, index: int, data: bytes) -> None:
+    def _write(self, fid: str, index: int, data: bytes, key: str = "") -> None:
+        size = CHUNK_BYTES
+        if key:  # the destination of a sealed file: its plaintext is what lands on disk
+            size = SEALED_CHUNK_BYTES
+            opened = self._cipher(fid, key).open(index, data)
+            if opened is None:  # it matched the hash list, so its sender sealed it wrong
+                self._cb.write_failed(fid, index, "a chunk does not open with the file's key")
+                return
+            data = opened
         try:
             f = self._handle(fid, str(self.partial / f"{fid}.part"), "r+b")
-            f.seek(index * CHUNK_BYTES)  # type: ignore[attr-defined]
+            f.seek(index * size)  # type: ignore[attr-defined]
             f.write(data)  # type: ignore[attr-defined]
         except OSError as e:
             self._cb.write_failed(fid, index, e.strerror or str(e))
+
+    def _cipher(self, fid: str, key: str) -> "crypto.FileCipher":
+        """The chunk cipher of a sealed file, kept for the one file in use (chunks come in runs)."""
+        kept = self._ciphers
+        if kept is None or kept[0] != fid:
+            kept = self._ciphers = (fid, crypto.FileCipher(bytes.fromhex(key), fid))
+        return kept[1]
 
     def _meta(self, offer: Offer, hashes: Optional[bytes]) -> None:
         part = self.partial / f"{offer.fid}.part"
@@ -216,15 +246,20 @@ class FileDisk:
                 continue
             have: List[int] = []
             if hashes is not None:
+                # The destination of a sealed file keeps it in clear: each chunk is sealed again to be
+                # checked against the hash list (over what travels). A carrier keeps what travelled.
+                cipher = crypto.FileCipher(bytes.fromhex(offer.key), offer.fid) if offer.key else None
                 try:
                     with open(self.partial / f"{offer.fid}.part", "rb") as f:
                         for i in range(offer.chunks):
-                            chunk = f.read(CHUNK_BYTES)
+                            chunk = f.read(offer.pcs if offer.key else offer.cs)
                             if not chunk:
                                 break
+                            if cipher is not None:
+                                chunk = cipher.seal(i, chunk)
                             if hashlib.sha256(chunk).digest() == hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES]:
                                 have.append(i)
-                except OSError:
+                except (OSError, crypto.CryptoUnavailable):
                     pass
             self._cb.resumed(offer, hashes, have)
 

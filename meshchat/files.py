@@ -23,6 +23,7 @@ The node calls all of this under its one lock, from the socket thread and the fi
 import base64
 import binascii
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
@@ -52,6 +53,7 @@ MAX_WINDOW = 128.0
 SLOW_START_WINDOW = 32.0
 MIN_TIMEOUT_S = 0.25
 MAX_TIMEOUT_S = 2.0
+CARRY_SLACK_HOPS = 1  # a node this much off the shortest way between a direct file's ends still carries it
 ENDGAME_PIECES = 16  # at most this many left and all asked for: ask a second source too
 HAVE_CHANGED_S = 0.3  # an FHAVE goes this soon after what we have changed
 HAVE_REFRESH_S = 2.0  # and this often anyway (a neighbour that restarted learns who has what)
@@ -61,9 +63,17 @@ SERVE_BURST_S = 0.25
 FETCH_STALL_S = 120.0  # a transfer with no source and no progress for this long fails
 SERVE_KEEP_S = 3600.0  # a finished file is served for this long
 MAX_BAD_PIECES = 3  # a source that sent this many pieces that do not verify is no longer asked
+# End-to-end files (rule 6): a direct file's chunks are sealed, and a piece stays CHUNK_BYTES on the
+# wire, so a sealed file's plaintext chunk is smaller by the AEAD's tag.
+TAG_BYTES = 16
+SEALED_CHUNK_BYTES = CHUNK_BYTES - TAG_BYTES
+FILE_KEY_BYTES = 32
+MAX_BOX_CHARS = 2048  # the sealed part of an offer: a name of 255 characters (up to 4 bytes each) fits
+MAX_HOPS = 255
 
 _FID_RE = re.compile(r"[0-9a-f]{16}\Z")
 _SHA_RE = re.compile(r"[0-9a-f]{64}\Z")
+_KEY_RE = _SHA_RE  # a file key: 32 bytes in hex
 
 
 class Offer(NamedTuple):
@@ -75,34 +85,98 @@ class Offer(NamedTuple):
     cs: int
     src: str
     dst: str = ""
+    box: str = ""  # a sealed offer: name, sha and the file key, sealed to ``dst`` (rule 6)
+    hops: int = 0  # a direct offer: how far its origin was from ``dst`` (0: not known)
+    key: str = ""  # the file key (hex), at the origin and at ``dst`` once opened; never on the wire
+
+    @property
+    def sealed(self) -> bool:
+        return bool(self.box)
+
+    @property
+    def pcs(self) -> int:
+        """Plaintext bytes per chunk (a sealed chunk carries the AEAD's tag too)."""
+        return self.cs - TAG_BYTES if self.box or self.key else self.cs
 
     @property
     def chunks(self) -> int:
-        return (self.size + self.cs - 1) // self.cs
+        return (self.size + self.pcs - 1) // self.pcs
 
     @property
     def parts(self) -> int:
         return (self.chunks * HASH_BYTES + self.cs - 1) // self.cs
 
     def fields(self) -> Dict[str, Any]:
-        return {"fid": self.fid, "name": self.name, "size": self.size, "sha": self.sha, "hl": self.hl,
-                "cs": self.cs}
+        """What travels: a sealed offer shows neither name nor SHA-256 (a relay could confirm a guess)."""
+        out: Dict[str, Any] = {"fid": self.fid, "size": self.size, "hl": self.hl, "cs": self.cs}
+        if self.box:
+            out["box"] = self.box
+        else:
+            out["name"], out["sha"] = self.name, self.sha
+        if self.dst:
+            out["hops"] = self.hops
+        return out
+
+
+_BOX_RE = re.compile(r"[A-Za-z0-9_-]+={0,2}\Z")
 
 
 def parse_offer(msg: Message) -> Optional[Offer]:
-    """The offer a FOFFER carries, or None if anything in it is not as rule 1 says."""
+    """The offer a FOFFER carries, or None if anything in it is not as rules 1 and 6 say."""
     x = msg.extra.get("file")
     if not isinstance(x, dict):
         return None
-    fid, name, size, sha, hl, cs = (x.get(k) for k in ("fid", "name", "size", "sha", "hl", "cs"))
-    if not (isinstance(fid, str) and _FID_RE.match(fid) and isinstance(sha, str) and _SHA_RE.match(sha)
-            and isinstance(hl, str) and _SHA_RE.match(hl)):
-        return None
-    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+    fid, size, hl, cs = (x.get(k) for k in ("fid", "size", "hl", "cs"))
+    if not (isinstance(fid, str) and _FID_RE.match(fid) and isinstance(hl, str) and _SHA_RE.match(hl)):
         return None
     if type(size) is not int or not 0 <= size <= MAX_FILE_BYTES or type(cs) is not int or cs != CHUNK_BYTES:
         return None
-    return Offer(fid, name, size, sha, hl, cs, msg.src, msg.dst)
+    hops = x.get("hops", 0)
+    if type(hops) is not int or not 0 <= hops <= MAX_HOPS:
+        return None
+    if "box" in x:
+        box = x["box"]
+        # Sealed: only to one node, and nothing of what the box hides beside it.
+        if (not msg.dst or "name" in x or "sha" in x or not isinstance(box, str)
+                or not 0 < len(box) <= MAX_BOX_CHARS or not _BOX_RE.match(box)):
+            return None
+        return Offer(fid, "", size, "", hl, cs, msg.src, msg.dst, box, hops)
+    name, sha = x.get("name"), x.get("sha")
+    if not (isinstance(sha, str) and _SHA_RE.match(sha)):
+        return None
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+        return None
+    return Offer(fid, name, size, sha, hl, cs, msg.src, msg.dst, "", hops)
+
+
+def _box_aad(o: Offer) -> bytes:
+    """What an offer's box is bound to: moved onto another offer (or with its size or hash list
+    changed), it does not open."""
+    return json.dumps(["FOFFER", o.fid, o.src, o.dst, o.size, o.hl, o.cs], separators=(",", ":")).encode("utf-8")
+
+
+def seal_offer(o: Offer, their_key: bytes, seal_to: Callable[[bytes, bytes, bytes], bytes]) -> Offer:
+    """Our offer of a direct file with its name, SHA-256 and file key sealed to ``dst``'s box key."""
+    inner = json.dumps({"name": o.name, "sha": o.sha, "key": o.key}, separators=(",", ":"), ensure_ascii=False)
+    box = seal_to(their_key, inner.encode("utf-8"), _box_aad(o))
+    return o._replace(box=base64.urlsafe_b64encode(box).decode("ascii"))
+
+
+def open_offer(o: Offer, open_box: Callable[[bytes, bytes], Optional[bytes]]) -> Optional[Offer]:
+    """A sealed offer to us with what its box hides filled in; None if it does not open or what is
+    inside is not as rule 6 says."""
+    try:
+        plain = open_box(base64.urlsafe_b64decode(o.box.encode("ascii")), _box_aad(o))
+        inner = json.loads(plain.decode("utf-8")) if plain is not None else None
+    except (binascii.Error, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    if not isinstance(inner, dict):
+        return None
+    name, sha, key = inner.get("name"), inner.get("sha"), inner.get("key")
+    if (not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS or not isinstance(sha, str)
+            or not _SHA_RE.match(sha) or not isinstance(key, str) or not _KEY_RE.match(key)):
+        return None
+    return o._replace(name=name, sha=sha, key=key)
 
 
 def hash_list(chunk_hashes: Iterable[bytes]) -> bytes:
@@ -112,18 +186,22 @@ def hash_list(chunk_hashes: Iterable[bytes]) -> bytes:
 # -- actions and events ------------------------------------------------------------------------------
 
 class ReadPiece(NamedTuple):
-    """Files thread: read chunk ``index`` of ``path`` and give it to ``piece_read`` for ``addr``."""
+    """Files thread: read chunk ``index`` of ``path`` and give it to ``piece_read`` for ``addr``
+    (sealed under ``key`` first, when the file is a sealed one held in clear: rule 6)."""
     fid: str
     path: str
     index: int
     addr: Addr
+    key: str = ""
 
 
 class WritePiece(NamedTuple):
-    """Files thread: write a verified chunk at ``index * cs`` of the transfer's temporary file."""
+    """Files thread: write a verified chunk at ``index * cs`` of the transfer's temporary file
+    (opened with ``key`` first, at the destination of a sealed file: rule 6)."""
     fid: str
     index: int
     data: bytes
+    key: str = ""
 
 
 class SaveMeta(NamedTuple):
@@ -236,6 +314,7 @@ class Transfer:
     samples: List[Tuple[float, int]] = field(default_factory=list)  # (when, bytes) for the rate
     since: float = 0.0  # when it reached its state
     spread: int = 0  # where this node starts asking in the file (_candidates)
+    carry: bool = False  # a direct file for another node that we fetch and serve on (rule 6), never shown
 
     @property
     def pieces(self) -> int:
@@ -244,7 +323,7 @@ class Transfer:
     def have_bytes(self) -> int:
         if not self.have:
             return 0  # failed or cancelled: its pieces are gone
-        m, cs, size = self.offer.parts, self.offer.cs, self.offer.size
+        m, cs, size = self.offer.parts, self.offer.pcs, self.offer.size
         chunks = self.count - sum(self.have[:m])
         if chunks and self.have[-1] and size % cs:
             return (chunks - 1) * cs + size % cs
@@ -283,8 +362,12 @@ class Files:
     """Every transfer this node knows of, and the decisions about them (rules above)."""
 
     def __init__(self, config: FilesConfig, new_mid: Callable[[], str],
-                 neighbours: Callable[[], Iterable[Addr]] = lambda: ()) -> None:
+                 neighbours: Callable[[], Iterable[Addr]] = lambda: (),
+                 open_box: Optional[Callable[[bytes, bytes], Optional[bytes]]] = None,
+                 hops_to: Callable[[str], Optional[int]] = lambda label: None) -> None:
         self.config = config
+        self._open_box = open_box  # ours (crypto's BoxKey.open): sealed offers to us (rule 6)
+        self._hops_to = hops_to  # how far a node is (membership), to tell whether we are on a direct file's way
         self.label = config.label
         self._new_mid = new_mid
         self._neighbours = neighbours  # the up neighbours that said FILE
@@ -298,18 +381,31 @@ class Files:
             "files_offered": 0, "files_done": 0, "files_failed": 0, "file_pieces_received": 0,
             "file_pieces_served": 0, "file_requests_sent": 0, "file_timeouts": 0,
             "file_dropped_bad_piece": 0, "file_dropped_unasked": 0, "file_dropped_malformed": 0,
-            "file_dropped_unknown": 0, "file_serve_budget": 0, "file_offers_forgotten": 0}
+            "file_dropped_unknown": 0, "file_serve_budget": 0, "file_offers_forgotten": 0,
+            "file_dropped_bad_box": 0, "files_carried": 0}
 
     # -- what the user does ------------------------------------------------------------------------
 
-    def share(self, offer: Offer, hashes: bytes, path: str, now: float) -> None:
-        """A file of ours (hashed by the files thread): served to whoever asks for it."""
-        t = Transfer(offer, "own", True, path, hashes, started=now, since=now, moved_at=now)
+    def share(self, offer: Offer, hashes: bytes, path: str, now: float, waiting: bool = False) -> None:
+        """A file of ours (hashed by the files thread): served to whoever asks for it. ``waiting``:
+        a sealed one whose destination's box key we do not know yet (offered by ``offered``)."""
+        t = Transfer(offer, "waiting" if waiting else "own", True, path, hashes, started=now, since=now,
+                     moved_at=now)
         t.have = bytearray(b"\x01") * t.pieces
         t.need = bytearray(t.pieces)
         t.count = t.pieces
-        t.changed = True
+        t.changed = not waiting
         self._remember(t)
+
+    def waiting_for(self, has_key: Callable[[str], bool]) -> List[Offer]:
+        """Our offers that waited for a box key ``has_key`` now has: to seal (seal_offer) and send."""
+        return [t.offer for t in self.transfers.values() if t.state == "waiting" and has_key(t.offer.dst)]
+
+    def offered(self, offer: Offer, now: float) -> None:
+        """A waiting offer of ours went out (sealed): from now on it is served."""
+        t = self.transfers.get(offer.fid)
+        if t is not None and t.state == "waiting":
+            t.offer, t.state, t.since, t.changed = offer, "own", now, True
 
     def accept(self, fid: str, now: float) -> Tuple[str, list]:
         """/accept: start fetching an offer that waits; the text for the user, and actions."""
@@ -324,6 +420,8 @@ class Files:
         t = self.find(fid)
         if t is None:
             return f"no transfer {fid!r} (see /files)", []
+        if t.carry and t.state == "done":
+            return "no longer carried", self._uncarry(t)
         if t.state in ("own", "done", "failed"):
             # Stop serving it; the file itself stays where it is.
             del self.transfers[t.offer.fid]
@@ -343,9 +441,11 @@ class Files:
         out = []
         for t in self.transfers.values():
             o = t.offer
-            out.append({"fid": o.fid, "name": o.name, "size": o.size, "state": t.state, "src": o.src,
+            state = ("carrying" if t.state in ("fetching", "offered") else "carried") if t.carry else t.state
+            out.append({"fid": o.fid, "name": o.name or "(sealed)", "size": o.size, "state": state, "src": o.src,
                         "have": o.size if t.state in ("own", "done") else t.have_bytes(),
-                        "sources": len(t.sources), "path": t.path, "rate": self._rate(t, now)})
+                        "sources": len(t.sources), "path": "" if t.carry else t.path, "rate": self._rate(t, now),
+                        "dst": o.dst, "encrypted": bool(o.sealed or o.key) if o.dst else None})
         return out
 
     # -- resuming after a restart --------------------------------------------------------------------
@@ -354,7 +454,8 @@ class Files:
         """A download found on disk by the files thread (its chunks already checked against ``hashes``)."""
         if offer.fid in self.transfers:
             return []
-        t = Transfer(offer, "offered", True, started=now, since=now, moved_at=now)
+        t = Transfer(offer, "offered", True, started=now, since=now, moved_at=now,
+                     carry=bool(offer.dst) and offer.dst != self.label)
         self._remember(t)
         self.used += offer.size
         self._init_bits(t)
@@ -380,7 +481,13 @@ class Files:
         if offer.fid in self.transfers:
             return []
         if offer.dst and offer.dst != self.label:
-            return []  # a direct offer for someone else: not ours to fetch
+            return self._carry(msg, offer, verified, now)
+        if offer.sealed:
+            opened = open_offer(offer, self._open_box) if self._open_box is not None else None
+            if opened is None:  # tampered, moved, not for our key, or we have no key: never fetched
+                self.counters["file_dropped_bad_box"] += 1
+                return []
+            offer = opened
         if verified is False:
             # Anyone can put any src on a message: an unverified offer is shown, never fetched by itself.
             fetch = False
@@ -395,6 +502,26 @@ class Files:
         if fetch:
             out.extend(self._start(t, now))
         return out
+
+    def _carry(self, msg: Message, offer: Offer, verified: Optional[bool], now: float) -> list:
+        """A direct offer for another node (rule 6): fetched and served on, never shown or finished, when
+        we are on its way (our distance from its origin and to its destination add up to about the
+        origin's own distance to it), it is verified and under the size fetched without asking."""
+        if offer.dst == offer.src or verified is False:
+            return []
+        limit = self.config.accept_bytes
+        if not (limit > 0 and offer.size <= limit):
+            return []
+        ahead = self._hops_to(offer.dst)
+        ttl0 = msg.extra.get("ttl0")
+        behind = ttl0 - msg.ttl + 1 if type(ttl0) is int and 0 < msg.ttl <= ttl0 else None
+        if ahead is None or (offer.hops and (behind is None or behind + ahead > offer.hops + CARRY_SLACK_HOPS)):
+            return []
+        t = Transfer(offer, "offered", verified, started=now, since=now, moved_at=now, carry=True,
+                     spread=int.from_bytes(hashlib.sha256((self.label + offer.fid).encode()).digest()[:4], "big"))
+        self._remember(t)
+        self.counters["files_carried"] += 1
+        return self._start(t, now)
 
     def have_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
         self._wall_offset = wall - now
@@ -442,7 +569,7 @@ class Files:
                 self.counters["file_pieces_served"] += 1
             else:
                 # Off the socket thread: the files thread reads it and hands it to piece_read.
-                out.append(ReadPiece(t.offer.fid, t.path, piece - m, addr))
+                out.append(ReadPiece(t.offer.fid, t.path, piece - m, addr, "" if t.carry else t.offer.key))
         return out, ""
 
     def piece_read(self, fid: str, index: int, data: bytes, addr: Addr, wall: float) -> Optional[bytes]:
@@ -517,7 +644,7 @@ class Files:
             if hashlib.sha256(data).digest() != t.hashes[index * HASH_BYTES:(index + 1) * HASH_BYTES]:
                 return self._bad(t, piece, s, now), ""
             self._got(t, piece, now)
-            out.append(WritePiece(t.offer.fid, index, data))
+            out.append(WritePiece(t.offer.fid, index, data, "" if t.carry else t.offer.key))
         self.counters["file_pieces_received"] += 1
         out.extend(self._check_complete(t, now))
         if t.state == "fetching":
@@ -559,10 +686,13 @@ class Files:
                     out.extend(self._pump(t, now))
                     if now - t.progress_at >= PROGRESS_S and t.count:
                         t.progress_at = now
-                        out.append(self._progress(t, now))
+                        if not t.carry:  # another node's file: never shown here
+                            out.append(self._progress(t, now))
             if t.state == "done" and now - t.since > SERVE_KEEP_S:
                 t.state = "kept"  # listed, no longer served
                 t.have = bytearray()
+                if t.carry:  # another node's file: its pieces go, and so does the transfer
+                    out.extend(self._uncarry(t))
                 continue
             if t.state in ("fetching", "done", "own") and (
                     (t.changed and now - t.have_sent >= HAVE_CHANGED_S) or now - t.have_sent >= HAVE_REFRESH_S):
@@ -596,6 +726,11 @@ class Files:
     def _transfer_of(self, msg: Message) -> Optional[Transfer]:
         fid = msg.extra.get("fid")
         return self.transfers.get(fid) if type(fid) is str else None  # anything else: no transfer
+
+    def _uncarry(self, t: Transfer) -> list:
+        del self.transfers[t.offer.fid]
+        self.used -= t.offer.size
+        return [Discard(t.offer.fid)]
 
     def _remember(self, t: Transfer) -> None:
         if len(self.transfers) >= MAX_OFFERS:
@@ -653,7 +788,7 @@ class Files:
         t.sources.clear()
         t.have, t.need, t.parts = bytearray(), bytearray(), {}
         self.counters["files_failed"] += 1
-        out: list = [FileFailed(t.offer.fid, t.offer.name, reason)]
+        out: list = [] if t.carry else [FileFailed(t.offer.fid, t.offer.name, reason)]  # carried: never shown
         if downloading:
             out.append(Discard(t.offer.fid))
         return out + self._next_waiting(now)
@@ -690,8 +825,11 @@ class Files:
 
     def _check_complete(self, t: Transfer, now: float) -> list:
         if t.state == "fetching" and t.hashes is not None and t.count == t.pieces:
-            t.state, t.since = "finishing", now
             t.inflight.clear()
+            if t.carry:  # every piece verified against the hash list; the whole is the destination's to check
+                t.state, t.since, t.changed = "done", now, True
+                return []
+            t.state, t.since = "finishing", now
             return [Finish(t.offer)]
         return []
 

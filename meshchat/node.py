@@ -41,7 +41,7 @@ from .lazypush import CAP as LAZY_CAP
 from .delivery import Delivery, DeliveryConfig, HeldDrop, HeldItem, HeldPut, OutboxDrop, OutboxItem, OutboxPut
 from .delivery import ServeSince, direct_key, stream_of
 from .delivery import Store as StoreAction
-from .membership import Beacon, Membership, MembershipConfig, Originate, PeerDown
+from .membership import Beacon, Membership, MembershipConfig, Originate, PeerDown, display_name
 from .metrics import MetricsServer, exposition, json_page
 from . import __version__
 from .private import BOX_FIELD, Private
@@ -327,12 +327,20 @@ class Node:
         def neighbours() -> list:
             return [n.addr for n in m.neighbours.values() if n.up and filesmod.CAP in n.caps]
 
+        def hops_to(label: str) -> Optional[int]:
+            own = m.addr_by_label.get(label)
+            if own is not None and m.is_up(own):
+                return 1
+            member = m.members.get(label)
+            return member.hops if member is not None else None
+
         # Link datagrams' ids (one hop, never flooded) need to be unique, not unpredictable: a seeded
         # generator, since os.urandom per chunk showed in profiles of a transfer.
         mids = random.Random(os.urandom(16))
         self.files = filesmod.Files(
             filesmod.FilesConfig(self.label, cfg.accept_bytes, cfg.quota_bytes, self.file_disk.used_bytes()),
-            new_mid=lambda: "%012x" % mids.getrandbits(48), neighbours=neighbours)
+            new_mid=lambda: "%012x" % mids.getrandbits(48), neighbours=neighbours,
+            open_box=self.identity.box.open if self.identity is not None else None, hops_to=hops_to)
 
     def _security(self, security: Security) -> Tuple[Trust, Callable[[Message], Message]]:
         """Our identity (loaded, made on first start, or in memory) and the trust layer with its pins.
@@ -672,6 +680,8 @@ class Node:
                     self._log_internal(data, e, "handled, but handing on one of its actions failed")
             if self.private is not None and self.private.released:  # read without the lock: a flag
                 self.private.released = False
+                if self.files is not None:
+                    self._file_offers_due()
                 self._key_came.set()
 
     def _count_internal_drop(self, before: tuple) -> None:
@@ -880,13 +890,14 @@ class Node:
 
     # -- file sharing: commands, and what the files thread found (it calls these) ----------------------
 
-    def send_file(self, path: str, dst: str = "") -> str:
-        """/send: "" once the file is being hashed (its offer goes when that is done), else why not."""
+    def send_file(self, path: str, dst: str = "", plain: bool = False) -> str:
+        """/send: "" once the file is being hashed (its offer goes when that is done), else why not.
+        To one node (``dst``, a label) it is sealed end to end when this node can (``encrypts``), unless
+        ``plain`` (files.py rule 6)."""
         if self.files is None or self.file_disk is None:
             return "file sharing is off on this node"
-        if dst:
-            return ("files go to everyone for now: /send PATH (a file for one node needs end-to-end "
-                    "encrypted chunks, not built yet)")
+        if dst == self.label:
+            return "that is this node: a file to yourself goes nowhere"
         path = os.path.expanduser(path)  # ~/Pictures/cat.jpg, as a shell would take it
         try:
             with open(path, "rb"):
@@ -898,7 +909,16 @@ class Node:
             return f"{path}: {e.strerror or e}"
         if size > filesmod.MAX_FILE_BYTES:
             return f"{path}: {size} bytes, over the {filesmod.MAX_FILE_BYTES} bytes a file may have"
-        if not self.file_disk.put(("hash", path, os.urandom(8).hex(), self.label, dst)):
+        key = crypto.new_file_key().hex() if dst and self.private is not None and not plain else ""
+        hops = 0
+        if dst and self.membership is not None:
+            with self._lock:
+                member = self.membership.members.get(dst)
+                hops = (member.hops or 0) if member is not None else 0
+                if self.membership.addr_by_label.get(dst) is not None:
+                    hops = 1
+        if not self.file_disk.put(("hash", path, os.urandom(8).hex(), self.label, dst, key,
+                                   min(hops, filesmod.MAX_HOPS))):
             return "the files thread is busy: try again in a moment"
         return ""
 
@@ -930,9 +950,9 @@ class Node:
         assert disk is not None
         kind = type(action)
         if kind is filesmod.ReadPiece:
-            disk.put(("read", action.fid, action.path, action.index, action.addr))  # dropped: asked again
+            disk.put(("read", action.fid, action.path, action.index, action.addr, action.key))  # dropped: asked again
         elif kind is filesmod.WritePiece:
-            if not disk.put(("write", action.fid, action.index, action.data)):
+            if not disk.put(("write", action.fid, action.index, action.data, action.key)):
                 self._file_write_failed(action.fid, action.index, "the files thread is behind")
         elif kind is filesmod.SaveMeta:
             disk.put(("meta", action.offer, action.hashes))
@@ -943,11 +963,69 @@ class Node:
             disk.put(("discard", action.fid))
 
     def _file_hashed(self, offer: "filesmod.Offer", hashes: bytes, path: str) -> None:
+        if offer.dst:
+            self._direct_file_hashed(offer, hashes, path)
+            return
         with self._lock:
             self.files.share(offer, hashes, path, self._clock())  # type: ignore[union-attr]
         self._originate(filesmod.OFFER_KIND, "", offer.dst, {"file": offer.fields()})
         self._on_event(filesmod.FileOffered(offer, True, False))
         self._wake()
+
+    def _direct_file_hashed(self, offer: "filesmod.Offer", hashes: bytes, path: str) -> None:
+        """A file for one node: sealed to its box key and offered, or held until the key comes (as a
+        direct CHAT is: private.py rule 2); in clear (no key of our own, or --plain) it says so."""
+        p, m = self.private, self.membership
+        name = display_name(offer.dst, self.nick_of(offer.dst))
+        asks: list = []
+        no_key = False
+        with self._lock:
+            now, wall = self._clock(), self._wall()
+            their_key = p.key_of(offer.dst) if p is not None and offer.key else None
+            held = bool(offer.key) and their_key is None
+            self.files.share(offer, hashes, path, now, waiting=held)  # type: ignore[union-attr]
+            if held:
+                p.wait_for(offer.dst)  # type: ignore[union-attr]
+                caps = m.caps_of(offer.dst) if m is not None else None
+                no_key = caps is not None and PRIVATE_CAP not in caps
+                if not no_key:
+                    asks = self.relay._ask_key(offer.dst, now, wall)
+        if held:
+            why = (f"{name} announced no key for private messages (an older node, or one without the secure "
+                   f"extra): it waits until it has one; /send --plain @NAME PATH sends it in clear"
+                   if no_key else f"it waits for {name}'s key (asked for it), then goes encrypted")
+            self._on_event(Notice(f"{offer.name!r} for {name} is not offered yet: {why}"))
+            self._act(asks)
+            self._wake()
+            return
+        if their_key is not None:
+            offer = filesmod.seal_offer(offer, their_key, crypto.seal_to)
+            with self._lock:
+                self.files.offered(offer, self._clock())  # type: ignore[union-attr]
+        self._offer_direct(offer)
+
+    def _offer_direct(self, offer: "filesmod.Offer") -> None:
+        self._originate(filesmod.OFFER_KIND, "", offer.dst, {"file": offer.fields()})
+        name = display_name(offer.dst, self.nick_of(offer.dst))
+        self._on_event(filesmod.FileOffered(offer, True, False))
+        self._on_event(Notice(f"{offer.name!r} goes to {name} only, " + (
+            "end-to-end encrypted: relays carry it and cannot read it" if offer.sealed else
+            "not encrypted: every node on the way can read it")))
+        self._wake()
+
+    def _file_offers_due(self) -> None:
+        """Our direct files that waited for their destination's key, sealed and offered now it came."""
+        p = self.private
+        assert p is not None and self.files is not None
+        with self._lock:
+            ready = self.files.waiting_for(lambda label: p.key_of(label) is not None)
+            sealed = []
+            for offer in ready:
+                offer = filesmod.seal_offer(offer, p.key_of(offer.dst), crypto.seal_to)  # type: ignore[arg-type]
+                self.files.offered(offer, self._clock())
+                sealed.append(offer)
+        for offer in sealed:
+            self._offer_direct(offer)
 
     def _file_hash_failed(self, path: str, why: str) -> None:
         self._on_event(Notice(f"{path}: {why}"))
