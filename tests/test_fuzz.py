@@ -723,7 +723,8 @@ def test_private_boxes_and_key_messages_with_hostile_values_are_counted_never_ra
 # -- file sharing's kinds and fields (files.py) ---------------------------------------------------
 
 FILE_FIELDS = {
-    "FOFFER": ("file", "file.fid", "file.name", "file.size", "file.sha", "file.hl", "file.cs"),
+    "FOFFER": ("file", "file.fid", "file.name", "file.size", "file.sha", "file.hl", "file.cs", "file.box",
+               "file.hops", "dst"),
     "FGET": ("fid", "want"),
     "FDATA": ("fid", "i", "body"),
     "FHAVE": ("fid", "have"),
@@ -731,6 +732,7 @@ FILE_FIELDS = {
 FILE_VALUES = MEMBER_VALUES + [
     [0], [0, 1, 2], list(range(40)), [-1], [10 ** 9], [[0, 1]], [[0, 10 ** 9]], [[5, 2]], [[0, 1]] * 70,
     "AAAA", "not base64!", "QUJD", "=" * 8, 768, 767, 1 << 31, "../../etc/passwd", "C:\\x\\evil", "CON",
+    "A" * 2049, "A" * 2048, 255, 256, "127.0.0.1:9001",
 ]
 
 
@@ -744,7 +746,12 @@ def test_file_kinds_with_hostile_values_never_raise_and_keep_the_bounds():
     rng = random.Random(20261127)
     m = Membership(MembershipConfig(label=label_of(1), max_peers=4), secret=b"fuzz")
     m.is_up = lambda addr: True  # every sender proved: the deepest path
-    files = Files(FilesConfig(label_of(1)), new_mid=lambda: "%012x" % rng.getrandbits(48))
+    from meshchat import crypto
+    from meshchat.files import seal_offer
+
+    ident = crypto.Identity.generate() if crypto.available() else None
+    files = Files(FilesConfig(label_of(1)), new_mid=lambda: "%012x" % rng.getrandbits(48),
+                  open_box=ident.box.open if ident is not None else None, hops_to=lambda label: 1)
     r = Relay(RelayConfig(label=label_of(1), rate_limit=0), [addr_of(2), addr_of(3)], membership=m, files=files)
     content = bytes(range(256)) * 20
     chunks = [content[i:i + CHUNK_BYTES] for i in range(0, len(content), CHUNK_BYTES)]
@@ -752,27 +759,35 @@ def test_file_kinds_with_hostile_values_never_raise_and_keep_the_bounds():
     mine = Offer("00112233445566aa", "mine.bin", len(content), hashlib.sha256(content).hexdigest(),
                  hashlib.sha256(hashes).hexdigest(), CHUNK_BYTES, label_of(1))
     files.share(mine, hashes, "/nowhere", 0.0)
-    good_offer = dict(mine._asdict(), fid="00112233445566bb", src=None, dst=None)
-    del good_offer["src"], good_offer["dst"]
+    good_offer = dict(mine.fields(), fid="00112233445566bb")
+    offers = [(good_offer, "")]
+    if ident is not None:  # sealed offers (rule 6): to us (opened), and to another node (carried)
+        to_us = mine._replace(src=label_of(2), dst=label_of(1), key="ab" * 32, hops=2)
+        offers.append((seal_offer(to_us, ident.box.public, crypto.seal_to).fields(), label_of(1)))
+        to_other = to_us._replace(dst=label_of(4))
+        offers.append((seal_offer(to_other, ident.box.public, crypto.seal_to).fields(), label_of(4)))
     out = io.StringIO()
     consoles = [TerminalConsole(out, color=True, interactive=False), JsonConsole(out)]
     for i in range(6000):
         kind = rng.choice(list(FILE_FIELDS))
         sender = rng.choice([addr_of(2), addr_of(3), ("10.8.%d.%d" % (i >> 8 & 255, i & 255), 9000)])
         fid = rng.choice([mine.fid, "00112233445566bb", "%016x" % rng.getrandbits(64)])
-        extra = {"FOFFER": {"file": dict(good_offer, fid=fid)}, "FGET": {"fid": fid, "want": [0, 1, 2]},
+        offered, dst = rng.choice(offers)
+        extra = {"FOFFER": {"file": dict(offered, fid=fid), "ttl0": 8}, "FGET": {"fid": fid, "want": [0, 1, 2]},
                  "FDATA": {"fid": fid, "i": rng.randrange(12)}, "FHAVE": {"fid": fid, "have": [[0, 10]]}}[kind]
         body = b64.b64encode(rng.choice(chunks)).decode() if kind == "FDATA" else ""
         name = rng.choice(FILE_FIELDS[kind])
         value = rng.choice(FILE_VALUES)
         if name.startswith("file."):
             extra["file"][name[5:]] = value
+        elif name == "dst":
+            dst = value if isinstance(value, str) else dst
         elif name == "body":
             body = value if isinstance(value, str) else body
         else:
             extra[name] = value
         obj = dict(mid="ff%d" % i, ts=WALL, ttl=1 if kind != "FOFFER" else 8, kind=kind,
-                   src="%s:%d" % sender, dst="", body=body, **extra)
+                   src="%s:%d" % sender, dst=dst if kind == "FOFFER" else "", body=body, **extra)
         now = 1.0 + i * 0.01
         for action in r.datagram_received(json.dumps(obj).encode(), sender, now, WALL):
             if isinstance(action, Send):
@@ -789,6 +804,8 @@ def test_file_kinds_with_hostile_values_never_raise_and_keep_the_bounds():
     assert all(len(t.sources) <= MAX_SOURCES for t in files.transfers.values())
     s = files.stats()
     assert s["file_dropped_malformed"] > 0 and s["file_pieces_served"] > 0 and s["files_offered"] > 0
+    if ident is not None:
+        assert s["file_dropped_bad_box"] > 0 and s["files_carried"] > 0
     assert not any(c.broken for c in consoles)
 
 
