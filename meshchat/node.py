@@ -913,7 +913,12 @@ class Node:
         hops = 0
         if dst and self.membership is not None:
             with self._lock:
-                member = self.membership.members.get(dst)
+                m = self.membership
+                caps, own = m.caps_of(dst), m.neighbours.get(m.addr_by_label.get(dst))  # type: ignore[arg-type]
+                if (caps is not None and filesmod.CAP not in caps) or (own is not None and not own.speaks):
+                    return (f"{display_name(dst, m.nick_of(dst))} does not take files (a seed-design node, "
+                            f"or one with --no-files): nothing was sent")
+                member = m.members.get(dst)
                 hops = (member.hops or 0) if member is not None else 0
                 if self.membership.addr_by_label.get(dst) is not None:
                     hops = 1
