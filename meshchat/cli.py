@@ -547,11 +547,26 @@ def _wait(get):
             continue
 
 
+def _send_to_name(cmd: SendFile, node: Node) -> SendFile:
+    """``/send NAME PATH`` typed without the ``@``: a direct file when PATH is not a file as typed
+    but its first word names a node and the rest is a file; otherwise the path as typed."""
+    first, _, rest = cmd.path.partition(" ")
+    rest = rest.strip()
+    if cmd.dst or not rest or node.membership is None or os.path.exists(os.path.expanduser(cmd.path)):
+        return cmd
+    if not os.path.isfile(os.path.expanduser(rest)):
+        return cmd
+    label, _ = node.resolve(first)
+    return cmd._replace(path=rest, dst=first) if label is not None else cmd
+
+
 def _resolved(cmd: object, node: Node) -> object:
     """A Say or Ping to a typed name made one to a label. ``host:port`` becomes
     ``address:port``, as --peers do (labels are addresses); anything else is a
     nick or nick#tag, which the node's membership knows or not. A name that does
     not resolve, or names several nodes, is an error, and nothing is sent."""
+    if isinstance(cmd, SendFile):
+        cmd = _send_to_name(cmd, node)
     if not isinstance(cmd, (Say, Ping, TraceRoute, SendFile)) or not cmd.dst:
         return cmd
     if ":" in cmd.dst:  # a nick never has one

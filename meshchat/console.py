@@ -244,8 +244,8 @@ def parse_line(line: str) -> Command:
 
 
 def _file_command(word: str, rest: str) -> Command:
-    """/send PATH, /send NAME PATH (a path with spaces is fine: only a first word that names a
-    node and is followed by more is taken as NAME), /accept ID, /cancel ID."""
+    """/send PATH, /send @NAME PATH, /accept ID, /cancel ID. (``/send NAME PATH`` without the ``@``
+    is told from a path with spaces when it runs: cli.py looks at the disk and the names it knows.)"""
     if word == "send":
         plain = rest == "--plain" or rest.startswith("--plain ")
         if plain:

@@ -382,3 +382,26 @@ def test_a_console_writing_to_a_pipe_keeps_each_message_on_one_line():
                 if "word" in line:
                     break
         assert body.strip() in line, "a log or a pipe gets whole lines, not rows of 80 columns"
+
+
+def test_send_name_path_without_the_at_is_a_direct_file_only_when_the_disk_and_the_names_say_so(
+        tmp_path, monkeypatch):
+    from meshchat.cli import _send_to_name
+    from meshchat.console import SendFile, parse_line
+
+    class Known:  # what _send_to_name asks of a node: its membership, and names to labels
+        membership = object()
+
+        def resolve(self, name):
+            return ("127.0.0.1:9002", "") if name == "bob" else (None, f"no node named {name!r}")
+
+    (tmp_path / "notes.txt").write_bytes(b"x")
+    (tmp_path / "bob notes.txt").write_bytes(b"y")
+    notes = str(tmp_path / "notes.txt")
+    cmd = parse_line(f"/send bob {notes}")
+    assert cmd == SendFile(f"bob {notes}")  # the parser cannot tell: it looks at no disk
+    assert _send_to_name(cmd, Known()) == SendFile(notes, "bob")
+    assert _send_to_name(SendFile(f"alice {notes}"), Known()) == SendFile(f"alice {notes}"), "not a name"
+    assert _send_to_name(SendFile(f"bob {notes}.gone"), Known()) == SendFile(f"bob {notes}.gone"), "not a file"
+    monkeypatch.chdir(tmp_path)  # a file whose name starts with a nick and a space is that file, to all
+    assert _send_to_name(SendFile("bob notes.txt"), Known()) == SendFile("bob notes.txt")
