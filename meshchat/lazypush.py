@@ -31,7 +31,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 from .bucket import take
-from .delivery import parse_want, stream_of, valid_node_id
+from .repair import parse_want, stream_of, valid_node_id
 from .wire import Addr, Message, encode
 
 CAP = "LAZY"

@@ -39,7 +39,8 @@ from .crypto import NetworkKey
 from .delivery import CAPS as DELIVERY_CAPS
 from .lazypush import CAP as LAZY_CAP
 from .delivery import Delivery, DeliveryConfig, HeldDrop, HeldItem, HeldPut, OutboxDrop, OutboxItem, OutboxPut
-from .delivery import ServeSince, direct_key, stream_of
+from .delivery import direct_key
+from .repair import ServeSince, stream_of
 from .delivery import Store as StoreAction
 from .membership import Beacon, Membership, MembershipConfig, Originate, PeerDown, display_name
 from .metrics import MetricsServer, exposition, json_page

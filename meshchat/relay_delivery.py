@@ -5,7 +5,8 @@ handed to delivery (acks, gaps, what waits for its origin). Sans-I/O like relay.
 from typing import List, Tuple
 
 from .actions import Send
-from .delivery import Ack, Forward, Have, Resend, Serve, Since, Want, direct_key
+from .delivery import Ack, Forward, Resend, direct_key
+from .repair import Have, Serve, Since, Want
 from .lazypush import Link, Push
 from .membership import PeerUp, Unicast
 from .wire import Addr, Message, encode

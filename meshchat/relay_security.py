@@ -7,7 +7,7 @@ Sans-I/O like relay.py: ``now`` and ``wall`` are arguments."""
 from typing import Optional, Tuple
 
 from .actions import Display, Notice, Send
-from .delivery import ServeSince
+from .repair import ServeSince
 from .membership import Beacon, Originate
 from .wire import Addr, Message
 

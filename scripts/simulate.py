@@ -47,7 +47,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from meshchat.delivery import CAPS as DELIVERY_CAPS  # noqa: E402
-from meshchat.delivery import Delivery, DeliveryConfig, ServeSince  # noqa: E402
+from meshchat.delivery import Delivery, DeliveryConfig  # noqa: E402
+from meshchat.repair import ServeSince  # noqa: E402
 from meshchat.membership import (CAPS as MEMBERSHIP_CAPS, MAX_MEMBERS, PRESENCE_MAX_S, PRESENCE_MIN_S,  # noqa: E402
                                  PRESENCE_PER_MEMBER_S, Membership, MembershipConfig, Originate)
 from meshchat.lazypush import CAP as LAZY_CAP  # noqa: E402

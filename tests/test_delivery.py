@@ -5,10 +5,9 @@ from collections import Counter
 
 import pytest
 
-from meshchat.delivery import (BEHIND, COUNTERS, HAVE_ORIGINS, MAX_WANT_SEQS, SERVE_PER_S, TRIES, Ack, Delivered, Delivery,
-                               DeliveryConfig, Forward, HeldDrop, HeldPut, MetaPut, OutboxDrop, OutboxItem,
-                               OutboxPut, Resend, Serve, ServeSince, Store, Undelivered, Want, direct_key,
-                               parse_have, parse_want)
+from meshchat.delivery import (COUNTERS, TRIES, Ack, Delivered, Delivery, DeliveryConfig, Forward, HeldDrop, HeldPut,
+                               MetaPut, OutboxDrop, OutboxItem, OutboxPut, Resend, Store, Undelivered, direct_key)
+from meshchat.repair import BEHIND, HAVE_ORIGINS, MAX_WANT_SEQS, SERVE_PER_S, Serve, ServeSince, Want, parse_have, parse_want
 from meshchat.wire import Message, decode, encode
 
 WALL = 1_000_000.0
