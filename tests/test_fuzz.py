@@ -724,13 +724,14 @@ def test_private_boxes_and_key_messages_with_hostile_values_are_counted_never_ra
 
 FILE_FIELDS = {
     "FOFFER": ("file", "file.fid", "file.name", "file.size", "file.sha", "file.hl", "file.cs"),
-    "FGET": ("fid", "want"),
+    "FGET": ("fid", "want", "offer"),
     "FDATA": ("fid", "i", "body"),
     "FHAVE": ("fid", "have"),
 }
 FILE_VALUES = MEMBER_VALUES + [
     [0], [0, 1, 2], list(range(40)), [-1], [10 ** 9], [[0, 1]], [[0, 10 ** 9]], [[5, 2]], [[0, 1]] * 70,
     "AAAA", "not base64!", "QUJD", "=" * 8, 768, 767, 1 << 31, "../../etc/passwd", "C:\\x\\evil", "CON",
+    True, False, 1, [],
 ]
 
 
