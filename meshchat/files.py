@@ -51,6 +51,10 @@ INITIAL_WINDOW = 8.0  # requests out to a new source
 MAX_WINDOW = 128.0
 SLOW_START_WINDOW = 32.0
 MIN_TIMEOUT_S = 0.25
+# A source with requests out is asked again at most this often: its FGETs (with our FHAVEs, HELLOs and
+# chat) stay well under the 200 datagrams a second a neighbour takes from us (relay.py's rate limit),
+# which drops the excess, each drop a round of timeouts and a halved window.
+FGET_GAP_S = 0.01
 MAX_TIMEOUT_S = 2.0
 ENDGAME_PIECES = 16  # at most this many left and all asked for: ask a second source too
 HAVE_CHANGED_S = 0.3  # an FHAVE goes this soon after what we have changed
@@ -183,11 +187,12 @@ class FilesConfig:
 
 
 class Source:
-    __slots__ = ("addr", "ranges", "window", "out", "srtt", "rttvar", "bad", "halved_at", "heard")
+    __slots__ = ("addr", "ranges", "window", "out", "srtt", "rttvar", "bad", "halved_at", "heard", "asked_at")
 
     def __init__(self, addr: Addr, now: float = 0.0) -> None:
         self.addr = addr
         self.heard = now  # its last FHAVE: a live neighbour sends one every HAVE_REFRESH_S
+        self.asked_at = float("-inf")  # our last FGET to it
         self.ranges: List[Tuple[int, int]] = []
         self.window = INITIAL_WINDOW
         self.out = 0
@@ -245,6 +250,7 @@ class Transfer:
     since: float = 0.0  # when it reached its state
     spread: int = 0  # where this node starts asking in the file (_candidates)
     reset_at: float = float("-inf")  # the watchdog's last fresh start (_stalled)
+    wake: float = float("inf")  # a source held back by FGET_GAP_S is asked again then
     # The FOFFER as it came (or as we sent it) and the ttl it goes on with: served again to a neighbour
     # whose copy of the flood was lost (it announces no pieces of it, so it would never fetch).
     offer_msg: Optional[Message] = None
@@ -640,7 +646,7 @@ class Files:
             if t.state in ("fetching", "done", "own"):
                 d = t.have_sent + (HAVE_CHANGED_S if t.changed else HAVE_REFRESH_S)
                 if t.state == "fetching":
-                    d = min(d, self._earliest_timeout(t), self._stall_deadline(t))
+                    d = min(d, self._earliest_timeout(t), self._stall_deadline(t), t.wake)
                     if t.count:  # progress_at is -inf until the first piece: no event to send before
                         d = min(d, t.progress_at + PROGRESS_S)
                 soonest = d if soonest is None else min(soonest, d)
@@ -819,6 +825,7 @@ class Files:
 
     def _pump(self, t: Transfer, now: float) -> list:
         """Ask each source for what it has and we lack, up to its window: rarest first, then the endgame."""
+        t.wake = float("inf")
         if t.state != "fetching" or not t.sources:
             return []
         m = t.offer.parts
@@ -832,6 +839,9 @@ class Files:
             free = min(free, room, MAX_WANT)
             if free <= 0 or (s.out and free < self._batch(s)):
                 continue
+            if s.out and now - s.asked_at < FGET_GAP_S:
+                t.wake = min(t.wake, s.asked_at + FGET_GAP_S)  # the timer asks it then (next_deadline)
+                continue
             picks = self._candidates(t, s, limit, free)
             if not picks and not hashes_only:
                 picks = self._endgame(t, s, free)
@@ -841,6 +851,7 @@ class Files:
                 t.need[piece] = 0
                 t.inflight.setdefault(piece, []).append((s.addr, now))
             s.out += len(picks)
+            s.asked_at = now
             self.counters["file_requests_sent"] += 1
             out.append(Unicast(self._fget(t.offer.fid, picks, now + self._wall_offset), s.addr))
         return out

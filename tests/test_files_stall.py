@@ -1,4 +1,5 @@
-"""files.py, pure: a transfer never stalls for good (virtual time, in memory, no I/O).
+"""files.py, pure: a transfer never stalls for good, and asks its sources at a pace their rate limit
+takes (virtual time, in memory, no I/O).
 
 A lost FOFFER is asked for again (the neighbour's FHAVE names it); a fetch that makes no progress
 starts afresh after STALL_RESET_S (requests out forgotten, windows back to their start, silent sources
@@ -8,8 +9,8 @@ dropped), and fails with a reason after FETCH_STALL_S.
 import random
 from typing import Callable, Optional
 
-from meshchat.files import (FETCH_STALL_S, HAVE_REFRESH_S, INITIAL_WINDOW, MAX_OFFERS, OFFER_ASKS, STALL_RESET_S,
-                            FileFailed)
+from meshchat.files import (FETCH_STALL_S, FGET_GAP_S, HAVE_REFRESH_S, INITIAL_WINDOW, MAX_OFFERS, OFFER_ASKS,
+                            STALL_RESET_S, FileFailed)
 from meshchat.membership import Unicast
 from meshchat.wire import Message, decode
 
@@ -199,3 +200,52 @@ def test_the_offer_is_served_only_for_a_transfer_we_have_and_as_it_came():
     unknown = ask._replace(extra={"fid": "ffffffffffffffff", "want": [], "offer": True})
     assert p.files.get_received(unknown, net.peers[1].addr, 100, 1.0, 1.0)[0] == []
     assert p.files.counters["file_dropped_unknown"] == 1
+
+
+class _Later(list):
+    """A net's queue whose appends arrive ``latency`` later (what is due is put in by ``deliver``)."""
+
+    def __init__(self, net: "DelayNet") -> None:
+        super().__init__()
+        self.net = net
+
+    def append(self, item) -> None:
+        self.net.pending.append((self.net.now + self.net.latency, item))
+
+
+class DelayNet(FloodNet):
+    """FloodNet with a one-way latency on every link, and every datagram sent logged (when, from, kind)."""
+
+    def __init__(self, *a, latency: float = 0.005, **k) -> None:
+        super().__init__(*a, **k)
+        self.latency = latency
+        self.pending: list = []
+        self.queue = _Later(self)
+        self.sent: list = []
+
+    def act(self, peer, actions: list) -> None:
+        for a in actions:
+            if type(a) is Unicast:
+                self.sent.append((self.now, peer.addr, decode(a.data).kind))
+        super().act(peer, actions)
+
+    def deliver(self) -> None:
+        due = self.now + 1e-9
+        list.extend(self.queue, [item for when, item in self.pending if when <= due])
+        self.pending = [(when, item) for when, item in self.pending if when > due]
+        super().deliver()
+
+
+def test_a_source_with_requests_out_is_asked_at_most_once_per_fget_gap():
+    # Each answer freeing a quarter of the window sent an FGET: with a short round trip that ran well
+    # over the 200 datagrams a second a neighbour takes (relay.py), and each one dropped was a round of
+    # timeouts and a halved window.
+    net = DelayNet(2, [(0, 1)], latency=0.01)
+    data = content_of(3000 * 768)
+    offer = share(net, 0, data)
+    net.run(20.0, step=0.001)
+    assert net.peers[1].content.get(offer.fid) == data
+    fgets = [when for when, frm, kind in net.sent if frm == net.peers[1].addr and kind == "FGET"]
+    busiest = max(sum(1 for w in fgets if t <= w < t + 0.1) for t in fgets)
+    assert busiest <= 0.1 / FGET_GAP_S + 1
+    assert net.peers[1].files.counters["file_timeouts"] == 0
