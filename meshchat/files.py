@@ -805,8 +805,8 @@ class Files:
             else:
                 why = f"no node had it for {FETCH_STALL_S:g} s"
             return self._fail(t, why, now)
-        if idle < STALL_RESET_S or now - t.reset_at < STALL_RESET_S:
-            return []
+        if idle < STALL_RESET_S or now - t.reset_at < STALL_RESET_S or not (t.sources or t.inflight):
+            return []  # (with nothing asked and no one to ask, there is nothing to start afresh)
         t.reset_at = now
         self.counters["file_stall_resets"] += 1
         for piece in t.inflight:
@@ -821,6 +821,8 @@ class Files:
         return []
 
     def _stall_deadline(self, t: Transfer) -> float:
+        if not (t.sources or t.inflight):
+            return t.moved_at + FETCH_STALL_S  # no fresh start to make (_stalled), only the failure
         return min(t.moved_at + FETCH_STALL_S, max(t.moved_at, t.reset_at) + STALL_RESET_S)
 
     def _pump(self, t: Transfer, now: float) -> list:

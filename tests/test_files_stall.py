@@ -249,3 +249,15 @@ def test_a_source_with_requests_out_is_asked_at_most_once_per_fget_gap():
     busiest = max(sum(1 for w in fgets if t <= w < t + 0.1) for t in fgets)
     assert busiest <= 0.1 / FGET_GAP_S + 1
     assert net.peers[1].files.counters["file_timeouts"] == 0
+
+
+def test_a_transfer_no_one_serves_wakes_the_timer_only_when_something_is_due():
+    # A deadline in the past makes the node's select() spin; one with nothing due must lie ahead.
+    net = FloodNet(2, [(0, 1)])
+    offer, _ = make_offer(content_of(5000), src=net.peers[0].files.label)
+    f = net.peers[1].files
+    net.act(net.peers[1], f.offer_received(offer_message(offer), True, 0.0))
+    for now in (0.5, STALL_RESET_S + 1.0, 3 * STALL_RESET_S):
+        net.act(net.peers[1], f.tick(now, now))
+        assert f.next_deadline() > now
+    assert f.counters["file_stall_resets"] == 0
