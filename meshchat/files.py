@@ -52,6 +52,10 @@ INITIAL_WINDOW = 8.0  # requests out to a new source
 MAX_WINDOW = 128.0
 SLOW_START_WINDOW = 32.0
 MIN_TIMEOUT_S = 0.25
+# A source with requests out is asked again at most this often: its FGETs (with our FHAVEs, HELLOs and
+# chat) stay well under the 200 datagrams a second a neighbour takes from us (relay.py's rate limit),
+# which drops the excess, each drop a round of timeouts and a halved window.
+FGET_GAP_S = 0.01
 MAX_TIMEOUT_S = 2.0
 CARRY_SLACK_HOPS = 1  # a node this much off the shortest way between a direct file's ends still carries it
 ENDGAME_PIECES = 16  # at most this many left and all asked for: ask a second source too
@@ -60,7 +64,9 @@ HAVE_REFRESH_S = 2.0  # and this often anyway (a neighbour that restarted learns
 PROGRESS_S = 0.25  # a progress event per transfer at most this often
 SERVE_PER_S = 4000.0  # FDATA a node sends a second, all neighbours together (bursts of 0.1 s)
 SERVE_BURST_S = 0.25
-FETCH_STALL_S = 120.0  # a transfer with no source and no progress for this long fails
+FETCH_STALL_S = 120.0  # a transfer with no progress for this long fails (with sources or without)
+STALL_RESET_S = 10.0  # no piece for this long: the fetch state starts afresh (the watchdog, _stalled)
+OFFER_ASKS = 3  # times we ask neighbours for an offer they announce pieces of and we never heard of
 SERVE_KEEP_S = 3600.0  # a finished file is served for this long
 MAX_BAD_PIECES = 3  # a source that sent this many pieces that do not verify is no longer asked
 # End-to-end files (rule 6): a direct file's chunks are sealed, and a piece stays CHUNK_BYTES on the
@@ -259,16 +265,23 @@ class FilesConfig:
 
 
 class Source:
-    __slots__ = ("addr", "ranges", "window", "out", "srtt", "rttvar", "bad", "halved_at")
+    __slots__ = ("addr", "ranges", "window", "out", "srtt", "rttvar", "bad", "halved_at", "heard", "asked_at")
 
-    def __init__(self, addr: Addr) -> None:
+    def __init__(self, addr: Addr, now: float = 0.0) -> None:
         self.addr = addr
+        self.heard = now  # its last FHAVE: a live neighbour sends one every HAVE_REFRESH_S
+        self.asked_at = float("-inf")  # our last FGET to it
         self.ranges: List[Tuple[int, int]] = []
         self.window = INITIAL_WINDOW
         self.out = 0
         self.srtt: Optional[float] = None
         self.rttvar = 0.0
         self.bad = 0
+        self.halved_at = float("-inf")
+
+    def restart(self) -> None:
+        """Back to what a new source gets: the window, the round trip and the count of requests out."""
+        self.window, self.out, self.srtt, self.rttvar = INITIAL_WINDOW, 0, None, 0.0
         self.halved_at = float("-inf")
 
     def has(self, piece: int) -> bool:
@@ -315,6 +328,12 @@ class Transfer:
     since: float = 0.0  # when it reached its state
     spread: int = 0  # where this node starts asking in the file (_candidates)
     carry: bool = False  # a direct file for another node that we fetch and serve on (rule 6), never shown
+    reset_at: float = float("-inf")  # the watchdog's last fresh start (_stalled)
+    wake: float = float("inf")  # a source held back by FGET_GAP_S is asked again then
+    # The FOFFER as it came (or as we sent it) and the ttl it goes on with: served again to a neighbour
+    # whose copy of the flood was lost (it announces no pieces of it, so it would never fetch).
+    offer_msg: Optional[Message] = None
+    offer_ttl: int = 0
 
     @property
     def pieces(self) -> int:
@@ -382,7 +401,9 @@ class Files:
             "file_pieces_served": 0, "file_requests_sent": 0, "file_timeouts": 0,
             "file_dropped_bad_piece": 0, "file_dropped_unasked": 0, "file_dropped_malformed": 0,
             "file_dropped_unknown": 0, "file_serve_budget": 0, "file_offers_forgotten": 0,
-            "file_dropped_bad_box": 0, "files_carried": 0}
+            "file_dropped_bad_box": 0, "files_carried": 0,
+            "file_stall_resets": 0, "file_offer_asks": 0, "file_offers_served": 0}
+        self._offer_asks: Dict[str, Tuple[int, float]] = {}  # fid -> (asks, when last): bounded, MAX_OFFERS
 
     # -- what the user does ------------------------------------------------------------------------
 
@@ -527,7 +548,7 @@ class Files:
         self._wall_offset = wall - now
         t = self._transfer_of(msg)
         if t is None:
-            return [], ""  # an offer we have not seen (yet), or forgot: nothing to do
+            return self._ask_offer(msg, addr, now, wall), ""
         ranges = _parse_ranges(msg.extra.get("have"), t.pieces)
         if ranges is None:
             self.counters["file_dropped_malformed"] += 1
@@ -538,8 +559,9 @@ class Files:
         if s is None:
             if len(t.sources) >= MAX_SOURCES or not ranges:
                 return [], ""
-            s = t.sources[addr] = Source(addr)
+            s = t.sources[addr] = Source(addr, now)
         s.ranges = ranges
+        s.heard = now
         return (self._pump(t, now) if t.state == "fetching" else []), ""
 
     def get_received(self, msg: Message, addr: Addr, size: int, now: float, wall: float) -> Tuple[list, str]:
@@ -553,6 +575,8 @@ class Files:
         if t is None or t.state not in ("own", "done", "fetching", "finishing"):
             self.counters["file_dropped_unknown"] += 1
             return [], ""
+        if msg.extra.get("offer") is True:
+            return self._offer_copy(t, addr, now), ""
         out: list = []
         m = t.offer.parts
         for piece in want:
@@ -673,6 +697,46 @@ class Files:
         return [FileProgress(o.fid, o.name, o.size, o.size, self._rate(t, now), 0.0),
                 FileDone(o.fid, o.name, path, o.size, o.sha)] + self._next_waiting(now)
 
+    # -- offers lost on the way -------------------------------------------------------------------------
+    # A FOFFER floods once, and nothing repairs a lost copy: on a lossy line the nodes beyond the loss
+    # never hear of the file while their neighbour serves it. That neighbour's FHAVE names the fid, so a
+    # node asks it for the offer (an FGET with ``offer``: true, a few times at most) and gets the FOFFER
+    # as it was flooded, signature and all, which its relay then takes as a first copy (and floods on).
+
+    def keep_offer(self, msg: Message, ttl: int) -> None:
+        """The FOFFER of a transfer we know (it came, or we sent it) and the ttl a copy of it goes with."""
+        x = msg.extra.get("file")
+        fid = x.get("fid") if isinstance(x, dict) else None
+        t = self.transfers.get(fid) if type(fid) is str else None
+        if t is not None and t.offer_msg is None and not msg.dst and ttl >= 1:
+            t.offer_msg, t.offer_ttl = msg, ttl
+
+    def _ask_offer(self, msg: Message, addr: Addr, now: float, wall: float) -> list:
+        """An FHAVE for a fid we never heard of: ask its sender for the offer, now and then, a few times."""
+        fid = msg.extra.get("fid")
+        if type(fid) is not str or not _FID_RE.match(fid):
+            self.counters["file_dropped_malformed"] += 1
+            return []
+        asks, last = self._offer_asks.pop(fid, (0, float("-inf")))
+        if len(self._offer_asks) >= MAX_OFFERS:
+            del self._offer_asks[next(iter(self._offer_asks))]
+        self._offer_asks[fid] = (asks, last)
+        if asks >= OFFER_ASKS or now - last < HAVE_REFRESH_S:
+            return []
+        self._offer_asks[fid] = (asks + 1, now)
+        self.counters["file_offer_asks"] += 1
+        return [Unicast(self._link("FGET", "", {"fid": fid, "want": [], "offer": True}, wall), addr)]
+
+    def _offer_copy(self, t: Transfer, addr: Addr, now: float) -> list:
+        """An FGET asking for the offer (only neighbours that proved themselves get here: relay.py)."""
+        if t.offer_msg is None:
+            return []
+        if not take(self._serve, self.config.serve_per_s, now, SERVE_BURST_S):
+            self.counters["file_serve_budget"] += 1
+            return []
+        self.counters["file_offers_served"] += 1
+        return [Unicast(encode(t.offer_msg._replace(ttl=t.offer_ttl)), addr)]
+
     # -- timers ---------------------------------------------------------------------------------------
 
     def tick(self, now: float, wall: float) -> list:
@@ -712,7 +776,9 @@ class Files:
             if t.state in ("fetching", "done", "own"):
                 d = t.have_sent + (HAVE_CHANGED_S if t.changed else HAVE_REFRESH_S)
                 if t.state == "fetching":
-                    d = min(d, t.progress_at + PROGRESS_S, self._earliest_timeout(t))
+                    d = min(d, self._earliest_timeout(t), self._stall_deadline(t), t.wake)
+                    if t.count:  # progress_at is -inf until the first piece: no event to send before
+                        d = min(d, t.progress_at + PROGRESS_S)
                 soonest = d if soonest is None else min(soonest, d)
         return soonest
 
@@ -861,12 +927,45 @@ class Files:
             else:
                 del t.inflight[piece]
                 t.need[piece] = 1
-        if not t.sources and now - t.moved_at > FETCH_STALL_S:
-            return self._fail(t, f"no node had it for {FETCH_STALL_S:g} s", now)
+        return self._stalled(t, now)
+
+    def _stalled(self, t: Transfer, now: float) -> list:
+        """The watchdog: no piece for STALL_RESET_S starts the fetch afresh; none for FETCH_STALL_S fails.
+
+        Whatever wedged the windows (a count of requests out that no answer will bring down, windows
+        halved to one, a source gone without a word) is forgotten: requests out are asked again,
+        windows and round trips start anew, and a source silent for as long (a live neighbour sends
+        an FHAVE every HAVE_REFRESH_S) is no longer counted on."""
+        idle = now - t.moved_at
+        if idle > FETCH_STALL_S:
+            if t.sources:
+                why = f"no progress for {FETCH_STALL_S:g} s from {len(t.sources)} node(s) that have it"
+            else:
+                why = f"no node had it for {FETCH_STALL_S:g} s"
+            return self._fail(t, why, now)
+        if idle < STALL_RESET_S or now - t.reset_at < STALL_RESET_S or not (t.sources or t.inflight):
+            return []  # (with nothing asked and no one to ask, there is nothing to start afresh)
+        t.reset_at = now
+        self.counters["file_stall_resets"] += 1
+        for piece in t.inflight:
+            t.need[piece] = 1
+        t.inflight.clear()
+        for addr, s in list(t.sources.items()):
+            if now - s.heard >= STALL_RESET_S:
+                del t.sources[addr]
+            else:
+                s.restart()
+        t.have_sent = float("-inf")  # our FHAVE at once: a neighbour that restarted learns of us again
         return []
+
+    def _stall_deadline(self, t: Transfer) -> float:
+        if not (t.sources or t.inflight):
+            return t.moved_at + FETCH_STALL_S  # no fresh start to make (_stalled), only the failure
+        return min(t.moved_at + FETCH_STALL_S, max(t.moved_at, t.reset_at) + STALL_RESET_S)
 
     def _pump(self, t: Transfer, now: float) -> list:
         """Ask each source for what it has and we lack, up to its window: rarest first, then the endgame."""
+        t.wake = float("inf")
         if t.state != "fetching" or not t.sources:
             return []
         m = t.offer.parts
@@ -880,6 +979,9 @@ class Files:
             free = min(free, room, MAX_WANT)
             if free <= 0 or (s.out and free < self._batch(s)):
                 continue
+            if s.out and now - s.asked_at < FGET_GAP_S:
+                t.wake = min(t.wake, s.asked_at + FGET_GAP_S)  # the timer asks it then (next_deadline)
+                continue
             picks = self._candidates(t, s, limit, free)
             if not picks and not hashes_only:
                 picks = self._endgame(t, s, free)
@@ -889,6 +991,7 @@ class Files:
                 t.need[piece] = 0
                 t.inflight.setdefault(piece, []).append((s.addr, now))
             s.out += len(picks)
+            s.asked_at = now
             self.counters["file_requests_sent"] += 1
             out.append(Unicast(self._fget(t.offer.fid, picks, now + self._wall_offset), s.addr))
         return out

@@ -442,6 +442,7 @@ class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
             actions.extend(self._key_message(msg, verified, to_me, now, wall))
         if kind == FILE_OFFER_KIND and self.files is not None:
             actions.extend(self._sends(self.files.offer_received(msg, verified, now), now, wall))
+            self.files.keep_offer(msg, min(msg.ttl, self.config.max_ttl) - 1)  # for a neighbour that lost it
         if d is not None:
             shown, late, shown_msg = self._deliver(msg, addr, data, now, wall, to_me, shown, actions)
         if shown:
@@ -732,6 +733,8 @@ class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
         sends = []
         for part, plain_part in zip(messages, shown):
             self.seen.add(part.mid, now, part.ts)
+            if kind == FILE_OFFER_KIND and self.files is not None:
+                self.files.keep_offer(part, part.ttl)  # as signed: for a neighbour whose copy is lost
             if kind == "PING":
                 self._pings[part.mid] = now
                 if dst:

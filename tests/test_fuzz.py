@@ -725,7 +725,7 @@ def test_private_boxes_and_key_messages_with_hostile_values_are_counted_never_ra
 FILE_FIELDS = {
     "FOFFER": ("file", "file.fid", "file.name", "file.size", "file.sha", "file.hl", "file.cs", "file.box",
                "file.hops", "dst"),
-    "FGET": ("fid", "want"),
+    "FGET": ("fid", "want", "offer"),
     "FDATA": ("fid", "i", "body"),
     "FHAVE": ("fid", "have"),
 }
@@ -733,6 +733,7 @@ FILE_VALUES = MEMBER_VALUES + [
     [0], [0, 1, 2], list(range(40)), [-1], [10 ** 9], [[0, 1]], [[0, 10 ** 9]], [[5, 2]], [[0, 1]] * 70,
     "AAAA", "not base64!", "QUJD", "=" * 8, 768, 767, 1 << 31, "../../etc/passwd", "C:\\x\\evil", "CON",
     "A" * 2049, "A" * 2048, 255, 256, "127.0.0.1:9001",
+    True, False, 1, [],
 ]
 
 
