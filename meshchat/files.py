@@ -704,11 +704,12 @@ class Files:
     # as it was flooded, signature and all, which its relay then takes as a first copy (and floods on).
 
     def keep_offer(self, msg: Message, ttl: int) -> None:
-        """The FOFFER of a transfer we know (it came, or we sent it) and the ttl a copy of it goes with."""
+        """The FOFFER of a transfer we know (it came, or we sent it) and the ttl a copy of it goes with.
+        A direct file's offer too: a carrier on the way whose copy was lost learns it so (rule 6)."""
         x = msg.extra.get("file")
         fid = x.get("fid") if isinstance(x, dict) else None
         t = self.transfers.get(fid) if type(fid) is str else None
-        if t is not None and t.offer_msg is None and not msg.dst and ttl >= 1:
+        if t is not None and t.offer_msg is None and ttl >= 1:
             t.offer_msg, t.offer_ttl = msg, ttl
 
     def _ask_offer(self, msg: Message, addr: Addr, now: float, wall: float) -> list:

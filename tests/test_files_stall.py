@@ -202,6 +202,18 @@ def test_the_offer_is_served_only_for_a_transfer_we_have_and_as_it_came():
     assert p.files.counters["file_dropped_unknown"] == 1
 
 
+def test_a_direct_files_offer_is_kept_too_so_a_carrier_that_lost_it_can_ask_for_it():
+    net = FloodNet(2, [(0, 1)])
+    p = net.peers[0]
+    offer, hashes = make_offer(content_of(3000), src=p.files.label, dst="127.0.0.1:1009")
+    p.files.share(offer, hashes, "/src/f.bin", 0.0)
+    msg = offer_message(offer)
+    p.files.keep_offer(msg, 5)
+    ask = Message("g1", 0.0, 1, "FGET", "x", "", "", {"fid": offer.fid, "want": [], "offer": True})
+    out, _ = p.files.get_received(ask, net.peers[1].addr, 100, 1.0, 1.0)
+    assert len(out) == 1 and decode(out[0].data) == msg._replace(ttl=5)
+
+
 class _Later(list):
     """A net's queue whose appends arrive ``latency`` later (what is due is put in by ``deliver``)."""
 
