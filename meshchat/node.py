@@ -48,7 +48,7 @@ from . import __version__
 from .private import BOX_FIELD, Private
 from .private import CAP as PRIVATE_CAP
 from .relay import COUNTERS, Display, Notice, Relay, RelayConfig, Send
-from .store import HeldAdd, HeldRemove, OutboxAdd, OutboxRemove, SaveMessage, SetMeta, Store, data_dir_for
+from .store import HeldAdd, HeldRemove, OutboxAdd, OutboxRemove, SaveMessage, SetMeta, Store, StoreError, data_dir_for
 from .trust import PinKey, Trust, signer
 from . import files as filesmod
 from .filedisk import Callbacks as FileCallbacks, FileDisk
@@ -594,8 +594,24 @@ class Node:
                     pass
 
     def _serve_since(self, action: ServeSince) -> None:
-        """A neighbour that restarted asks what it missed: from memory, else from history on disk."""
-        rows = self.store.messages_since(action.ts, action.limit) if self.store is not None else []
+        """A neighbour that restarted asks what it missed: from history on disk (read on the store's
+        thread, after what is queued is committed: never a disk read on the socket thread), else
+        from memory."""
+        store = self.store
+        if store is None:
+            self._serve_rows(action, [])
+            return
+
+        def read(_: list) -> None:
+            try:
+                rows = store.messages_since(action.ts, action.limit)
+            except StoreError:  # closed: we are stopping
+                rows = []
+            self._serve_rows(action, rows)
+
+        store.forward(read, [])
+
+    def _serve_rows(self, action: ServeSince, rows: List[bytes]) -> None:
         with self._lock:
             if not rows:
                 rows = self.delivery.recent_since(action.ts, action.limit) if self.delivery else []

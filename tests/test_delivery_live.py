@@ -1,9 +1,12 @@
 """Acknowledged direct messages, the outbox and gap repair on real sockets, with and without history."""
 
+import threading
+
 from meshchat.console import stats_lines
 from meshchat.delivery import Delivered, Undelivered
 from meshchat.membership import MembershipConfig, PeerDown, PeerUp
 from meshchat.node import History
+from meshchat.repair import ServeSince
 
 from nodes import Cluster, Probe
 
@@ -44,3 +47,25 @@ def test_a_message_to_a_node_that_is_down_is_held_then_delivered_when_it_returns
             assert c[1].next(Delivered, timeout=10).mid == msg.mid
         finally:
             back.node.stop()
+
+
+def test_a_catch_up_is_read_from_history_on_the_stores_thread_never_the_socket_thread(tmp_path):
+    with Cluster(2, [(1, 2)], membership=FAST, history=History(data_dir=str(tmp_path))) as c:
+        c[1].next(PeerUp)
+        c[2].next(PeerUp)
+        c[2].node.say("kept in 2's history")
+        c[1].wait_for_body("kept in 2's history")
+        store = c[2].node.store
+        assert store is not None and store.flush()
+        read_on = []
+        real = store.messages_since
+
+        def messages_since(ts, limit):
+            read_on.append(threading.current_thread().name)
+            return real(ts, limit)
+
+        store.messages_since = messages_since
+        served = c[2].node.stats()["served"]
+        c[2].node._act([ServeSince(0.0, c[1].node.addr, 10)])  # what the socket thread does with a SINCE
+        c.wait_until(lambda: c[2].node.stats()["served"] > served)  # node 1 gets the copy (a duplicate)
+        assert read_on == ["meshchat-store"]
