@@ -643,6 +643,7 @@ class Node:
         relay = self.relay
         lock = self._lock
         clock, wall = self._clock, self._wall
+        send = self._send
         for _ in range(DRAIN_BATCH):
             try:
                 data, addr = recvfrom(RECV_BUFFER_BYTES)
@@ -667,7 +668,10 @@ class Node:
                 continue
             for action in actions:
                 try:
-                    self._act((action,), batch)
+                    if type(action) is Send:  # most actions: the copies, sent without _act's dispatch
+                        send(action)
+                    else:
+                        self._act((action,), batch)
                 except Exception as e:  # counted as handled: the relay did decide; the rest still go
                     self._log_internal(data, e, "handled, but handing on one of its actions failed")
             if self.private is not None and self.private.released:  # read without the lock: a flag
