@@ -178,3 +178,31 @@ def test_a_relayed_canonical_copy_is_the_datagram_with_only_its_ttl_changed():
 
 def test_counters_are_the_same_names():
     assert set(_relays(False)[0].counters.as_dict()) == set(COUNTERS)
+
+
+def _old_chat_line(m, late=False, verified=None, sealed=None, encrypted=None) -> str:
+    """The JSON console's chat line as session 4 wrote it (json.dumps of emit's keyword fields)."""
+    from meshchat.console import nick_of, part_of
+    part = part_of(m)
+    extra = {"part": list(part)} if part else {}
+    if late:
+        extra["late"] = True
+    if sealed is not None:
+        extra["sealed"] = sealed
+    if m.dst:
+        extra["encrypted"] = bool(encrypted)
+    return json.dumps({"event": "chat", "mid": m.mid, "src": m.src, "nick": nick_of(m), "dst": m.dst, "body": m.body,
+                       "ts": m.ts, "ttl": m.ttl, "verified": bool(verified), **extra}) + "\n"
+
+
+@pytest.mark.parametrize("extra", [{}, {"nick": "ann"}, {"nick": "bad nick"}, {"part": [2, 3], "nick": "b"},
+                                   {"part": [3, 2]}, {"ttl0": 8}])
+@pytest.mark.parametrize("flags", [(False, None, None, None), (True, True, True, True), (False, False, False, False)])
+def test_json_console_chat_line_is_what_it_was(extra, flags):
+    import io
+    from meshchat.console import JsonConsole
+    for dst in ("", "127.0.0.1:9002"):
+        m = Message("m1", WALL + 0.125, 7, "CHAT", "127.0.0.1:9001", dst, "h\u00e9llo \"you\"\n\U0001f600", extra)
+        out = io.StringIO()
+        JsonConsole(out).chat(m, *flags)
+        assert out.getvalue() == _old_chat_line(m, *flags)
