@@ -487,8 +487,9 @@ class JsonConsole(Console):
     def peer_state(self, e: "Union[PeerUp, PeerDown]") -> None:
         self.emit("peer_up" if isinstance(e, PeerUp) else "peer_down", peer=e.label, nick=e.nick)
 
-    def emit(self, event: str, **fields: object) -> None:
-        self._write(_to_json({"event": event, **fields}) + "\n")
+    def emit(self, event: str, _fields: Optional[Dict[str, object]] = None, **fields: object) -> None:
+        """One event line; its fields as keywords, or as a dict made in their order (``chat``)."""
+        self._write(_to_json({"event": event, **(fields if _fields is None else _fields)}) + "\n")
 
     def ready(self, label: str, identity: str = "") -> None:
         self.emit("ready", node=label, **({"fingerprint": identity.split(" (")[0]} if identity else {}))
@@ -496,7 +497,7 @@ class JsonConsole(Console):
     def chat(self, m: Message, late: bool = False, verified: Optional[bool] = None,
              sealed: Optional[bool] = None, encrypted: Optional[bool] = None) -> None:
         # The line for every message shown: one dict, made in its order, and the C encoder, once.
-        line = {"event": "chat", "mid": m.mid, "src": m.src, "nick": nick_of(m) if m.extra else "", "dst": m.dst,
+        line = {"mid": m.mid, "src": m.src, "nick": nick_of(m) if m.extra else "", "dst": m.dst,
                 "body": m.body, "ts": m.ts, "ttl": m.ttl, "verified": bool(verified)}
         if m.extra:
             part = part_of(m)
@@ -508,7 +509,7 @@ class JsonConsole(Console):
             line["sealed"] = sealed
         if m.dst:
             line["encrypted"] = bool(encrypted)
-        self._write(_to_json(line) + "\n")
+        self.emit("chat", line)
 
     def whoami(self, label: str, nick: str, fingerprint: Optional[str]) -> None:
         self.emit("whoami", node=label, nick=nick, fingerprint=fingerprint)
