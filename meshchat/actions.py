@@ -4,7 +4,7 @@ without decoding it all. Shared by relay.py and its capability hooks (relay_*.py
 import re
 from typing import NamedTuple, Optional, Tuple
 
-from .wire import MAX_MID_CHARS, Addr, Message, encode
+from .wire import CANONICAL, MAX_MID_CHARS, Addr, Message, encode
 
 
 class Send(NamedTuple):
@@ -59,11 +59,15 @@ def peek(data: bytes) -> "Tuple[Optional[str], Optional[re.Match[bytes]]]":
 _TTL_KEY = re.compile(rb'"(?:t|\\u0074)(?:t|\\u0074)(?:l|\\u006[cC])"[ \t\n\r]*:')
 
 
-def with_ttl(data: bytes, head: "Optional[re.Match[bytes]]", msg: Message, ttl: int) -> bytes:
+def with_ttl(data: bytes, head: "Optional[re.Match]", msg: Message, ttl: int) -> bytes:
     """``data`` with ``ttl``: the digits rewritten in place when that is exact, else encoded anew."""
     # Exact only if the head's ttl is the one JSON decoded and no other "ttl" key
     # (a duplicate key, escaped or not, or one in a nested unknown field) could be
     # taken for it. Otherwise encode what decode validated, which always encodes.
+    if head is not None and head.re is CANONICAL:
+        # Canonical: the ttl digits are the only "ttl" and ASCII, as is all before them (wire.py).
+        start, end = head.span(3)
+        return b"%s%d%s" % (data[:start], ttl, data[end:])
     if head is not None and int(head.group(2)) == msg.ttl and _TTL_KEY.search(data, head.end()) is None:
         start, end = head.span(2)
         return b"%s%d%s" % (data[:start], ttl, data[end:])

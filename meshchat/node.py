@@ -297,6 +297,8 @@ class Node:
         self._selector.register(self._sock, selectors.EVENT_READ, self._datagrams_ready)
         self._io = wrap_socket(self._sock)
         self._selector.register(self._waker_r, selectors.EVENT_READ, self._woken)
+        self._more = selectors.DefaultSelector()  # the unicast socket alone (_drain)
+        self._more.register(self._sock, selectors.EVENT_READ)
         if self._group_sock is not None:
             self._selector.register(self._group_sock, selectors.EVENT_READ, self._beacons_ready)
         self._closed = False
@@ -461,6 +463,7 @@ class Node:
                 return
             self._closed = True
         self._selector.close()
+        self._more.close()
         for s in (self._sock, self._waker_r, self._waker_w, self._group_sock):
             if s is not None:
                 s.close()
@@ -668,7 +671,14 @@ class Node:
         relay = self.relay
         lock = self._lock
         clock, wall = self._clock, self._wall
-        for _ in range(DRAIN_BATCH):
+        send = self._send
+        # After the first datagram, whether another is waiting: asking a selector that watches only
+        # this socket costs less than the recvfrom that fails (an exception), and one datagram per
+        # wake-up is the usual case for chat. From the second on, read until the socket is empty.
+        more = self._more.select if sock is None else None
+        for i in range(DRAIN_BATCH):
+            if i == 1 and more is not None and not more(0):
+                return
             try:
                 data, addr = recvfrom(RECV_BUFFER_BYTES)
             except (BlockingIOError, InterruptedError):
@@ -692,7 +702,10 @@ class Node:
                 continue
             for action in actions:
                 try:
-                    self._act((action,), batch)
+                    if type(action) is Send:  # most actions: the copies, sent without _act's dispatch
+                        send(action)
+                    else:
+                        self._act((action,), batch)
                 except Exception as e:  # counted as handled: the relay did decide; the rest still go
                     self._log_internal(data, e, "handled, but handing on one of its actions failed")
             if self.private is not None and self.private.released:  # read without the lock: a flag

@@ -53,6 +53,7 @@ class SeenCache:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._when: Dict[str, float] = {}
+        self.ids = self._when  # read-only: the relay's hot path asks ``mid in ids`` without a method call
         self._stamp = float("-inf")
         # Per time stamp (oldest first), the newest ts of the ids recorded under it:
         # one small list per half second, not a float per id.

@@ -650,10 +650,127 @@ def bench_relay(cfg: dict, fleet: Fleet) -> dict:
             out["ratio_node_straightforward" + suffix] = node / simple if node and simple else None
             off = rows["meshchat_no_trace"]["cpu_us_per_msg" + suffix]
             out["ratio_trace_on_off" + suffix] = node / off if node and off else None
+        out["in_process"] = bench_relay_in_process(cfg)
         return out
     finally:
         fleet.stop(list(procs.values()))
         for s in (src, *sinks):
+            s.close()
+
+
+# -- 1e. relay cost in this process, warm: the rules against the architecture ----------------------
+
+def bench_relay_in_process(cfg: dict) -> dict:
+    """What section 1's one-at-a-time figure is made of, measured where caches stay warm and no
+    other process runs in between: the decision alone (Relay.datagram_received, the relay built as
+    the CLI builds it: membership, delivery, signatures when the secure extra is there, tracing)
+    against the straightforward relay's (json.loads, ttl - 1, json.dumps); then the whole socket
+    thread's path for one datagram on loopback (select, timers, drain, decision, two sendto), and
+    the same with a relay that decides nothing, against the straightforward and bare loops (a
+    blocking recvfrom, then the sendto). Best of 5 slices, µs per relayed message."""
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)  # this checkout's meshchat, as the child processes run it
+    from meshchat import crypto
+    from meshchat.membership import MembershipConfig
+    from meshchat.node import History, Node, Security
+    from meshchat.relay import RelayConfig, Send
+
+    count = 2000 if cfg is QUICK else 20000
+    socks = [udp_socket(RCVBUF_BYTES, blocking=False) for _ in range(3)]
+    src, sinks = socks[0], socks[1:]
+    peers = [s.getsockname() for s in socks]
+    node = Node(RelayConfig(label="", display=False, rate_limit=1_000_000.0), HOST, 0, peers,
+                membership=MembershipConfig(label=""), history=History(enabled=False),
+                security=Security() if crypto.available() else None)
+    plain = udp_socket()
+    gen = Datagrams(label_of(src))
+    buf = bytearray(1 << 16)
+    index = [0]
+
+    def fresh(n: int) -> List[bytes]:
+        out = [gen.make(index[0] + i) for i in range(n)]
+        index[0] += n
+        return out
+
+    def best(run: Callable[[List[bytes]], None]) -> float:
+        run(fresh(count // 10))  # warm up
+        times = []
+        for _ in range(5):
+            batch = fresh(count // 5)
+            t0 = time.perf_counter()
+            run(batch)
+            times.append((time.perf_counter() - t0) / len(batch) * 1e6)
+            _drain(sinks + [src], [0, 0, 0], buf)
+        return min(times)
+
+    relay, src_addr = node.relay, peers[0]
+    seen: Dict[str, float] = {}
+
+    def decide(batch: List[bytes]) -> None:
+        now, wall = time.monotonic(), time.time()
+        for data in batch:
+            relay.datagram_received(data, src_addr, now, wall)
+
+    def decide_straightforward(batch: List[bytes]) -> None:
+        for data in batch:
+            msg = json.loads(data)
+            mid, ttl = msg["mid"], int(msg["ttl"]) - 1
+            if mid in seen:
+                continue
+            seen[mid] = time.monotonic()
+            msg["ttl"] = ttl
+            json.dumps(msg).encode()
+
+    select, dest = node._selector.select, node.addr
+
+    def node_loop(batch: List[bytes]) -> None:
+        for i, data in enumerate(batch):
+            src.sendto(data, dest)
+            for key, _ in select(node._tick()):
+                key.data()
+            if i & 63 == 63:
+                _drain(sinks + [src], [0, 0, 0], buf)
+
+    def loop(forward: Callable[[bytes, Tuple[str, int]], None]) -> Callable[[List[bytes]], None]:
+        to = plain.getsockname()
+
+        def run(batch: List[bytes]) -> None:
+            for i, data in enumerate(batch):
+                src.sendto(data, to)
+                forward(*plain.recvfrom(65535))
+                if i & 63 == 63:
+                    _drain(sinks + [src], [0, 0, 0], buf)
+        return run
+
+    def straightforward(data: bytes, addr: Tuple[str, int]) -> None:
+        msg = json.loads(data)
+        mid, ttl = msg["mid"], int(msg["ttl"]) - 1
+        if mid in seen:
+            return
+        seen[mid] = time.monotonic()
+        msg["ttl"] = ttl
+        out = json.dumps(msg).encode()
+        for p in peers:
+            if p != addr:
+                plain.sendto(out, p)
+
+    def bare(data: bytes, addr: Tuple[str, int]) -> None:
+        for p in peers:
+            if p != addr:
+                plain.sendto(data, p)
+
+    try:
+        out = {"decision_us": best(decide), "straightforward_decision_us": best(decide_straightforward),
+               "node_loop_us": best(node_loop), "straightforward_loop_us": best(loop(straightforward)),
+               "bare_loop_us": best(loop(bare))}
+        targets = tuple(peers[1:])
+        relay.datagram_received = lambda data, addr, now, wall: [Send(data, targets)]
+        out["node_loop_deciding_nothing_us"] = best(node_loop)
+        out["relayed"] = relay.counters.relayed
+        return out
+    finally:
+        node._close()
+        for s in (*socks, plain):
             s.close()
 
 
@@ -2014,6 +2131,10 @@ def fmt(value: object, digits: int = 2) -> str:
     return str(value)
 
 
+def _ratio2(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return round(a / b, 2) if a and b else None
+
+
 def ratio_of(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return round(a / b, 1) if a and b else None
 
@@ -2131,6 +2252,17 @@ def report(r: dict) -> str:
                      f"Max rate: at most {relay['max_rate_window']} messages on the way.\n" + table(
                          ["relay", "CPU µs/msg, one at a time", f"CPU µs/msg, bursts of {relay['burst']}", "delivered",
                           "max rate msg/s", "its CPU busy", "CPU µs/msg at max", "msg/s at 100% CPU"], rows))
+    inp = (relay or {}).get("in_process")
+    if inp:
+        rows = [["the decision (Relay.datagram_received; straightforward: loads, ttl - 1, dumps)",
+                 inp["decision_us"], inp["straightforward_decision_us"],
+                 _ratio2(inp["decision_us"], inp["straightforward_decision_us"])],
+                ["the socket thread's whole path, one datagram at a time", inp["node_loop_us"],
+                 inp["straightforward_loop_us"], _ratio2(inp["node_loop_us"], inp["straightforward_loop_us"])],
+                ["the same path deciding nothing (straightforward: the bare loop)", inp["node_loop_deciding_nothing_us"],
+                 inp["bare_loop_us"], _ratio2(inp["node_loop_deciding_nothing_us"], inp["bare_loop_us"])]]
+        parts.append("1e. Relay cost in this process, warm (best of 5 slices; loops on loopback, the sender's "
+                     "sendto included)\n" + table(["what", "meshchat µs/msg", "straightforward µs/msg", "ratio"], rows))
     disp = r.get("display")
     if disp and "relays" in disp:
         rows = [[name.replace("_", " "), x["cpu_us_per_msg"], x["cpu_us_per_msg_burst"], x["delivered_fraction"]]

@@ -22,7 +22,7 @@ import pytest
 
 from meshchat.console import JsonConsole, TerminalConsole
 from meshchat.relay import COUNTERS, Display, Relay, RelayConfig, Send
-from meshchat.wire import Message, WireError, decode, encode
+from meshchat.wire import Message, WireError, _decode_json, canonical, decode, encode
 
 from meshsim import addr_of, label_of
 from nodes import Cluster
@@ -335,7 +335,8 @@ class WholePath:
         # Node 1 shows what is sent to it; node 5 relays it. Both have peers, so copies are encoded.
         self.relays = [Relay(RelayConfig(label=label_of(i), rate_limit=0, seen_max=1_000_000),
                              [addr_of(2), addr_of(3), addr_of(4)]) for i in (1, 5)]
-        self.counts = {"rejected": 0, "accepted": 0, "displayed": 0, "copies": 0, "copies_encoded_anew": 0}
+        self.counts = {"rejected": 0, "accepted": 0, "displayed": 0, "copies": 0, "copies_encoded_anew": 0,
+                       "canonical": 0}
         self.new_consoles()
 
     def new_consoles(self) -> None:
@@ -359,6 +360,9 @@ class WholePath:
             msg = None
         except Exception as e:  # pragma: no cover - the failure itself
             raise AssertionError(f"decode raised {e!r} on {case.what}: {data[:200]!r}") from e
+        if msg is not None and canonical(data.decode("utf-8")) is not None:  # the fast path is the JSON path
+            self.counts["canonical"] += 1
+            assert repr(canonical(data.decode("utf-8"))[0]) == repr(_decode_json(data.decode("utf-8"))), case.what
         assert not (case.must_reject and msg is not None), f"accepted {case.what}: {data[:200]!r}"
         assert not (case.must_accept and msg is None), f"rejected {case.what}: {data[:200]!r}"
         if msg is None:
@@ -407,7 +411,7 @@ def run_structured(cases: int, seed: int) -> dict:
 def test_structured_hostile_datagrams_through_the_whole_path_short():
     counts = run_structured(8000, seed=8)
     assert counts["rejected"] > 4000 and counts["accepted"] > 1500 and counts["displayed"] > 800
-    assert counts["copies"] > 2000 and counts["copies_encoded_anew"] > 700
+    assert counts["copies"] > 2000 and counts["copies_encoded_anew"] > 700 and counts["canonical"] > 30
 
 
 @pytest.mark.slow
