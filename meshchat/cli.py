@@ -22,12 +22,11 @@ import time
 from typing import Callable, Iterator, List, NamedTuple, Optional
 
 from . import __version__, crypto
-from .console import (
-    MAX_LINE_BYTES, PROMPT, Bad, Help, JsonConsole, Map, Nick, Nothing, Peers, Ping, Quit, Say, Stats,
-    TerminalConsole, TraceRoute, TrustCmd, Who, WhoAmI, Why, History as HistoryCmd, terminal_columns, nick_of,
-    parse_line, part_of, readline_buffer,
+from .console import PROMPT, JsonConsole, TerminalConsole, terminal_columns, nick_of, part_of, readline_buffer
+from .commands import (
+    MAX_LINE_BYTES, Bad, FileCmd, FilesCmd, Help, History as HistoryCmd, Map, Nick, Nothing, Peers, Ping, Quit, Say,
+    SendFile, Stats, TraceRoute, TrustCmd, Who, WhoAmI, Why, parse_line,
 )
-from .console import FileCmd, FilesCmd, SendFile
 from . import meshmap
 from .metrics import MetricsError, parse_bind
 from .membership import MAX_MESH_CHARS, MAX_NICK_CHARS, MembershipConfig, display_name, valid_nick

@@ -15,7 +15,8 @@ import io
 import json
 from typing import Callable, Dict, List
 
-from .console import HELP, TerminalConsole
+from .console import TerminalConsole
+from .commands import HELP
 from .delivery import Delivered, Undelivered
 from .files import FileDone, FileFailed, FileOffered, FileProgress, Offer
 from .membership import PeerDown, PeerUp

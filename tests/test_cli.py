@@ -387,7 +387,7 @@ def test_a_console_writing_to_a_pipe_keeps_each_message_on_one_line():
 def test_send_name_path_without_the_at_is_a_direct_file_only_when_the_disk_and_the_names_say_so(
         tmp_path, monkeypatch):
     from meshchat.cli import _send_to_name
-    from meshchat.console import SendFile, parse_line
+    from meshchat.commands import SendFile, parse_line
 
     class Known:  # what _send_to_name asks of a node: its membership, and names to labels
         membership = object()

@@ -7,8 +7,8 @@ import unicodedata
 import colorama
 import pytest
 
-from meshchat.console import (HELP, MAX_LINE_BYTES, Bad, Help, JsonConsole, Nick, Nothing, Peers, Ping,
-                              Quit, Say, Stats, TerminalConsole, Who, parse_line, peer_lines, sanitize, who_lines)
+from meshchat.console import JsonConsole, TerminalConsole, peer_lines, sanitize, who_lines
+from meshchat.commands import HELP, MAX_LINE_BYTES, Bad, Help, Nick, Nothing, Peers, Ping, Quit, Say, Stats, Who, parse_line
 from meshchat.membership import display_name, tag_of
 from meshchat.relay import Display, Notice, Pong
 from meshchat.wire import Message
@@ -533,7 +533,8 @@ def test_a_batch_of_events_is_written_with_one_flush(make):
 
 # -- files: /send, /accept, /cancel parsed; progress rows redrawn in place above the prompt ----------
 
-from meshchat.console import FileCmd, SendFile, progress_text  # noqa: E402
+from meshchat.console import progress_text  # noqa: E402
+from meshchat.commands import FileCmd, SendFile
 from meshchat.files import FileDone, FileProgress  # noqa: E402
 
 

@@ -9,7 +9,8 @@ import xml.etree.ElementTree as ET
 
 from meshchat import meshmap
 from meshchat.cli import run_command
-from meshchat.console import Bad, JsonConsole, Map, TerminalConsole, parse_line
+from meshchat.console import JsonConsole, TerminalConsole
+from meshchat.commands import Bad, Map, parse_line
 from meshchat.membership import MAX_LINKS, Membership, MembershipConfig, display_name, parse_links
 from meshchat.wire import Message
 

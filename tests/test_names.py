@@ -10,7 +10,8 @@ import io
 import json
 
 from meshchat.cli import run_command, shown_nick
-from meshchat.console import JsonConsole, TerminalConsole, parse_line
+from meshchat.console import JsonConsole, TerminalConsole
+from meshchat.commands import parse_line
 from meshchat.membership import MembershipConfig, display_name, tag_of
 from meshchat.relay import Display, Pong
 from meshchat.wire import Message

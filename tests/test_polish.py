@@ -12,7 +12,8 @@ import pytest
 
 from meshchat import crypto
 from meshchat.cli import run_command
-from meshchat.console import JsonConsole, parse_line
+from meshchat.console import JsonConsole
+from meshchat.commands import parse_line
 from meshchat.membership import Membership, MembershipConfig, PeerDown, PeerUp, display_name
 
 from nodes import Probe

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from meshchat import crypto
-from meshchat.console import JsonConsole, Say, parse_line
+from meshchat.console import JsonConsole
+from meshchat.commands import Say, parse_line
 from meshchat.delivery import Delivered, Delivery, DeliveryConfig, Undelivered
 from meshchat.membership import Membership, MembershipConfig
 from meshchat.node import History, Node, Security

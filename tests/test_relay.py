@@ -398,7 +398,7 @@ def test_the_parts_of_a_split_line_say_which_of_how_many_they_are():
 
 
 def test_a_line_of_the_largest_size_typed_fits_the_part_bound():
-    from meshchat.console import MAX_LINE_BYTES
+    from meshchat.commands import MAX_LINE_BYTES
     from meshchat.relay import MAX_PARTS
     r = relay()
     messages, _ = r.originate("CHAT", "\x01" * MAX_LINE_BYTES, "", 0.0, WALL)  # 6 bytes on the wire each

@@ -5,8 +5,8 @@ import json
 import random
 import time
 
-from meshchat.console import (Bad, JsonConsole, TerminalConsole, TraceRoute, Why, parse_line, peer_lines, trace_lines,
-                              why_lines)
+from meshchat.console import JsonConsole, TerminalConsole, peer_lines, trace_lines, why_lines
+from meshchat.commands import Bad, TraceRoute, Why, parse_line
 from meshchat.delivery import Delivered, Undelivered
 from meshchat.membership import MembershipConfig, PeerDown, PeerUp
 from meshchat.node import History
