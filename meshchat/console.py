@@ -131,7 +131,7 @@ def wrap(text: str, width: int, indent: int) -> str:
 
     A row is cut after its last space past the indent, else between characters
     (never before a zero-width mark); colour codes take no room."""
-    if text.isascii() and len(text) <= width:
+    if text.isascii() and (len(text) <= width or text_width(text) <= width):  # colour codes take no room
         return text
     out: List[str] = []
     col = 0
@@ -357,6 +357,9 @@ class JsonConsole(Console):
 _PALETTE = ("CYAN", "GREEN", "BLUE", "LIGHTCYAN_EX", "LIGHTGREEN_EX", "LIGHTBLUE_EX")
 
 
+WHO_CACHE_MAX = 1024  # senders' names as shown, kept made
+
+
 def terminal_columns() -> int:
     return shutil.get_terminal_size((80, 24)).columns
 
@@ -409,6 +412,7 @@ class TerminalConsole(Console):
         # line printed goes above them (_line clears and redraws them with the prompt).
         self._status: Dict[str, str] = {}  # fid -> its progress text
         self._status_rows = 0  # rows of them on the screen now
+        self._who_cache: Dict[Tuple[str, str], str] = {}
 
     def _color_of(self, label: str) -> str:
         return getattr(self._fore, _PALETTE[zlib.crc32(label.encode("utf-8", "replace")) % len(_PALETTE)])
@@ -458,9 +462,16 @@ class TerminalConsole(Console):
         self._write(self._redraw_below(up, "", typed, columns))
 
     def _who(self, label: str, nick: str = "") -> str:
-        # The colour and the tag follow the label: two "alice"s differ in both.
-        name = sanitize(display_name(label, nick))
-        return f"{self._color_of(label)}{self._style.BRIGHT}<{name}>{self._style.RESET_ALL}"
+        # The colour and the tag follow the label: two "alice"s differ in both. Made once per
+        # sender and nick (a bounded cache: a line per message must not hash a label each time).
+        who = self._who_cache.get((label, nick))
+        if who is None:
+            name = sanitize(display_name(label, nick))
+            who = f"{self._color_of(label)}{self._style.BRIGHT}<{name}>{self._style.RESET_ALL}"
+            if len(self._who_cache) >= WHO_CACHE_MAX:
+                self._who_cache.clear()
+            self._who_cache[(label, nick)] = who
+        return who
 
     def _part(self, m: Message) -> str:
         part = part_of(m)
