@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 QUEUE_ITEMS = 4096
 PARTIAL_DIR = ".meshchat-partial"  # inside the downloads folder: temporary files and their metadata
+DONE_FILE = "done"  # in PARTIAL_DIR: the ids of files finished, a line each, so a restart never fetches them again
+DONE_KEEP = 1000  # the newest this many are kept (files.MAX_DONE)
 MAX_NUMBERED = 1000  # "name (1000).ext" at most, then a unique id
 
 
@@ -201,7 +203,29 @@ class FileDisk:
             (self.partial / f"{offer.fid}.json").unlink()
         except OSError:
             pass
+        self._note_done(offer.fid)
         self._cb.finished(offer.fid, str(path), "")
+
+    def done_fids(self) -> List[str]:
+        """The ids of files finished here before (newest last, at most DONE_KEEP): the node hands them to
+        files.py, so that an offer seen again after a restart (caught up, or served back) is not fetched."""
+        try:
+            lines = (self.partial / DONE_FILE).read_text(encoding="ascii", errors="replace").split()
+        except OSError:
+            return []
+        return [fid for fid in lines if len(fid) == 16 and all(c in "0123456789abcdef" for c in fid)][-DONE_KEEP:]
+
+    def _note_done(self, fid: str) -> None:
+        path = self.partial / DONE_FILE
+        try:
+            with open(path, "a", encoding="ascii") as f:
+                f.write(fid + "\n")
+            if path.stat().st_size > 2 * DONE_KEEP * 17:  # now and then cut back to the newest
+                tmp = self.partial / (DONE_FILE + ".tmp")
+                tmp.write_text("".join(f + "\n" for f in self.done_fids()), encoding="ascii")
+                os.replace(tmp, path)
+        except OSError as e:
+            log.warning("files: could not note %s as done: %s", fid, e)
 
     def _place(self, part: Path, name: str, fid: str) -> Path:
         """Rename ``part`` to ``name`` in the downloads folder, never over an existing file."""

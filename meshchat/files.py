@@ -26,7 +26,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from .bucket import new_bucket, take
 from .membership import Unicast
@@ -68,6 +68,8 @@ FETCH_STALL_S = 120.0  # a transfer with no progress for this long fails (with s
 STALL_RESET_S = 10.0  # no piece for this long: the fetch state starts afresh (the watchdog, _stalled)
 OFFER_ASKS = 3  # times we ask neighbours for an offer they announce pieces of and we never heard of
 SERVE_KEEP_S = 3600.0  # a finished file is served for this long
+OFFER_FLOOD_S = 30.0  # an offer served back younger than this floods on from the asker; older, one hop
+MAX_DONE = 1000  # fids of files finished in earlier runs, remembered so they are not fetched again
 MAX_BAD_PIECES = 3  # a source that sent this many pieces that do not verify is no longer asked
 # End-to-end files (rule 6): a direct file's chunks are sealed, and a piece stays CHUNK_BYTES on the
 # wire, so a sealed file's plaintext chunk is smaller by the AEAD's tag.
@@ -404,6 +406,7 @@ class Files:
             "file_dropped_bad_box": 0, "files_carried": 0,
             "file_stall_resets": 0, "file_offer_asks": 0, "file_offers_served": 0}
         self._offer_asks: Dict[str, Tuple[int, float]] = {}  # fid -> (asks, when last): bounded, MAX_OFFERS
+        self._done: Set[str] = set()  # fids finished in an earlier run (remember_done): bounded, MAX_DONE
 
     # -- what the user does ------------------------------------------------------------------------
 
@@ -499,8 +502,10 @@ class Files:
         if offer is None:
             self.counters["file_dropped_malformed"] += 1
             return []
-        if offer.fid in self.transfers:
+        if offer.fid in self.transfers or offer.fid in self._done:
             return []
+        if offer.src == self.label:
+            return []  # ours, from before a restart (a neighbour served it back): never fetched from others
         if offer.dst and offer.dst != self.label:
             return self._carry(msg, offer, verified, now)
         if offer.sealed:
@@ -736,7 +741,22 @@ class Files:
             self.counters["file_serve_budget"] += 1
             return []
         self.counters["file_offers_served"] += 1
-        return [Unicast(encode(t.offer_msg._replace(ttl=t.offer_ttl)), addr)]
+        # Fresh, it floods on from the asker as it would have; older, it goes one hop (ttl 1, as repair
+        # serves), so that nodes beyond, who never asked, do not take an old message for a skewed clock.
+        fresh = self._wall_offset + now - t.offer_msg.ts < OFFER_FLOOD_S
+        return [Unicast(encode(t.offer_msg._replace(ttl=t.offer_ttl if fresh else 1)), addr)]
+
+    def asked_offer(self, msg: Message) -> bool:
+        """Whether ``msg`` (a FOFFER) answers our ask for it: the relay takes it although it is old."""
+        x = msg.extra.get("file") if msg.extra else None
+        fid = x.get("fid") if isinstance(x, dict) else None
+        return type(fid) is str and self._offer_asks.get(fid, (0, 0.0))[0] > 0
+
+    def remember_done(self, fids: Iterable[str]) -> None:
+        """Files this node finished in an earlier run (the files thread's list): never fetched again."""
+        for fid in fids:
+            if _FID_RE.match(fid) and len(self._done) < MAX_DONE:
+                self._done.add(fid)
 
     # -- timers ---------------------------------------------------------------------------------------
 

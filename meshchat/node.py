@@ -344,6 +344,7 @@ class Node:
             filesmod.FilesConfig(self.label, cfg.accept_bytes, cfg.quota_bytes, self.file_disk.used_bytes()),
             new_mid=lambda: "%012x" % mids.getrandbits(48), neighbours=neighbours,
             open_box=self.identity.box.open if self.identity is not None else None, hops_to=hops_to)
+        self.files.remember_done(self.file_disk.done_fids())
 
     def _security(self, security: Security) -> Tuple[Trust, Callable[[Message], Message]]:
         """Our identity (loaded, made on first start, or in memory) and the trust layer with its pins.

@@ -364,7 +364,8 @@ class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
             return self._duplicate(mid, addr, now, wall, ttl)
         ts = msg.ts
         # A repaired or caught-up message is old on purpose: one hop (ttl 1), and one we asked for.
-        asked = ttl == 1 and self.delivery is not None and self.delivery.is_late(mid, ts, now)
+        asked = ttl == 1 and ((self.delivery is not None and self.delivery.is_late(mid, ts, now)) or
+                              (kind == FILE_OFFER_KIND and self.files is not None and self.files.asked_offer(msg)))
         if abs(wall - ts) > cfg.max_skew_s and not asked:
             c.dropped_stale += 1
             if self.trace is not None:

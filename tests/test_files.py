@@ -381,3 +381,26 @@ def test_the_files_thread_opens_a_download_once_for_all_its_writes_and_reads(tmp
         disk._read(offer.fid, "", i, ("127.0.0.1", 1))
     assert opened == ["r+b"]  # not once per chunk (a normalised mode, "rb+", never matched "r+b")
     disk._close(offer.fid)
+
+
+def test_the_files_thread_remembers_finished_files_across_a_restart_and_keeps_only_the_newest(tmp_path):
+    from meshchat import filedisk
+
+    done = []
+    cb = filedisk.Callbacks(*(lambda *a: None,) * 4, lambda fid, path, why: done.append((fid, path, why)),
+                            lambda *a: None)
+    disk = filedisk.FileDisk(str(tmp_path), cb)
+    content = content_of(3 * CHUNK_BYTES)
+    offer, _ = make_offer(content)
+    disk._meta(offer, None)
+    for i in range(3):
+        disk._write(offer.fid, i, content[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])
+    disk._finish(offer)
+    assert done and done[0][2] == "" and done[0][0] == offer.fid
+    again = filedisk.FileDisk(str(tmp_path), cb)  # a restart
+    assert again.done_fids() == [offer.fid]
+    for k in range(3 * filedisk.DONE_KEEP):
+        again._note_done("%016x" % k)
+    kept = again.done_fids()
+    assert len(kept) == filedisk.DONE_KEEP and kept[-1] == "%016x" % (3 * filedisk.DONE_KEEP - 1)
+    assert (tmp_path / filedisk.PARTIAL_DIR / filedisk.DONE_FILE).stat().st_size <= 2 * filedisk.DONE_KEEP * 17 + 17

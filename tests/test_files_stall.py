@@ -273,3 +273,59 @@ def test_a_transfer_no_one_serves_wakes_the_timer_only_when_something_is_due():
         net.act(net.peers[1], f.tick(now, now))
         assert f.next_deadline() > now
     assert f.counters["file_stall_resets"] == 0
+
+
+# -- a restart never fetches a file again, nor our own; an old offer asked for is no skewed clock ------------
+
+def test_our_own_offer_served_back_is_never_fetched_and_a_file_done_before_a_restart_is_not_fetched_again():
+    net = FloodNet(2, [(0, 1)])
+    f = net.peers[1].files
+    mine, _ = make_offer(content_of(3000), fid="00000000000000a1", src=f.label)
+    assert f.offer_received(offer_message(mine), True, 1.0) == [] and mine.fid not in f.transfers
+    other, _ = make_offer(content_of(3000), fid="00000000000000a2", src=net.peers[0].files.label)
+    f.remember_done(["00000000000000a2", "not a fid"])
+    assert f.offer_received(offer_message(other), True, 1.0) == [] and other.fid not in f.transfers
+    fresh, _ = make_offer(content_of(3000), fid="00000000000000a3", src=net.peers[0].files.label)
+    assert f.offer_received(offer_message(fresh), True, 1.0), "an offer not done before is taken as ever"
+
+
+def test_an_old_offer_is_served_back_one_hop_and_the_asker_takes_it_as_asked_for():
+    net = FloodNet(2, [(0, 1)])
+    p, q = net.peers
+    offer, hashes = make_offer(content_of(3000), src=p.files.label)
+    p.files.share(offer, hashes, "/src/f.bin", 0.0)
+    msg = offer_message(offer)._replace(ts=1000.0)
+    p.files.keep_offer(msg, 5)
+    ask = Message("g1", 0.0, 1, "FGET", "x", "", "", {"fid": offer.fid, "want": [], "offer": True})
+    [fresh] = p.files.get_received(ask, q.addr, 100, 1.0, 1010.0)[0]
+    assert decode(fresh.data).ttl == 5  # 10 s old: it floods on from the asker
+    [old] = p.files.get_received(ask, q.addr, 100, 2.0, 1000.0 + 120.0)[0]
+    assert decode(old.data).ttl == 1  # 2 minutes old: one hop, as repair serves
+    assert not q.files.asked_offer(decode(old.data))
+    fhave = Message("h1", 0.0, 1, "FHAVE", "x", "", "", {"fid": offer.fid, "have": [[0, 3]]})
+    q.files.have_received(fhave, p.addr, 100, 3.0, 1123.0)
+    assert q.files.asked_offer(decode(old.data))
+
+
+def test_a_relay_takes_an_old_offer_it_asked_for_without_calling_the_senders_clock_skewed():
+    from meshchat.files import Files, FilesConfig
+    from meshchat.membership import Membership, MembershipConfig
+    from meshchat.relay import Notice, Relay, RelayConfig
+    from meshchat.wire import encode
+    from meshsim import addr_of, label_of
+
+    m = Membership(MembershipConfig(label=label_of(1)), secret=b"t")
+    m.is_up = lambda addr: True  # the neighbour proved itself
+    files = Files(FilesConfig(label_of(1)), new_mid=lambda: "000000000001")
+    r = Relay(RelayConfig(label=label_of(1), rate_limit=0), [addr_of(2)], membership=m, files=files)
+    offer, _ = make_offer(content_of(3000), src=label_of(3))
+    old = offer_message(offer)._replace(mid="00000000000000aa-1", ts=1000.0, ttl=1)
+    wall = 1000.0 + 300.0  # five minutes old: past --max-skew
+    out = r.datagram_received(encode(old), addr_of(2), 1.0, wall)
+    assert any(isinstance(a, Notice) and "clock" in a.text for a in out), "not asked for: refused as before"
+    assert r.counters.dropped_stale == 1 and offer.fid not in files.transfers
+    fhave = Message("h1", wall, 1, "FHAVE", label_of(2), "", "", {"fid": offer.fid, "have": [[0, 3]]})
+    r.datagram_received(encode(fhave), addr_of(2), 2.0, wall)  # we ask addr_of(2) for the offer
+    out = r.datagram_received(encode(old), addr_of(2), 3.0, wall)  # the answer: the same datagram
+    assert not any(isinstance(a, Notice) and "clock" in a.text for a in out)
+    assert r.counters.dropped_stale == 1 and offer.fid in files.transfers
