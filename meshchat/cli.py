@@ -546,14 +546,35 @@ def _wait(get):
             continue
 
 
+def _unquoted(path: str) -> str:
+    """A path as a shell or a terminal's drag and drop gives it: in quotes, with a space after, or
+    with its spaces escaped by a backslash (not on Windows, where a backslash separates folders)."""
+    p = path.strip()
+    if len(p) >= 2 and p[0] == p[-1] and p[0] in "'\"":
+        p = p[1:-1]
+    elif os.sep == "/" and "\\ " in p:
+        p = p.replace("\\ ", " ")
+    return p
+
+
+def _a_file(path: str) -> Optional[str]:
+    """``path`` as typed if that names something on disk, else unquoted if that does, else None."""
+    for p in (path, _unquoted(path)):
+        if p and os.path.exists(os.path.expanduser(p)):
+            return p
+    return None
+
+
 def _send_to_name(cmd: SendFile, node: Node) -> SendFile:
-    """``/send NAME PATH`` typed without the ``@``: a direct file when PATH is not a file as typed
-    but its first word names a node and the rest is a file; otherwise the path as typed."""
-    first, _, rest = cmd.path.partition(" ")
-    rest = rest.strip()
-    if cmd.dst or not rest or node.membership is None or os.path.exists(os.path.expanduser(cmd.path)):
-        return cmd
-    if not os.path.isfile(os.path.expanduser(rest)):
+    """/send's path as the user meant it: quotes and escaped spaces taken off when the path as typed
+    is not on disk; and ``/send NAME PATH`` typed without the ``@`` is a direct file when the line
+    as a whole is no file but its first word names a node and the rest is one."""
+    found = _a_file(cmd.path)
+    if cmd.dst or found is not None:
+        return cmd._replace(path=found or cmd.path)
+    first, _, rest = cmd.path.strip().partition(" ")
+    rest = _a_file(rest.strip()) if rest.strip() else None
+    if rest is None or node.membership is None or not os.path.isfile(os.path.expanduser(rest)):
         return cmd
     label, _ = node.resolve(first)
     return cmd._replace(path=rest, dst=first) if label is not None else cmd

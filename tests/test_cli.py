@@ -1,6 +1,7 @@
 """The command line: arguments, exit statuses, and real processes starting and stopping."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -405,3 +406,11 @@ def test_send_name_path_without_the_at_is_a_direct_file_only_when_the_disk_and_t
     assert _send_to_name(SendFile(f"bob {notes}.gone"), Known()) == SendFile(f"bob {notes}.gone"), "not a file"
     monkeypatch.chdir(tmp_path)  # a file whose name starts with a nick and a space is that file, to all
     assert _send_to_name(SendFile("bob notes.txt"), Known()) == SendFile("bob notes.txt")
+    # Quoted, or dragged into the terminal (quotes and a space after), or with an escaped space.
+    spaced = str(tmp_path / "bob notes.txt")
+    escaped = (spaced.replace(" ", "\\ "),) if os.sep == "/" else ()  # a backslash is a separator on Windows
+    for typed in (f'"{spaced}"', f"'{spaced}' ") + escaped:
+        assert _send_to_name(SendFile(typed), Known()) == SendFile(spaced), typed
+        assert _send_to_name(SendFile(f"bob {typed}"), Known()) == SendFile(spaced, "bob"), typed
+        assert _send_to_name(SendFile(typed, "bob"), Known()) == SendFile(spaced, "bob"), typed
+    assert _send_to_name(SendFile('"nothing here"'), Known()) == SendFile('"nothing here"'), "its error names it"
