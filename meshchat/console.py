@@ -637,7 +637,10 @@ class TerminalConsole(Console):
         elif isinstance(e, FileFailed):
             self._progress_shown.pop(e.fid, None)
             self._status.pop(e.fid, None)
-            self.error(f"file {e.name!r} ({e.fid[:6]}) failed: {e.reason}")
+            if e.reason == "cancelled":  # the user's own doing: said plainly, with the way back
+                self.notice(f"file {e.name!r} ({e.fid[:6]}) cancelled; /accept {e.fid[:6]} fetches it again")
+            else:
+                self.error(f"file {e.name!r} ({e.fid[:6]}) failed: {e.reason}; /accept {e.fid[:6]} tries again")
 
     def files(self, rows: List[dict]) -> None:
         if not rows:

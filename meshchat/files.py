@@ -436,8 +436,14 @@ class Files:
         t = self.find(fid)
         if t is None:
             return f"no offer {fid!r} (see /files)", []
+        if t.state == "own":
+            return f"{t.offer.name} is your own file: the others fetch it from you", []
+        if t.state == "failed" and not t.carry:  # cancelled, or failed: /accept tries again from the start
+            t.hashes, t.count, t.parts, t.samples = None, 0, {}, []
+            t.reset_at, t.wake, t.progress_at = float("-inf"), float("inf"), float("-inf")
+            t.state = "offered"
         if t.state != "offered":
-            return f"{t.offer.name} is {t.state}", []
+            return f"{t.offer.name} is {t.state} already", []
         return "", self._start(t, now)
 
     def cancel(self, fid: str, now: float) -> Tuple[str, list]:

@@ -534,7 +534,7 @@ def test_a_batch_of_events_is_written_with_one_flush(make):
 # -- files: /send, /accept, /cancel parsed; progress rows redrawn in place above the prompt ----------
 
 from meshchat.console import progress_text  # noqa: E402
-from meshchat.commands import FileCmd, SendFile
+from meshchat.commands import FileCmd, SendFile  # noqa: E402
 from meshchat.files import FileDone, FileProgress  # noqa: E402
 
 
@@ -623,3 +623,15 @@ def test_history_names_a_sender_by_the_nick_its_message_carried_until_the_mesh_k
              "late": False, "nick": "bob"}]
     con.history(rows, replay=True)
     assert display_name("127.0.0.1:9002", "bob") in out.getvalue() and "the last 1 message," in out.getvalue()
+
+
+def test_a_cancelled_file_is_a_notice_with_the_way_back_and_a_failed_one_an_error_with_it():
+    from meshchat.files import FileFailed
+
+    out = io.StringIO()
+    c = TerminalConsole(out, color=False, interactive=False)
+    c.show(FileFailed("0123456789abcdef", "c.bin", "cancelled"))
+    c.show(FileFailed("fedcba9876543210", "d.bin", "stalled"))
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("* file 'c.bin' (012345) cancelled; /accept 012345 fetches it again")
+    assert lines[1].endswith("! file 'd.bin' (fedcba) failed: stalled; /accept fedcba tries again")

@@ -251,6 +251,24 @@ def test_an_offer_above_the_limit_waits_for_accept():
     assert net.peers[1].content[offer.fid] == data
 
 
+def test_a_cancelled_transfer_is_fetched_again_whole_by_accept_and_ones_own_file_says_so():
+    net = Net(2, [(0, 1)])
+    data = content_of(40 * CHUNK_BYTES)
+    offer = net.share(0, data)
+    f = net.peers[1].files
+    assert f.transfers[offer.fid].state == "fetching"  # under way, not done
+    text, actions = f.cancel(offer.fid, net.now)
+    net.act(net.peers[1], actions)
+    assert f.transfers[offer.fid].state == "failed"
+    text, actions = f.accept(offer.fid[:6], net.now)
+    assert text == "" and f.transfers[offer.fid].state == "fetching"
+    net.act(net.peers[1], actions)
+    net.run(10.0)
+    assert net.peers[1].content[offer.fid] == data and f.transfers[offer.fid].state == "done"
+    assert "your own file" in net.peers[0].files.accept(offer.fid, net.now)[0]
+    assert "already" in f.accept(offer.fid, net.now)[0]
+
+
 def test_an_unverified_offer_is_not_fetched_and_zero_always_asks():
     f = Files(FilesConfig("127.0.0.1:2", accept_bytes=0), new_mid=lambda: "m")
     offer, _ = make_offer(b"x" * 10)
