@@ -688,6 +688,8 @@ def progress_text(e: FileProgress) -> str:
     """``photo.jpg [#####.....] 52% 1.2 MiB/s 3 s left``"""
     share = e.have / e.size if e.size else 1.0
     bar = "#" * int(share * 20) + "." * (20 - int(share * 20))
+    if e.have == 0 and e.size:
+        return f"{e.name} [{bar}] 0% waiting for a neighbour that has it"
     left = f", {e.left_s:.0f} s left" if e.left_s is not None and e.have < e.size else ""
     return f"{e.name} [{bar}] {int(share * 100)}% {human_bytes(e.rate)}/s{left}"
 

@@ -863,7 +863,9 @@ class Files:
             if o.hl != hashlib.sha256(b"").hexdigest():
                 return self._fail(t, "its hash list does not match its size", now)
             self._hashes_verified(t, b"")
-        return [SaveMeta(o, None)] + self._check_complete(t, now) + self._pump(t, now)
+        # A row at 0% at once: a transfer no neighbour can serve yet says so, rather than nothing.
+        shown = [] if t.carry else [FileProgress(o.fid, o.name, 0, o.size, 0.0, None)]
+        return [SaveMeta(o, None)] + shown + self._check_complete(t, now) + self._pump(t, now)
 
     def _next_waiting(self, now: float) -> list:
         for t in self.transfers.values():
@@ -1084,7 +1086,8 @@ class Files:
         o = t.offer
         have = min(t.have_bytes(), o.size)
         rate = self._rate(t, now)
-        left = (o.size - have) / rate if rate > 0 else None
+        # No time left from the first fraction of a second (a hash-list part or two): it would say hours.
+        left = (o.size - have) / rate if rate > 0 and now - t.started >= 1.0 else None
         return FileProgress(o.fid, o.name, have, o.size, rate, left)
 
     # -- datagrams ------------------------------------------------------------------------------------

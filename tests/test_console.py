@@ -573,6 +573,7 @@ def progress(have: int, fid: str = "f1", name: str = "photo.jpg") -> FileProgres
 def test_progress_text_says_percent_rate_and_time_left():
     assert progress_text(progress(500)) == "photo.jpg [##########..........] 50% 250 B/s, 2 s left"
     assert progress_text(progress(1000)).endswith("100% 250 B/s")
+    assert progress_text(progress(0)) == "photo.jpg [....................] 0% waiting for a neighbour that has it"
 
 
 def test_a_progress_row_is_redrawn_in_place_above_the_prompt_and_lines_go_above_it():

@@ -269,6 +269,17 @@ def test_a_cancelled_transfer_is_fetched_again_whole_by_accept_and_ones_own_file
     assert "already" in f.accept(offer.fid, net.now)[0]
 
 
+def test_a_transfer_shows_a_row_at_once_and_no_time_left_from_its_first_fraction_of_a_second():
+    net = Net(2, [(0, 1)])
+    offer = net.share(0, content_of(400 * CHUNK_BYTES))
+    first = [e for e in net.peers[1].events if type(e) is FileProgress]
+    assert first and first[0].have == 0 and first[0].left_s is None
+    t = net.peers[1].files.transfers[offer.fid]
+    t.samples.append((t.started + 0.1, 2500))
+    assert net.peers[1].files._progress(t, t.started + 0.2).left_s is None
+    assert net.peers[1].files._progress(t, t.started + 1.5).left_s is not None
+
+
 def test_an_unverified_offer_is_not_fetched_and_zero_always_asks():
     f = Files(FilesConfig("127.0.0.1:2", accept_bytes=0), new_mid=lambda: "m")
     offer, _ = make_offer(b"x" * 10)
