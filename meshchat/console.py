@@ -610,8 +610,10 @@ class TerminalConsole(Console):
             o = e.offer
             what = ("fetching it" if e.fetching else "/accept " + o.fid[:6] + " to fetch it")
             mine = o.src == getattr(self, "label", None)
+            only = "" if mine or not o.dst else (" to you only, end-to-end encrypted" if o.key else
+                                                 " to you only, not encrypted")
             self.notice(f"{'you offer' if mine else self.name_of(o.src) + ' offers'} {o.name!r} "
-                        f"({human_bytes(o.size)}, id {o.fid[:6]})" + ("" if mine else f": {what}"
+                        f"({human_bytes(o.size)}, id {o.fid[:6]}){only}" + ("" if mine else f": {what}"
                         + ("" if e.verified is not False else " (unverified sender)")))
         elif isinstance(e, FileProgress):
             # A row redrawn in place above the prompt (a few times a second), or a line now and then.

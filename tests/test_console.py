@@ -636,3 +636,21 @@ def test_a_cancelled_file_is_a_notice_with_the_way_back_and_a_failed_one_an_erro
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("* file 'c.bin' (012345) cancelled; /accept 012345 fetches it again")
     assert lines[1].endswith("! file 'd.bin' (fedcba) failed: stalled; /accept fedcba tries again")
+
+
+def test_a_direct_files_offer_says_at_its_destination_that_it_is_for_it_only_and_how_it_came():
+    from meshchat.files import FileOffered
+
+    from test_files import make_offer
+
+    out = io.StringIO()
+    c = TerminalConsole(out, color=False, interactive=False, columns=lambda: 200)
+    c.label = "127.0.0.1:9002"
+    offer, _ = make_offer(b"x" * 100, src="127.0.0.1:9001", dst="127.0.0.1:9002")
+    c.show(FileOffered(offer._replace(key="ab" * 32), True, True))
+    c.show(FileOffered(offer, True, True))
+    c.show(FileOffered(offer._replace(dst=""), True, True))
+    lines = out.getvalue().splitlines()
+    assert "to you only, end-to-end encrypted: fetching it" in lines[0]
+    assert "to you only, not encrypted: fetching it" in lines[1]
+    assert "to you only" not in lines[2]
