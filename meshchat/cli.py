@@ -917,6 +917,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         stop_once.fired = True
         _hold_signals()
         node.stop()
+        if isinstance(console, TerminalConsole):
+            console.leave()
         restore_terminal()
         _quiet_exit(console)
     return 1 if node.failure else 0

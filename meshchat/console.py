@@ -454,6 +454,17 @@ class TerminalConsole(Console):
                 tail += " \r"  # as readline does: onto the next row, where it counts the cursor
         return (f"\x1b[{up}A" if up else "") + "\r\x1b[J" + text + status + tail
 
+    def leave(self) -> None:
+        """Stopping: the progress rows and the prompt are wiped, so the shell's prompt comes on a
+        clean row (a Ctrl-C must not leave a half-drawn transfer above it)."""
+        if not self.interactive or not (self._status_rows or self.reading):
+            return
+        columns = max(20, self._columns())
+        up = self._status_rows + (_rows_below_start(PROMPT + self._get_typed(), columns) if self.reading else 0)
+        self._status.clear()
+        self._status_rows = 0
+        self._write((f"\x1b[{up}A" if up else "") + "\r\x1b[J")
+
     def _redraw_status(self) -> None:
         """The progress rows changed: draw them again in place, and the prompt under them."""
         columns = max(20, self._columns())

@@ -654,3 +654,16 @@ def test_a_direct_files_offer_says_at_its_destination_that_it_is_for_it_only_and
     assert "to you only, end-to-end encrypted: fetching it" in lines[0]
     assert "to you only, not encrypted: fetching it" in lines[1]
     assert "to you only" not in lines[2]
+
+
+def test_leaving_wipes_the_progress_rows_and_the_prompt():
+    out, con = interactive("half", columns=80)
+    con.reading = True
+    con.file_event(progress(100))
+    out.truncate(0), out.seek(0)
+    con.leave()
+    assert out.getvalue() == "\x1b[1A\r\x1b[J"  # up over the row (the prompt is on the cursor's row), wipe
+    out.truncate(0), out.seek(0)
+    con.reading = False
+    con.leave()
+    assert out.getvalue() == "", "nothing drawn: nothing to wipe"
