@@ -182,7 +182,7 @@ class Neighbour:
     __slots__ = ("addr", "configured", "speaks", "up", "label", "nick", "caps", "last_heard", "since",
                  "interval", "next_hello", "peer_ivl", "seq_out", "sent", "their_tok", "rx_seq",
                  "rx_expected", "rx_got", "srtt_ms", "rx_at", "answered_at", "untold", "probe_due", "key",
-                 "fport")
+                 "fport", "bulk_off")
 
     def __init__(self, addr: Addr, configured: bool, now: float) -> None:
         self.addr = addr
@@ -210,6 +210,7 @@ class Neighbour:
         self.probe_due = 0.0  # suspected (its HELLO overdue): the next ask not before this
         self.key = ""  # its identity key, from its HELLOs (told in /peers; pinned only from signed messages)
         self.fport = 0  # the port of its bulk socket, from its full HELLOs (0: none, send it all to addr)
+        self.bulk_off = False  # the bulk path to or from it does not work: neither side uses it (give_up_bulk)
 
     def down_at(self) -> float:
         assert self.last_heard is not None
@@ -377,7 +378,8 @@ class Membership:
         self._went_down: Dict[Addr, float] = {}  # when each neighbour last went down: a quick return is a flap
         self._beacons = 0
         self.counters = {"hello_sent": 0, "hello_received": 0, "challenges": 0, "peer_up": 0, "peer_down": 0,
-                         "suspect_probes": 0, "fport_invalid": 0}
+                         "suspect_probes": 0, "fport_invalid": 0,
+                         "bulk_given_up": 0}
         for addr in configured:
             self.add_configured(addr, 0.0)
 
@@ -451,7 +453,7 @@ class Membership:
             extra["caps"] = list(self.config.caps)
             if self.config.key:
                 extra["key"] = self.config.key
-            if self.config.fport:
+            if self.config.fport and not (n is not None and n.bulk_off):
                 extra["fport"] = self.config.fport
             if self.nick:
                 extra["nick"] = self.nick
@@ -595,10 +597,24 @@ class Membership:
         A bad value is dropped (counted): its files then come to its main address, as to an older node."""
         if fport == 0:
             self.counters["fport_invalid"] += 1
-        fport = fport or 0
+        fport = 0 if n.bulk_off else fport or 0
         if fport != n.fport:
             n.fport = fport
             self._changed()  # the node rebuilds its bulk address maps
+
+    def give_up_bulk(self, addr: Addr, now: float) -> bool:
+        """Nothing came from ``addr``'s bulk socket although we asked it for pieces there (a NAT or a
+        firewall in the way): use its main address, and stop announcing our bulk port to it (our next
+        full HELLO goes at once), so it does the same. False if already given up (or not a neighbour)."""
+        n = self.neighbours.get(addr)
+        if n is None or n.bulk_off:
+            return False
+        n.bulk_off = True
+        n.fport = 0
+        n.next_hello = min(n.next_hello, now)
+        self.counters["bulk_given_up"] += 1
+        self._changed()
+        return True
 
     def bulk_ports(self) -> Dict[Addr, int]:
         """Up neighbours that announced a bulk socket: their main address -> its port."""

@@ -62,6 +62,7 @@ RECV_BUFFER_BYTES = 65535  # read every datagram whole, whatever its size
 RCVBUF_WANTED_BYTES = 1 << 20
 DRAIN_BATCH = 256  # datagrams per wake-up before the waker gets a look in
 BULK_SLICE = 16  # bulk datagrams handled between two looks at the main socket: chat waits behind at most these
+BULK_PROOF_S = 5.0  # an FGET to a neighbour's bulk socket and nothing from it for this long: it is given up
 JOIN_TIMEOUT_S = 1.0
 MIN_TIMER_S = 0.005
 DELIVERY_STATS = ("acks_sent", "acks_received", "retries", "delivered", "undelivered", "held", "outbox",
@@ -526,9 +527,9 @@ class Node:
         """Fire the timers that are due; the select() timeout until the next one (None: none)."""
         relay, clock = self.relay, self._clock
         with self._lock:
-            if self._bulk_sock is not None and self.membership.version != self._bulk_version:  # type: ignore
-                self._bulk_maps()
             now = clock()
+            if self._bulk_sock is not None:
+                self._bulk_check(now)
             deadline = relay.next_deadline()
             actions = None
             if deadline is not None and deadline <= now:
@@ -775,11 +776,13 @@ class Node:
         sendto = self._io.sendto
         data = send.data if self._seal is None else self._seal(send.data)  # one seal for all its copies
         bulk = self._bulk_to
-        if bulk and self._file_link.match(send.data) is None:
-            bulk = None
+        link = self._file_link.match(send.data) if bulk else None
+        if link is not None and link.group(1) == b"GET":  # on the main socket; the pieces should come back
+            self._bulk_asked_for(send)                      # to our bulk socket
+            link = None
         for addr in send.addrs:
             try:
-                if bulk and addr in bulk:  # a file link datagram to a neighbour with a bulk socket
+                if link is not None and addr in bulk:  # a piece, to a neighbour with a bulk socket
                     self._bulk_sock.sendto(data, bulk[addr])  # type: ignore[union-attr]
                     self.bulk_counts["bulk_sent"] += 1
                     continue
@@ -793,16 +796,20 @@ class Node:
     # -- the bulk socket: file link datagrams in a kernel queue of their own, so chat never waits behind them --
 
     def _bulk_setup(self, files: Optional[FileSharing]) -> None:
-        """With file sharing: a second socket (same host, an ephemeral port) for FGET, FDATA and FHAVE,
-        announced in our full HELLOs (``fport``). If it cannot be opened, everything goes on the main
-        socket, as with an older neighbour."""
+        """With file sharing: a second socket (same host, an ephemeral port) for the pieces (FDATA),
+        announced in our full HELLOs (``fport``). FGET and FHAVE are few and small: they stay on the main
+        socket, which also lets an asker notice pieces that never reach its bulk socket. If it cannot be
+        opened, everything goes on the main socket, as with an older neighbour."""
         self._bulk_sock: Optional[socket.socket] = None
         self._bulk_to: Dict[Addr, Addr] = {}  # a neighbour's main address -> its bulk address
         self._bulk_from: Dict[Addr, Addr] = {}  # and back: whom a datagram on our bulk socket is from
         self._bulk_version = -1
+        self._bulk_asked: Dict[Addr, float] = {}  # neighbour -> when we first asked its bulk socket for pieces
+        self._bulk_proved: Set[Addr] = set()  # neighbours whose pieces came to our bulk socket
+        self.bulk_proof_s = BULK_PROOF_S
         self.bulk_counts = {"bulk_sent": 0, "bulk_received": 0, "bulk_dropped_stranger": 0}
-        # Our own file link datagrams, as files.py encodes them (one hop, from us, to nobody in particular).
-        self._file_link = re.compile(rb'\{"mid":"[^"\\]{1,64}","ts":[-+.0-9eE]{1,40},"ttl":1,"kind":"F(?:GET|DATA|HAVE)",'
+        # Our own FDATA and FGET, as files.py encodes them (one hop, from us, to nobody in particular).
+        self._file_link = re.compile(rb'\{"mid":"[^"\\]{1,64}","ts":[-+.0-9eE]{1,40},"ttl":1,"kind":"F(GET|DATA)",'
                                      rb'"src":"%s","dst":""' % re.escape(self.label.encode("utf-8")))
         if files is None or not files.bulk or self.membership is None or self.files is None:
             return
@@ -821,6 +828,31 @@ class Node:
         self.membership.config = replace(self.membership.config, fport=self.bulk_addr[1])
         self._selector.register(sock, selectors.EVENT_READ, self._bulk_ready)
 
+    def _bulk_asked_for(self, send: Send) -> None:
+        """An FGET (for pieces, not for an offer) to neighbours with a bulk socket: their pieces should
+        come to ours; if none does within ``bulk_proof_s``, _bulk_check gives their bulk socket up."""
+        if b'"offer":true' in send.data:
+            return
+        for addr in send.addrs:
+            if addr in self._bulk_to and addr not in self._bulk_proved:
+                self._bulk_asked.setdefault(addr, self._clock())
+
+    def _bulk_check(self, now: float) -> None:
+        """Under the lock, on every wake-up: the maps follow membership, and a neighbour asked on its bulk
+        socket that has sent nothing there for ``bulk_proof_s`` is given up (both sides go back to the
+        main sockets: membership.give_up_bulk)."""
+        m = self.membership
+        assert m is not None
+        for addr, asked in list(self._bulk_asked.items()):
+            if addr in self._bulk_proved or addr not in self._bulk_to:
+                del self._bulk_asked[addr]
+            elif now - asked >= self.bulk_proof_s:
+                del self._bulk_asked[addr]
+                if m.give_up_bulk(addr, now):
+                    log.info("nothing from %s:%s's bulk socket: its files go on its main address", *addr)
+        if m.version != self._bulk_version:
+            self._bulk_maps()
+
     def _bulk_maps(self) -> None:
         """Under the lock, when membership changed: where our neighbours' bulk sockets are. A bulk address
         two neighbours claim, or that is some neighbour's main address, is nobody's (a neighbour must not
@@ -833,6 +865,7 @@ class Node:
         to = {mains[0]: b for b, mains in claims.items() if len(mains) == 1 and b not in m.neighbours}
         self._bulk_to = to
         self._bulk_from = {b: a for a, b in to.items()}
+        self._bulk_proved &= set(to)  # bounded by the neighbours
         self._bulk_version = m.version
 
     def _bulk_ready(self) -> None:
@@ -870,6 +903,8 @@ class Node:
                     before = _counts(relay.counters)
                     try:
                         actions = relay.bulk_received(data, addr, clock(), wall())
+                        if relay.bulk_kind == "FDATA" and addr not in self._bulk_proved:
+                            self._bulk_proved.add(addr)  # a piece came back: its bulk path works both ways
                     except Exception as e:  # one datagram must never stop the socket thread
                         self._count_internal_drop(before)
                         failed = e

@@ -221,6 +221,7 @@ class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
         self.files = files if membership is not None else None
         self._file_data = new_bucket(FILE_DATA_PER_S, 0.1)
         self._bulk = False  # the datagram being handled came on our bulk socket (bulk_received)
+        self.bulk_kind = ""  # the kind bulk_received last took ("": it took none)
         if self.files is not None:
             f = self.files
             self._link_kinds.update(FGET=f.get_received, FDATA=f.data_received, FHAVE=f.have_received)
@@ -306,6 +307,7 @@ class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
         handled as if it came from there (rate limits, unsealing, caps, tracing), but only file link
         kinds are taken from it; anything else is dropped (chat has the main socket)."""
         self._bulk = True
+        self.bulk_kind = ""
         try:
             return self.datagram_received(data, addr, now, wall)
         finally:
@@ -368,9 +370,11 @@ class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
         if chunk and kind != "FDATA":
             c.dropped_rate += 1  # claimed to be a chunk to jump the queue
             return []
-        if self._bulk and kind not in FILE_LINK_KINDS:
-            c.dropped_bulk_kind += 1
-            return []
+        if self._bulk:
+            if kind not in FILE_LINK_KINDS:
+                c.dropped_bulk_kind += 1
+                return []
+            self.bulk_kind = kind
         if kind in self._link_kinds:
             c.link_received += 1
             return self._link_local(msg, addr, len(data), now, wall)

@@ -69,6 +69,18 @@ def test_only_neighbours_that_are_up_have_a_bulk_port():
     assert not net.ms[1].neighbours[addr(2)].up and net.ms[1].bulk_ports() == {}
 
 
+def test_a_bulk_path_given_up_is_given_up_on_both_sides():
+    net = Net(2, configured=[(1, 2), (2, 1)], fport=4242)
+    net.advance(1.0)
+    m1, m2 = net.ms[1], net.ms[2]
+    assert m1.give_up_bulk(addr(2), net.now) and not m1.give_up_bulk(addr(2), net.now)
+    assert m1.bulk_ports() == {} and m1.counters["bulk_given_up"] == 1
+    net.advance(1.0)  # 1's next full HELLO to 2 goes at once, without fport
+    assert m2.bulk_ports() == {}
+    m1.hello_received(full_hello(fport=4242), addr(2), 100, net.now, WALL)
+    assert m1.bulk_ports() == {}  # 2 still announcing it changes nothing: not for this neighbour
+
+
 # -- the drain policy, with fake sockets ----------------------------------------------------------
 
 class FakeSockets:
@@ -183,9 +195,9 @@ def test_a_file_between_two_nodes_goes_over_their_bulk_sockets(pair, tmp_path):
     b.next(FileDone)
     sa, sb = a.node.stats(), b.node.stats()
     assert sb["bulk_received"] >= size // CHUNK_BYTES and sa["bulk_sent"] >= size // CHUNK_BYTES  # every chunk
-    assert sa["bulk_received"] > 0 and sb["bulk_sent"] > 0  # the requests too
+    assert sa["bulk_received"] == 0 and sb["bulk_sent"] == 0  # requests and FHAVEs: few, on the main sockets
     for s in (sa, sb):
-        assert s["bulk_dropped_stranger"] == 0 and s["dropped_bulk_kind"] == 0
+        assert s["bulk_dropped_stranger"] == 0 and s["dropped_bulk_kind"] == 0 and s["bulk_given_up"] == 0
         assert s["handled"] + sum(v for k, v in s.items() if k.startswith("dropped_")) == s["received"]
 
 
@@ -214,3 +226,39 @@ def test_an_older_neighbour_without_a_bulk_socket_still_gets_files_on_the_main_s
     for n in (a, b):
         s = n.node.stats()
         assert s["bulk_sent"] == 0 and s["bulk_received"] == 0
+
+
+def test_a_bulk_path_that_does_not_work_is_given_up_and_the_file_still_comes(tmp_path):
+    """b hears nothing on its bulk socket (as behind a NAT that changes ports, or a firewall): its
+    requests get no piece back there, so it gives a's bulk socket up and tells a (no fport in its
+    HELLOs to a): the pieces come to b's main socket."""
+    a = BulkNode(tmp_path / "a")
+    b_node = Node(RelayConfig(label=""), "127.0.0.1", 0, [a.node.addr], on_event=queue.Queue().put,
+                  membership=FAST, history=MEMORY, files=FileSharing(str(tmp_path / "b"), 16 << 20, 1 << 30))
+    b = BulkNode.__new__(BulkNode)
+    b.events, b.folder, b.seen, b.node = queue.Queue(), tmp_path / "b", [], b_node
+    b_node._on_event = b.events.put
+    maps = b_node._bulk_maps
+
+    def deaf() -> None:  # every datagram on b's bulk socket is from a stranger
+        maps()
+        b_node._bulk_from = {}
+
+    b_node._bulk_maps = deaf
+    b_node.bulk_proof_s = 0.5
+    b_node.start()
+    try:
+        a.next(PeerUp)
+        b.next(PeerUp)
+        data = a_file(tmp_path / "f.bin", 40 * CHUNK_BYTES)
+        assert a.node.send_file(str(tmp_path / "f.bin")) == ""
+        done = b.next(FileDone)
+        assert Path(done.path).read_bytes() == data
+        sb = b.node.stats()
+        assert sb["bulk_given_up"] == 1 and sb["bulk_dropped_stranger"] > 0
+        assert b.node.membership.bulk_ports() == {}
+        assert a.node.stats()["bulk_sent"] > 0  # it did try
+        assert a.node.membership.neighbours[b.node.addr].fport == 0  # b's HELLOs no longer announce it
+    finally:
+        b.stop()
+        a.stop()
