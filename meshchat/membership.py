@@ -160,7 +160,7 @@ class MembershipConfig:
     caps: Tuple[str, ...] = CAPS  # what we say we speak (the delivery layer adds its own)
     announce: Tuple[Tuple[str, Any], ...] = ()  # more fields for our PRESENCE (our box key, signed with it)
     key: str = ""  # our identity key (secure extra): in our full HELLOs, so neighbours learn it at once
-    fport: int = 0  # our bulk socket's port (file link datagrams, node.py), in our full HELLOs; 0: none
+    fport: int = 0  # our bulk socket's port (file pieces come there, node.py), in our full HELLOs; 0: none
 
 
 def valid_nick(text: object) -> bool:
@@ -209,7 +209,7 @@ class Neighbour:
         self.untold = False  # up, but its PeerUp waits for a HELLO that says its nick (at most ANNOUNCE_WAIT_S)
         self.probe_due = 0.0  # suspected (its HELLO overdue): the next ask not before this
         self.key = ""  # its identity key, from its HELLOs (told in /peers; pinned only from signed messages)
-        self.fport = 0  # the port of its bulk socket, from its full HELLOs (0: none, send it all to addr)
+        self.fport = 0  # the port of its bulk socket, from its full HELLOs (0: none: its pieces go to addr)
         self.bulk_off = False  # the bulk path to or from it does not work: neither side uses it (give_up_bulk)
 
     def down_at(self) -> float:
@@ -603,9 +603,9 @@ class Membership:
             self._changed()  # the node rebuilds its bulk address maps
 
     def give_up_bulk(self, addr: Addr, now: float) -> bool:
-        """Nothing came from ``addr``'s bulk socket although we asked it for pieces there (a NAT or a
-        firewall in the way): use its main address, and stop announcing our bulk port to it (our next
-        full HELLO goes at once), so it does the same. False if already given up (or not a neighbour)."""
+        """We asked ``addr`` for pieces and none came to our bulk socket (a NAT or a firewall in the way):
+        its pieces go to its main address, and our full HELLOs to it stop announcing our bulk port (the
+        next goes at once), so it sends ours to our main address. False if already given up (or unknown)."""
         n = self.neighbours.get(addr)
         if n is None or n.bulk_off:
             return False

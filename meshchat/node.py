@@ -7,6 +7,8 @@ Threads:
   Whatever one datagram makes raise is contained to it: the datagram is
   counted as ``dropped_internal``, logged once per cause, and the thread
   goes on (the last line of defence: validation should have caught it).
+  With file sharing, pieces come to a second socket (the bulk socket), read
+  in slices with the main socket drained first (``serve_bulk``).
 - ``meshchat-reaper`` expires old ids every ``REAP_INTERVAL_S``.
 - ``meshchat-metrics`` (only with ``metrics``): serves GET /metrics, reading
   snapshots taken under the lock like the caller's thread does (metrics.py).
@@ -62,7 +64,7 @@ RECV_BUFFER_BYTES = 65535  # read every datagram whole, whatever its size
 RCVBUF_WANTED_BYTES = 1 << 20
 DRAIN_BATCH = 256  # datagrams per wake-up before the waker gets a look in
 BULK_SLICE = 16  # bulk datagrams handled between two looks at the main socket: chat waits behind at most these
-BULK_PROOF_S = 5.0  # an FGET to a neighbour's bulk socket and nothing from it for this long: it is given up
+BULK_PROOF_S = 5.0  # pieces asked of a neighbour, none on our bulk socket for this long: that path is given up
 JOIN_TIMEOUT_S = 1.0
 MIN_TIMER_S = 0.005
 DELIVERY_STATS = ("acks_sent", "acks_received", "retries", "delivered", "undelivered", "held", "outbox",
@@ -111,7 +113,7 @@ class FileSharing(NamedTuple):
     downloads: Optional[str] = None  # None: "downloads" in the node's data folder
     accept_bytes: int = 16 << 20  # offers up to this from verified senders are fetched at once; 0: always ask
     quota_bytes: int = 1 << 30
-    bulk: bool = True  # file link datagrams on a second socket of their own (False: all on one, as older nodes)
+    bulk: bool = True  # file pieces come to a second socket of their own (False: all on one, as older nodes)
 
 
 class _Batch(NamedTuple):
@@ -793,7 +795,7 @@ class Node:
                 with self._lock:
                     self.relay.counters.send_errors += 1
 
-    # -- the bulk socket: file link datagrams in a kernel queue of their own, so chat never waits behind them --
+    # -- the bulk socket: file pieces in a kernel queue of their own, so chat never waits behind them --------
 
     def _bulk_setup(self, files: Optional[FileSharing]) -> None:
         """With file sharing: a second socket (same host, an ephemeral port) for the pieces (FDATA),
@@ -838,9 +840,9 @@ class Node:
                 self._bulk_asked.setdefault(addr, self._clock())
 
     def _bulk_check(self, now: float) -> None:
-        """Under the lock, on every wake-up: the maps follow membership, and a neighbour asked on its bulk
-        socket that has sent nothing there for ``bulk_proof_s`` is given up (both sides go back to the
-        main sockets: membership.give_up_bulk)."""
+        """Under the lock, on every wake-up: the maps follow membership, and a neighbour we asked for
+        pieces that sent none to our bulk socket for ``bulk_proof_s`` is given up (both sides go back to
+        the main sockets: membership.give_up_bulk)."""
         m = self.membership
         assert m is not None
         for addr, asked in list(self._bulk_asked.items()):

@@ -99,7 +99,7 @@ COUNTERS = (
     "dropped_no_route",  # a traceroute answer with no way back
     "dropped_internal",  # handling it raised: a bug, contained to that datagram by the node
     "dropped_unauthenticated",  # a closed mesh: not sealed under our network key (an outsider's)
-    "dropped_bulk_kind",  # came on our bulk socket (node.py) but is not a file link datagram
+    "dropped_bulk_kind",  # came on our bulk socket (node.py) but is not FGET, FDATA or FHAVE
     "received_plaintext",  # --network-key-optional: let in unsealed (also counted as received)
     "plaintext_withheld",  # sends a plaintext datagram led to, not made (nothing answers an outsider)
     "sent",
