@@ -160,6 +160,7 @@ class MembershipConfig:
     caps: Tuple[str, ...] = CAPS  # what we say we speak (the delivery layer adds its own)
     announce: Tuple[Tuple[str, Any], ...] = ()  # more fields for our PRESENCE (our box key, signed with it)
     key: str = ""  # our identity key (secure extra): in our full HELLOs, so neighbours learn it at once
+    fport: int = 0  # our bulk socket's port (file pieces come there, node.py), in our full HELLOs; 0: none
 
 
 def valid_nick(text: object) -> bool:
@@ -180,7 +181,8 @@ def display_name(label: str, nick: str) -> str:
 class Neighbour:
     __slots__ = ("addr", "configured", "speaks", "up", "label", "nick", "caps", "last_heard", "since",
                  "interval", "next_hello", "peer_ivl", "seq_out", "sent", "their_tok", "rx_seq",
-                 "rx_expected", "rx_got", "srtt_ms", "rx_at", "answered_at", "untold", "probe_due", "key")
+                 "rx_expected", "rx_got", "srtt_ms", "rx_at", "answered_at", "untold", "probe_due", "key",
+                 "fport", "bulk_off")
 
     def __init__(self, addr: Addr, configured: bool, now: float) -> None:
         self.addr = addr
@@ -207,6 +209,8 @@ class Neighbour:
         self.untold = False  # up, but its PeerUp waits for a HELLO that says its nick (at most ANNOUNCE_WAIT_S)
         self.probe_due = 0.0  # suspected (its HELLO overdue): the next ask not before this
         self.key = ""  # its identity key, from its HELLOs (told in /peers; pinned only from signed messages)
+        self.fport = 0  # the port of its bulk socket, from its full HELLOs (0: none: its pieces go to addr)
+        self.bulk_off = False  # the bulk path to or from it does not work: neither side uses it (give_up_bulk)
 
     def down_at(self) -> float:
         assert self.last_heard is not None
@@ -281,6 +285,7 @@ class Hello(NamedTuple):
     nick: str
     caps: frozenset
     key: str  # its identity key as it travels (secure extra), or ""
+    fport: Optional[int]  # its bulk socket's port; None if absent, 0 if present but not a port
 
 
 _KEY_TEXT = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 bytes, urlsafe base64 without padding (crypto.py)
@@ -338,6 +343,7 @@ def parse_hello(msg: Message) -> Hello:
         nick=nick if valid_nick(nick) else "",
         caps=capset,
         key=key if isinstance(key, str) and _KEY_TEXT.fullmatch(key) else "",
+        fport=None if "fport" not in x else (_int(x["fport"], 1, 65535) or 0),
     )
 
 
@@ -360,7 +366,7 @@ class Membership:
         self.members: Dict[str, Member] = {}
         self._challenged: Dict[Addr, List[float]] = {}  # unproven address -> [window start, HELLOs sent]
         self._budget = new_bucket(CHALLENGE_BUDGET_PER_S)  # HELLOs to unproven addresses, all together
-        self.version = 0  # bumped whenever the flood targets change
+        self.version = 0  # bumped whenever the flood targets (or a bulk port) change
         self._flood: Tuple[Addr, ...] = ()
         self._flood_ext: Tuple[Addr, ...] = ()
         self.addr_by_label: Dict[str, Addr] = {}
@@ -372,7 +378,8 @@ class Membership:
         self._went_down: Dict[Addr, float] = {}  # when each neighbour last went down: a quick return is a flap
         self._beacons = 0
         self.counters = {"hello_sent": 0, "hello_received": 0, "challenges": 0, "peer_up": 0, "peer_down": 0,
-                         "suspect_probes": 0}
+                         "suspect_probes": 0, "fport_invalid": 0,
+                         "bulk_given_up": 0}
         for addr in configured:
             self.add_configured(addr, 0.0)
 
@@ -446,6 +453,8 @@ class Membership:
             extra["caps"] = list(self.config.caps)
             if self.config.key:
                 extra["key"] = self.config.key
+            if self.config.fport and not (n is not None and n.bulk_off):
+                extra["fport"] = self.config.fport
             if self.nick:
                 extra["nick"] = self.nick
             if n is not None:
@@ -552,6 +561,7 @@ class Membership:
             n.nick = h.nick
         if h.caps:
             n.caps = h.caps
+            self._bulk_port(n, h.fport)
         if h.key:
             n.key = h.key
         if not n.speaks:
@@ -581,6 +591,34 @@ class Membership:
         if msg.src and n.up:
             self._learn_member(msg.src, n.nick or None, 1, addr, now, n.caps or None)
         return actions, ""
+
+    def _bulk_port(self, n: Neighbour, fport: Optional[int]) -> None:
+        """A full HELLO says where its bulk socket is, or (no field: an older node) that it has none.
+        A bad value is dropped (counted): its files then come to its main address, as to an older node."""
+        if fport == 0:
+            self.counters["fport_invalid"] += 1
+        fport = 0 if n.bulk_off else fport or 0
+        if fport != n.fport:
+            n.fport = fport
+            self._changed()  # the node rebuilds its bulk address maps
+
+    def give_up_bulk(self, addr: Addr, now: float) -> bool:
+        """We asked ``addr`` for pieces and none came to our bulk socket (a NAT or a firewall in the way):
+        its pieces go to its main address, and our full HELLOs to it stop announcing our bulk port (the
+        next goes at once), so it sends ours to our main address. False if already given up (or unknown)."""
+        n = self.neighbours.get(addr)
+        if n is None or n.bulk_off:
+            return False
+        n.bulk_off = True
+        n.fport = 0
+        n.next_hello = min(n.next_hello, now)
+        self.counters["bulk_given_up"] += 1
+        self._changed()
+        return True
+
+    def bulk_ports(self) -> Dict[Addr, int]:
+        """Up neighbours that announced a bulk socket: their main address -> its port."""
+        return {n.addr: n.fport for n in self.neighbours.values() if n.up and n.fport}
 
     def _refused(self, addr: Addr, now: float) -> list:
         if self._full_told is not None and now - self._full_told < FULL_NOTICE_S:

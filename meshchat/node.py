@@ -7,6 +7,8 @@ Threads:
   Whatever one datagram makes raise is contained to it: the datagram is
   counted as ``dropped_internal``, logged once per cause, and the thread
   goes on (the last line of defence: validation should have caught it).
+  With file sharing, pieces come to a second socket (the bulk socket), read
+  in slices with the main socket drained first (``serve_bulk``).
 - ``meshchat-reaper`` expires old ids every ``REAP_INTERVAL_S``.
 - ``meshchat-metrics`` (only with ``metrics``): serves GET /metrics, reading
   snapshots taken under the lock like the caller's thread does (metrics.py).
@@ -23,6 +25,7 @@ import logging
 import operator
 import os
 import random
+import re
 import selectors
 import signal
 import socket
@@ -32,7 +35,7 @@ import time
 import traceback
 from dataclasses import replace
 from functools import partial
-from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 from . import crypto
 from .crypto import NetworkKey
@@ -60,6 +63,8 @@ REAP_INTERVAL_S = 5.0
 RECV_BUFFER_BYTES = 65535  # read every datagram whole, whatever its size
 RCVBUF_WANTED_BYTES = 1 << 20
 DRAIN_BATCH = 256  # datagrams per wake-up before the waker gets a look in
+BULK_SLICE = 16  # bulk datagrams handled between two looks at the main socket: chat waits behind at most these
+BULK_PROOF_S = 5.0  # pieces asked of a neighbour, none on our bulk socket for this long: that path is given up
 JOIN_TIMEOUT_S = 1.0
 MIN_TIMER_S = 0.005
 DELIVERY_STATS = ("acks_sent", "acks_received", "retries", "delivered", "undelivered", "held", "outbox",
@@ -108,12 +113,30 @@ class FileSharing(NamedTuple):
     downloads: Optional[str] = None  # None: "downloads" in the node's data folder
     accept_bytes: int = 16 << 20  # offers up to this from verified senders are fetched at once; 0: always ask
     quota_bytes: int = 1 << 30
+    bulk: bool = True  # file pieces come to a second socket of their own (False: all on one, as older nodes)
 
 
 class _Batch(NamedTuple):
     """What one drain of the socket gives: events to show, and the messages among them to save first."""
     events: List[object]
     saves: list
+
+
+def serve_bulk(main_waiting: Callable[[], bool], drain_main: Callable[[], None], drain_bulk: Callable[[int], int],
+               slice_n: int = BULK_SLICE, budget: int = DRAIN_BATCH) -> int:
+    """The bulk socket's turn, the main socket first: before each slice of at most ``slice_n`` bulk
+    datagrams, whatever waits on the main socket is drained, so a chat line waits behind one slice at
+    most, never behind a window of chunks. Stops when the bulk socket is empty (``drain_bulk`` got fewer
+    than it was allowed) or after ``budget`` (the timers and the waker get their look). How many it took."""
+    taken = 0
+    while taken < budget:
+        if main_waiting():
+            drain_main()
+        n = drain_bulk(min(slice_n, budget - taken))
+        taken += n
+        if n < slice_n:
+            break
+    return taken
 
 
 class Failure(NamedTuple):
@@ -301,6 +324,7 @@ class Node:
         self._more.register(self._sock, selectors.EVENT_READ)
         if self._group_sock is not None:
             self._selector.register(self._group_sock, selectors.EVENT_READ, self._beacons_ready)
+        self._bulk_setup(files)
         self._closed = False
         self._causes_logged: Set[Tuple[str, str, int]] = set()
         self.metrics: Optional[MetricsServer] = None
@@ -465,7 +489,7 @@ class Node:
             self._closed = True
         self._selector.close()
         self._more.close()
-        for s in (self._sock, self._waker_r, self._waker_w, self._group_sock):
+        for s in (self._sock, self._waker_r, self._waker_w, self._group_sock, self._bulk_sock):
             if s is not None:
                 s.close()
         if self.metrics is not None:
@@ -507,6 +531,8 @@ class Node:
         relay, clock = self.relay, self._clock
         with self._lock:
             now = clock()
+            if self._bulk_sock is not None:
+                self._bulk_check(now)
             deadline = relay.next_deadline()
             actions = None
             if deadline is not None and deadline <= now:
@@ -752,14 +778,150 @@ class Node:
     def _send(self, send: Send) -> None:
         sendto = self._io.sendto
         data = send.data if self._seal is None else self._seal(send.data)  # one seal for all its copies
+        bulk = self._bulk_to
+        link = self._file_link.match(send.data) if bulk else None
+        if link is not None and link.group(1) == b"GET":  # on the main socket; the pieces should come back
+            self._bulk_asked_for(send)                      # to our bulk socket
+            link = None
         for addr in send.addrs:
             try:
+                if link is not None and addr in bulk:  # a piece, to a neighbour with a bulk socket
+                    self._bulk_sock.sendto(data, bulk[addr])  # type: ignore[union-attr]
+                    self.bulk_counts["bulk_sent"] += 1
+                    continue
                 sendto(data, addr)
             except OSError as e:
                 # One unreachable or slow peer must not stop the others.
                 log.debug("send to %s:%s failed: %s", addr[0], addr[1], e)
                 with self._lock:
                     self.relay.counters.send_errors += 1
+
+    # -- the bulk socket: file pieces in a kernel queue of their own, so chat never waits behind them --------
+
+    def _bulk_setup(self, files: Optional[FileSharing]) -> None:
+        """With file sharing: a second socket (same host, an ephemeral port) for the pieces (FDATA),
+        announced in our full HELLOs (``fport``). FGET and FHAVE are few and small: they stay on the main
+        socket, which also lets an asker notice pieces that never reach its bulk socket. If it cannot be
+        opened, everything goes on the main socket, as with an older neighbour."""
+        self._bulk_sock: Optional[socket.socket] = None
+        self._bulk_to: Dict[Addr, Addr] = {}  # a neighbour's main address -> its bulk address
+        self._bulk_from: Dict[Addr, Addr] = {}  # and back: whom a datagram on our bulk socket is from
+        self._bulk_version = -1
+        self._bulk_asked: Dict[Addr, float] = {}  # neighbour -> when we first asked its bulk socket for pieces
+        self._bulk_proved: Set[Addr] = set()  # neighbours whose pieces came to our bulk socket
+        self.bulk_proof_s = BULK_PROOF_S
+        self.bulk_counts = {"bulk_sent": 0, "bulk_received": 0, "bulk_dropped_stranger": 0}
+        # Our own FDATA and FGET, as files.py encodes them (one hop, from us, to nobody in particular).
+        self._file_link = re.compile(rb'\{"mid":"[^"\\]{1,64}","ts":[-+.0-9eE]{1,40},"ttl":1,"kind":"F(GET|DATA)",'
+                                     rb'"src":"%s","dst":""' % re.escape(self.label.encode("utf-8")))
+        if files is None or not files.bulk or self.membership is None or self.files is None:
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((self.addr[0], 0))
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_WANTED_BYTES)
+            _quiet_windows_resets(sock)
+        except OSError as e:
+            sock.close()
+            log.warning("no bulk socket (%s): file transfers share the chat socket", e)
+            return
+        self._bulk_sock = sock
+        self.bulk_addr: Addr = (self.addr[0], sock.getsockname()[1])
+        self.membership.config = replace(self.membership.config, fport=self.bulk_addr[1])
+        self._selector.register(sock, selectors.EVENT_READ, self._bulk_ready)
+
+    def _bulk_asked_for(self, send: Send) -> None:
+        """An FGET (for pieces, not for an offer) to neighbours with a bulk socket: their pieces should
+        come to ours; if none does within ``bulk_proof_s``, _bulk_check gives their bulk socket up."""
+        if b'"offer":true' in send.data:
+            return
+        for addr in send.addrs:
+            if addr in self._bulk_to and addr not in self._bulk_proved:
+                self._bulk_asked.setdefault(addr, self._clock())
+
+    def _bulk_check(self, now: float) -> None:
+        """Under the lock, on every wake-up: the maps follow membership, and a neighbour we asked for
+        pieces that sent none to our bulk socket for ``bulk_proof_s`` is given up (both sides go back to
+        the main sockets: membership.give_up_bulk)."""
+        m = self.membership
+        assert m is not None
+        for addr, asked in list(self._bulk_asked.items()):
+            if addr in self._bulk_proved or addr not in self._bulk_to:
+                del self._bulk_asked[addr]
+            elif now - asked >= self.bulk_proof_s:
+                del self._bulk_asked[addr]
+                if m.give_up_bulk(addr, now):
+                    log.info("nothing from %s:%s's bulk socket: its files go on its main address", *addr)
+        if m.version != self._bulk_version:
+            self._bulk_maps()
+
+    def _bulk_maps(self) -> None:
+        """Under the lock, when membership changed: where our neighbours' bulk sockets are. A bulk address
+        two neighbours claim, or that is some neighbour's main address, is nobody's (a neighbour must not
+        pass its datagrams off as another's)."""
+        m = self.membership
+        assert m is not None
+        claims: Dict[Addr, List[Addr]] = {}
+        for addr, port in m.bulk_ports().items():
+            claims.setdefault((addr[0], port), []).append(addr)
+        to = {mains[0]: b for b, mains in claims.items() if len(mains) == 1 and b not in m.neighbours}
+        self._bulk_to = to
+        self._bulk_from = {b: a for a, b in to.items()}
+        self._bulk_proved &= set(to)  # bounded by the neighbours
+        self._bulk_version = m.version
+
+    def _bulk_ready(self) -> None:
+        serve_bulk(lambda: bool(self._more.select(0)), self._datagrams_ready, self._drain_bulk)
+
+    def _drain_bulk(self, limit: int) -> int:
+        """Up to ``limit`` datagrams off the bulk socket; how many (fewer: it is empty). Each is taken only
+        from a neighbour's announced bulk address, and handed to the relay as from its main address."""
+        assert self._bulk_sock is not None
+        recvfrom = self._bulk_sock.recvfrom
+        relay, lock, clock, wall = self.relay, self._lock, self._clock, self._wall
+        counts = self.bulk_counts
+        batch = _Batch([], []) if self._on_events is not None else None
+        n = 0
+        try:
+            while n < limit:
+                try:
+                    data, src = recvfrom(RECV_BUFFER_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:  # Windows reports an ICMP error from an earlier send here
+                    log.debug("bulk recvfrom failed: %s", e)
+                    with lock:
+                        relay.counters.recv_errors += 1
+                    n += 1
+                    continue
+                n += 1
+                addr = self._bulk_from.get(src)
+                if addr is None:
+                    counts["bulk_dropped_stranger"] += 1
+                    continue
+                counts["bulk_received"] += 1
+                failed = None
+                with lock:
+                    before = _counts(relay.counters)
+                    try:
+                        actions = relay.bulk_received(data, addr, clock(), wall())
+                        if relay.bulk_kind == "FDATA" and addr not in self._bulk_proved:
+                            self._bulk_proved.add(addr)  # a piece came back: its bulk path works both ways
+                    except Exception as e:  # one datagram must never stop the socket thread
+                        self._count_internal_drop(before)
+                        failed = e
+                if failed is not None:
+                    self._log_internal(data, failed, "dropped")
+                    continue
+                try:
+                    self._act(actions, batch)
+                except Exception as e:  # counted as handled: the relay did decide
+                    self._log_internal(data, e, "handled, but handing on one of its actions failed")
+        finally:
+            if batch is not None and batch.events:
+                self._hand_over(batch)
+        return n
 
     # -- the caller's side -------------------------------------------------------
 
@@ -913,6 +1075,7 @@ class Node:
             out["history_written"], out["history_dropped"] = st["store_written"], st["store_dropped"]
             out["history_commits"] = st["store_commits"]
         out["rcvbuf_bytes"] = self.rcvbuf_bytes
+        out.update(self.bulk_counts)
         return out
 
     def peer_table(self) -> list:

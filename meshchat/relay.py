@@ -99,6 +99,7 @@ COUNTERS = (
     "dropped_no_route",  # a traceroute answer with no way back
     "dropped_internal",  # handling it raised: a bug, contained to that datagram by the node
     "dropped_unauthenticated",  # a closed mesh: not sealed under our network key (an outsider's)
+    "dropped_bulk_kind",  # came on our bulk socket (node.py) but is not FGET, FDATA or FHAVE
     "received_plaintext",  # --network-key-optional: let in unsealed (also counted as received)
     "plaintext_withheld",  # sends a plaintext datagram led to, not made (nothing answers an outsider)
     "sent",
@@ -219,6 +220,8 @@ class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
         # File sharing (files.py): FOFFER floods like a CHAT; FGET, FDATA and FHAVE go one hop.
         self.files = files if membership is not None else None
         self._file_data = new_bucket(FILE_DATA_PER_S, 0.1)
+        self._bulk = False  # the datagram being handled came on our bulk socket (bulk_received)
+        self.bulk_kind = ""  # the kind bulk_received last took ("": it took none)
         if self.files is not None:
             f = self.files
             self._link_kinds.update(FGET=f.get_received, FDATA=f.data_received, FHAVE=f.have_received)
@@ -299,6 +302,17 @@ class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
                 actions[i] = a._replace(sealed=True)
         return actions
 
+    def bulk_received(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
+        """A datagram from a neighbour's bulk socket (node.py), ``addr`` that neighbour's main address:
+        handled as if it came from there (rate limits, unsealing, caps, tracing), but only file link
+        kinds are taken from it; anything else is dropped (chat has the main socket)."""
+        self._bulk = True
+        self.bulk_kind = ""
+        try:
+            return self.datagram_received(data, addr, now, wall)
+        finally:
+            self._bulk = False
+
     def _opened(self, data: bytes, addr: Addr, now: float, wall: float) -> list:
         m = self.membership
         if m is None or addr not in m.neighbours:
@@ -356,6 +370,11 @@ class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
         if chunk and kind != "FDATA":
             c.dropped_rate += 1  # claimed to be a chunk to jump the queue
             return []
+        if self._bulk:
+            if kind not in FILE_LINK_KINDS:
+                c.dropped_bulk_kind += 1
+                return []
+            self.bulk_kind = kind
         if kind in self._link_kinds:
             c.link_received += 1
             return self._link_local(msg, addr, len(data), now, wall)

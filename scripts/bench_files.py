@@ -149,6 +149,9 @@ def bench_line(b, cfg: dict, fleet, folder: str, seed: int) -> dict:
                "chat_busy_sent": probing["k"], "chat_busy_received": len(busy)}
         if idle and busy:
             out["chat_p99_ratio"] = out["chat_busy"]["p99_ms"] / max(out["chat_idle"]["p99_ms"], 1e-3)
+        # Which share of all datagrams went between bulk sockets (file link datagrams, node.py).
+        counts = stats_sum(b, fleet, nodes, ("sent", "bulk_sent"))
+        out["bulk_share"] = counts["bulk_sent"] / max(counts["sent"], 1)
         return out
     finally:
         fleet.stop(nodes)
@@ -258,9 +261,10 @@ def report(r: dict, fmt, table) -> List[str]:
     elif x:
         idle, busy = x.get("chat_idle") or {}, x.get("chat_busy") or {}
         lines.append(table(("4-node line", "MiB", "seconds", "MiB/s (target >= 2)", "chat p99 idle ms",
-                            "chat p99 during ms", "ratio"),
+                            "chat p99 during ms", "ratio", "on bulk sockets"),
                            [("end to end", fmt(x["bytes"] / (1 << 20), 1), fmt(x["seconds"]), fmt(x["mib_per_s"]),
-                             fmt(idle.get("p99_ms")), fmt(busy.get("p99_ms")), fmt(x.get("chat_p99_ratio")))]))
+                             fmt(idle.get("p99_ms")), fmt(busy.get("p99_ms")), fmt(x.get("chat_p99_ratio")),
+                             fmt(x.get("bulk_share")))]))
     x = r.get("mesh", {})
     if "error" in x:
         lines.append(f"  mesh: {x['error']}")

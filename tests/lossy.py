@@ -46,6 +46,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 # One-hop chatter of membership, repair and lazy push: HELLO, WANT, HAVE, SINCE, IHAVE, GRAFT, PRUNE
 # (nodes count it as link_*).
 _LINK_KINDS = re.compile(rb'"kind":"(?:HELLO|WANT|HAVE|SINCE|IHAVE|GRAFT|PRUNE)"')
+# A node's bulk socket (file link datagrams, node.py), as its full HELLOs announce it.
+_FPORT = re.compile(rb'"fport":([0-9]{1,5})')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 20.0
@@ -114,17 +116,23 @@ class LinkSpec:
 
 
 class _End:
-    """One proxy socket: what it receives from node ``src`` goes to node ``dst`` from ``out``."""
+    """One proxy socket: what it receives from node ``src`` goes to node ``dst`` from ``out``.
 
-    __slots__ = ("sock", "src", "dst", "out", "spec", "held")
+    Each link has two more for the nodes' bulk sockets (``bulk``): a HELLO from ``src`` that
+    announces its bulk port (``fport``) has it rewritten to ``back_bulk``'s port, the bulk end that
+    ``dst`` sends to for ``src``, so that file chunks cross the same lossy link as the rest."""
 
-    def __init__(self, sock: socket.socket, src: int, dst: int, spec: LinkSpec) -> None:
+    __slots__ = ("sock", "src", "dst", "out", "spec", "held", "bulk", "back_bulk")
+
+    def __init__(self, sock: socket.socket, src: int, dst: int, spec: LinkSpec, bulk: bool = False) -> None:
         self.sock = sock
         self.src = src
         self.dst = dst
         self.out: socket.socket = sock
         self.spec = spec
         self.held: List[list] = []  # [data, done] held back for reordering
+        self.bulk = bulk
+        self.back_bulk: Optional["_End"] = None
 
 
 COUNTS = ("received", "forwarded", "dropped_loss", "dropped_down", "duplicated", "delayed", "reordered",
@@ -149,6 +157,7 @@ class LossyHub:
         self._sel.register(self._waker_r, selectors.EVENT_READ, None)
         self._ends: List[_End] = []
         self._ports: Dict[int, Optional[int]] = {}
+        self._bulk_ports: Dict[int, int] = {}  # node -> its bulk socket's port, from its HELLOs
         self._up: Dict[int, bool] = {}
         self._early: Set[int] = set()  # starting: membership chatter goes to them already
         self.in_from: Dict[int, int] = {}
@@ -194,10 +203,13 @@ class LossyHub:
         s_ab, s_ba = self._bind(), self._bind()
         ab, ba = _End(s_ab, a, b, spec), _End(s_ba, b, a, spec)
         ab.out, ba.out = s_ba, s_ab
+        bab, bba = _End(self._bind(), a, b, spec, bulk=True), _End(self._bind(), b, a, spec, bulk=True)
+        bab.out, bba.out = bba.sock, bab.sock
+        ab.back_bulk, ba.back_bulk = bba, bab
         with self._lock:
-            self._ends += [ab, ba]
-            self._sel.register(s_ab, selectors.EVENT_READ, ab)
-            self._sel.register(s_ba, selectors.EVENT_READ, ba)
+            self._ends += [ab, ba, bab, bba]
+            for end in (ab, ba, bab, bba):
+                self._sel.register(end.sock, selectors.EVENT_READ, end)
         self._wake()
         return s_ab.getsockname()[1], s_ba.getsockname()[1]
 
@@ -333,6 +345,10 @@ class LossyHub:
                 self._arrived(end, data)
 
     def _arrived(self, end: _End, data: bytes) -> None:
+        fport = _FPORT.search(data) if end.back_bulk is not None else None
+        if fport is not None:
+            self._bulk_ports[end.src] = int(fport.group(1))
+            data = b"%s%d%s" % (data[:fport.start(1)], end.back_bulk.sock.getsockname()[1], data[fport.end(1):])
         if _LINK_KINDS.search(data):
             # Membership's own chatter: as lossy as the rest, but outside the accounting that tells
             # when the mesh is quiet (nodes count it apart too: link_received, link_sent), and drawn
@@ -395,7 +411,7 @@ class LossyHub:
 
     def _forward(self, end: _End, data: bytes) -> None:
         dst = end.dst
-        port = self._ports.get(dst)
+        port = self._bulk_ports.get(dst) if end.bulk else self._ports.get(dst)
         if not self._up.get(dst) or port is None:
             self.counts["dropped_down"] += 1
             return

@@ -424,7 +424,7 @@ def test_structured_hostile_datagrams_through_the_whole_path_100k():
 # -- membership's kinds and fields -------------------------------------------------------------
 
 MEMBER_FIELDS = {
-    "HELLO": ("mesh", "tok", "echo", "ask", "caps", "nick", "seq", "ack", "held", "ivl", "key"),
+    "HELLO": ("mesh", "tok", "echo", "ask", "caps", "nick", "seq", "ack", "held", "ivl", "key", "fport"),
     "PRESENCE": ("nick", "ttl0", "caps", "links"),
     "CHAT": ("nick", "ttl0", "part"),
     "TRACE": ("ttl0", "nick", "part"),
@@ -434,7 +434,7 @@ MEMBER_VALUES = WRONG_VALUES + [
     10 ** 20, -(10 ** 20), 2 ** 53 + 1, 1e308, -1e308, 0.0, 1e-300, "a" * 5000, ["HELLO"] * 10_000,
     [["x"]], [1, "a"], {"k": "v"}, "meshchat", "0123456789abcdef", "g" * 16, "alice", "a#b", "@x", " x",
     [1, 2], [2, 1], [0, 0], [1, 1001], ["HELLO", "TRACE"],
-    "A" * 43, "A" * 42, "A" * 44, "+" * 43, "\u00e9" * 43,
+    "A" * 43, "A" * 42, "A" * 44, "+" * 43, "\u00e9" * 43, 65535, 65536, 9001,
     ["127.0.0.1:9"], ["127.0.0.1:%d" % p for p in range(1, 18)], ["127.0.0.1:0"], ["x:1" * 30], ["a\u202eb:1"],
 ]
 
@@ -459,7 +459,10 @@ def test_membership_fields_with_hostile_values_never_raise_and_keep_the_bounds()
         extra = {"mesh": "meshchat", "tok": "%016x" % rng.randrange(16 ** 16), "ttl0": 8}
         if rng.random() < 0.5:
             extra["echo"] = m._token_now(sender, 1.0 + i * 0.01)  # proved: the deeper path
-        extra[rng.choice(MEMBER_FIELDS[kind])] = rng.choice(MEMBER_VALUES)
+        field = rng.choice(MEMBER_FIELDS[kind])
+        extra[field] = rng.choice(MEMBER_VALUES)
+        if field == "fport" and rng.random() < 0.8:
+            extra["caps"] = ["HELLO", "TRACE"]  # a full HELLO: the only kind whose fport is read
         ttl = 1 if kind == "HELLO" else rng.choice([1, 3, 8])
         src = "%s:%d" % sender if rng.random() < 0.8 else label_of(rng.randrange(4, 200))
         body = "hi"
@@ -481,6 +484,7 @@ def test_membership_fields_with_hostile_values_never_raise_and_keep_the_bounds()
                     decode(action.data)
     assert _adds_up(r)
     assert len(m.neighbours) <= 4 and len(m.members) <= 4096 and len(m._challenged) <= 4096
+    assert m.counters["fport_invalid"] > 0 and all(0 <= n.fport <= 65535 for n in m.neighbours.values())
     # What PRESENCE's links taught us stays bounded, and /map draws it whatever it was.
     from meshchat import meshmap
     from meshchat.membership import MAX_LINKS
@@ -794,7 +798,9 @@ def test_file_kinds_with_hostile_values_never_raise_and_keep_the_bounds():
         obj = dict(mid="ff%d" % i, ts=WALL, ttl=1 if kind != "FOFFER" else 8, kind=kind,
                    src="%s:%d" % sender, dst=dst if kind == "FOFFER" else "", body=body, **extra)
         now = 1.0 + i * 0.01
-        for action in r.datagram_received(json.dumps(obj).encode(), sender, now, WALL):
+        # A quarter as if it came on our bulk socket (node.py): only the link kinds are taken from it.
+        received = r.bulk_received if rng.random() < 0.25 else r.datagram_received
+        for action in received(json.dumps(obj).encode(), sender, now, WALL):
             if isinstance(action, Send):
                 decode(action.data)  # whatever we send is valid
                 continue
@@ -809,6 +815,7 @@ def test_file_kinds_with_hostile_values_never_raise_and_keep_the_bounds():
     assert all(len(t.sources) <= MAX_SOURCES for t in files.transfers.values())
     s = files.stats()
     assert s["file_dropped_malformed"] > 0 and s["file_pieces_served"] > 0 and s["files_offered"] > 0
+    assert r.stats()["dropped_bulk_kind"] > 0 and not r._bulk  # FOFFERs on the bulk socket
     if ident is not None:
         assert s["file_dropped_bad_box"] > 0 and s["files_carried"] > 0
     assert not any(c.broken for c in consoles)
