@@ -312,6 +312,8 @@ class Node:
                 self._group_sock = _open_group(discovery, self._sock)
             except OSError:
                 self._sock.close()
+                if self.store is not None:  # and the history it opened (its dir lock): a retry must find it free
+                    self.store.close()
                 raise
 
         self._waker_r, self._waker_w = socket.socketpair()

@@ -69,3 +69,19 @@ def test_a_catch_up_is_read_from_history_on_the_stores_thread_never_the_socket_t
         c[2].node._act([ServeSince(0.0, c[1].node.addr, 10)])  # what the socket thread does with a SINCE
         c.wait_until(lambda: c[2].node.stats()["served"] > served)  # node 1 gets the copy (a duplicate)
         assert read_on == ["meshchat-store"]
+
+
+def test_a_node_whose_discovery_cannot_start_closes_its_history_so_a_retry_can_open_it(tmp_path):
+    import pytest
+    from meshchat.node import Discovery, Node
+    from meshchat.relay import RelayConfig
+
+    from ports import free_ports
+
+    history = History(data_dir=str(tmp_path))
+    [port] = free_ports(1)  # the same port both times: the same label, so the same history folder
+    nowhere = Discovery(("239.255.77.78", 9977), ("192.0.2.1",))  # TEST-NET-1: on no interface here
+    with pytest.raises(OSError):
+        Node(RelayConfig(label=""), port=port, membership=FAST, history=history, discovery=nowhere)
+    again = Node(RelayConfig(label=""), port=port, membership=FAST, history=history)  # its lock is free
+    again.stop()
