@@ -251,3 +251,40 @@ def test_a_drain_is_handed_over_as_one_batch_once_its_messages_are_in_history(tm
     finally:
         node.stop()
         src.close()
+
+
+def test_a_stream_of_events_is_handed_to_the_main_thread_every_few_milliseconds_and_a_lone_one_at_once():
+    from meshchat.node import HAND_OVER_GAP_S, _Batch
+
+    now = [100.0]
+    handed = []
+    node = Node(RelayConfig(label=""), on_events=lambda events: handed.append(list(events)), clock=lambda: now[0])
+    try:
+        node._hand_over(_Batch(["a"], []))
+        assert handed == [["a"]], "the first goes at once"
+        now[0] += HAND_OVER_GAP_S / 4
+        node._hand_over(_Batch(["b"], []))
+        now[0] += HAND_OVER_GAP_S / 4
+        node._hand_over(_Batch(["c"], []))
+        assert handed == [["a"]] and node._held_due == 100.0 + HAND_OVER_GAP_S, "a stream: kept together"
+        node._release_held()  # what _net_loop does when _held_due comes
+        assert handed == [["a"], ["b", "c"]]
+        now[0] += 2 * HAND_OVER_GAP_S
+        node._hand_over(_Batch(["d"], []))
+        assert handed[-1] == ["d"], "a lone one after a quiet spell: at once"
+    finally:
+        node.stop()
+
+
+def test_events_kept_for_a_hand_over_are_shown_by_the_running_node_without_anything_more_arriving():
+    got: "queue.Queue[list]" = queue.Queue()
+    node = Node(RelayConfig(label=""), on_events=got.put)
+    node.start()
+    try:
+        from meshchat.node import _Batch
+        node._handed_at = time.monotonic()  # as if a hand-over had just gone: the next one is kept
+        node._hand_over(_Batch(["kept"], []))
+        node._wake()  # the loop looks again and hands it over when its time comes
+        assert got.get(timeout=5) == ["kept"]
+    finally:
+        node.stop()
