@@ -633,6 +633,8 @@ def run_command(cmd: object, node: Node, console, typed: str = "", echo: bool = 
     ``typed``: the line as entered at the prompt, whose echo our own lines
     replace; ``echo`` False (--quiet) shows none of our own lines."""
     cmd = _resolved(cmd, node)
+    if typed and not isinstance(cmd, Say) and isinstance(console, TerminalConsole):
+        console.entered(typed)  # its echo stays a line of its own, above any progress rows
     if isinstance(cmd, Say):
         messages = node.say(cmd.body, cmd.dst, plain=cmd.plain)
         # Sealed end to end (or held until it can be) unless asked plain; None: this node cannot seal.

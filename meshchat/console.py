@@ -454,6 +454,17 @@ class TerminalConsole(Console):
                 tail += " \r"  # as readline does: onto the next row, where it counts the cursor
         return (f"\x1b[{up}A" if up else "") + "\r\x1b[J" + text + status + tail
 
+    def entered(self, typed: str) -> None:
+        """A command was entered (no line of ours takes its echo's place): with progress rows on the
+        screen, the echo is drawn again above them as an ordinary line, so the rows and the prompt
+        stay under it and what is printed next lands below them, not over the echo."""
+        if not self.interactive or not self._status_rows:
+            return
+        columns = max(20, self._columns())
+        up = _rows_below_start(PROMPT + typed, columns) + 1  # Enter moved down one more
+        now = self._get_typed() if self.reading else ""
+        self._write(self._redraw_below(up, PROMPT + typed + "\n", now, columns))
+
     def leave(self) -> None:
         """Stopping: the progress rows and the prompt are wiped, so the shell's prompt comes on a
         clean row (a Ctrl-C must not leave a half-drawn transfer above it)."""

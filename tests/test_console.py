@@ -667,3 +667,15 @@ def test_leaving_wipes_the_progress_rows_and_the_prompt():
     con.reading = False
     con.leave()
     assert out.getvalue() == "", "nothing drawn: nothing to wipe"
+
+
+def test_a_command_entered_under_a_progress_row_keeps_its_echo_above_the_row():
+    out, con = interactive("", columns=80)
+    con.file_event(progress(100))
+    out.truncate(0), out.seek(0)
+    con.entered("/cancel f1")
+    # From the row Enter moved to: up over the echo and the progress row; the echo, then the row again.
+    assert out.getvalue() == "\x1b[2A\r\x1b[J> /cancel f1\n" + progress_text(progress(100)) + "\n"
+    out.truncate(0), out.seek(0)
+    con.file_event(FileDone("f1", "photo.jpg", "/d/photo.jpg", 1000, "ab"))
+    assert out.getvalue().startswith("\x1b[1A\r\x1b[J"), "then only the row is gone over, not the echo"
