@@ -771,6 +771,15 @@ def stats_lines(c: dict) -> List[str]:
                      f"given up {c['gaps_given_up']}")
     if "history_written" in c:
         lines.append(f"history: written {c['history_written']}, not written {c['history_dropped']}")
+    if "files_offered" in c:
+        g = c.get
+        lines.append(f"files: offered {g('files_offered', 0)}, done {g('files_done', 0)}, failed "
+                     f"{g('files_failed', 0)}, carried {g('files_carried', 0)}; pieces received "
+                     f"{g('file_pieces_received', 0)}, served {g('file_pieces_served', 0)}, timeouts "
+                     f"{g('file_timeouts', 0)}")
+        if "bulk_sent" in c:
+            lines.append(f"bulk socket (file pieces): sent {g('bulk_sent', 0)}, received {g('bulk_received', 0)}, "
+                         f"from strangers {g('bulk_dropped_stranger', 0)}")
     return [row for line in lines for row in _fold(line)]
 
 

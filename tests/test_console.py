@@ -679,3 +679,16 @@ def test_a_command_entered_under_a_progress_row_keeps_its_echo_above_the_row():
     out.truncate(0), out.seek(0)
     con.file_event(FileDone("f1", "photo.jpg", "/d/photo.jpg", 1000, "ab"))
     assert out.getvalue().startswith("\x1b[1A\r\x1b[J"), "then only the row is gone over, not the echo"
+
+
+def test_stats_show_file_sharing_and_its_bulk_socket_when_the_node_shares_files():
+    from meshchat.console import stats_lines
+    from meshchat.relay import COUNTERS
+    counters = {name: 0 for name in COUNTERS}
+    counters.update(seen_size=0, rcvbuf_bytes=0)
+    assert not any(line.startswith(("files:", "bulk")) for line in stats_lines(counters))
+    counters.update(files_offered=2, files_done=1, file_pieces_received=6783, bulk_sent=5, bulk_received=6791)
+    text = " ".join(stats_lines(counters))
+    assert "files: offered 2, done 1" in text and "pieces received 6783" in text
+    assert "bulk socket (file pieces): sent 5, received 6791" in text
+    assert all(len(line) <= 68 for line in stats_lines(counters))
