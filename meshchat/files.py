@@ -1076,11 +1076,13 @@ class Files:
         return picks
 
     def _rate(self, t: Transfer, now: float) -> float:
-        recent = [b for when, b in t.samples if now - when <= 3.0]
+        recent = [(when, b) for when, b in t.samples if now - when <= 3.0]
         if not recent:
             return 0.0
-        span = min(3.0, max(0.25, now - t.started))
-        return sum(recent) / span
+        # Over the time pieces have been coming, not since the start: a transfer that waited for a
+        # source would otherwise show a fraction of its rate (and hours left) once they come.
+        span = min(3.0, max(0.25, now - recent[0][0]))
+        return sum(b for _, b in recent) / span
 
     def _progress(self, t: Transfer, now: float) -> FileProgress:
         o = t.offer

@@ -280,6 +280,16 @@ def test_a_transfer_shows_a_row_at_once_and_no_time_left_from_its_first_fraction
     assert net.peers[1].files._progress(t, t.started + 1.5).left_s is not None
 
 
+def test_the_rate_is_over_the_time_pieces_have_been_coming_not_since_the_transfer_started():
+    net = Net(2, [(0, 1)])
+    offer = net.share(0, content_of(400 * CHUNK_BYTES))
+    f = net.peers[1].files
+    t = f.transfers[offer.fid]
+    t.samples = [(t.started + 10.0 + k / 100, 1000) for k in range(100)]  # 100 kB in the second second
+    rate = f._rate(t, t.started + 11.0)
+    assert 95_000 <= rate <= 105_000, rate  # not 100 kB over 3 s
+
+
 def test_an_unverified_offer_is_not_fetched_and_zero_always_asks():
     f = Files(FilesConfig("127.0.0.1:2", accept_bytes=0), new_mid=lambda: "m")
     offer, _ = make_offer(b"x" * 10)
