@@ -474,8 +474,17 @@ def _read_stdin(lines: "queue.Queue[object]", interactive: bool, console) -> Non
     """
     try:
         if interactive:
+            # "Reading" (the console redraws the prompt under what it prints) from the moment the
+            # prompt is on the screen: readline says when, after printing it. Set before input()
+            # instead, a line printed while readline starts would draw the prompt, then readline a
+            # second one ("> > "). Without readline (Windows), before input(), as the next best.
+            mod = sys.modules.get("readline")
+            hook = getattr(mod, "set_pre_input_hook", None) if mod is not None else None
+            if hook is not None:
+                hook(lambda: setattr(console, "reading", True))
             while True:
-                console.reading = True
+                if hook is None:
+                    console.reading = True
                 try:
                     line = input(PROMPT)
                 except EOFError:

@@ -306,6 +306,42 @@ def test_quiet_in_a_terminal_shows_no_prompt():
     assert b"received 0" in out and b"> " not in out and b"<you>" not in out
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_a_notice_printed_as_the_prompt_first_appears_leaves_one_prompt_not_two():
+    import os
+    import pty
+    import select
+    with Proc("--port", "0", "--json", "--headless") as peer:  # up at once: its notice races the prompt
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--no-discover", "--no-history", "--port", "0",
+                                 "--peers", peer.ready()], stdin=slave, stdout=slave, stderr=subprocess.DEVNULL)
+        os.close(slave)
+        out = b""
+        try:
+            while b"neighbour" not in out:
+                ready, _, _ = select.select([master], [], [], 10.0)
+                assert ready, f"no neighbour notice within 10 s: {out!r}"
+                out += os.read(master, 65536)
+            os.write(master, b"/quit\n")
+            while True:  # everything until it has gone
+                ready, _, _ = select.select([master], [], [], 10.0)
+                assert ready, f"no end within 10 s: {out!r}"
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the process closed its end
+                    break
+                if not data:
+                    break
+                out += data
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(master)
+    assert b"> >" not in out and b">  >" not in out, out
+
+
 def test_the_parts_of_a_long_line_are_marked_in_json_at_both_ends():
     with Proc("--port", "0", "--json", "--headless") as listener:
         port = listener.ready().rsplit(":", 1)[1]
