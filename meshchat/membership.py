@@ -237,7 +237,8 @@ class Neighbour:
 
 
 class Member:
-    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at", "caps", "announced", "gone", "links")
+    __slots__ = ("label", "nick", "hops", "last_seen", "via", "via_at", "caps", "announced", "gone", "links",
+                 "presence")
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -250,6 +251,9 @@ class Member:
         self.via: Optional[Addr] = None
         self.via_at = 0.0
         self.links: Tuple[str, ...] = ()  # its up neighbours, as its last PRESENCE said (for /map only)
+        # Its last PRESENCE as it signed it: served (ttl 1) to a neighbour that restarted and asks what
+        # it missed (SINCE), so that it knows the mesh's names at once, not at their next announcement.
+        self.presence: Optional[Message] = None
 
 
 def _int(value: object, low: int, high: int) -> Optional[int]:
@@ -703,17 +707,19 @@ class Membership:
 
     # -- what floods tell us -----------------------------------------------------------------
 
-    def learn(self, msg: Message, addr: Addr, now: float, trusted: bool = True) -> None:
+    def learn(self, msg: Message, addr: Addr, now: float, trusted: bool = True, age: Optional[float] = None) -> None:
         """The first copy of a flooded message: its origin is alive, this far, and reached through ``addr``.
 
         ``trusted`` False (a node that checks signatures, and this one is not verified): its
-        distance and way are learned, not the nick, caps or links it claims."""
+        distance and way are learned, not the nick, caps or links it claims. ``age`` (seconds): a
+        copy served to us by a neighbour (a catch-up after a restart), old on purpose: what its origin
+        says of itself is learned, not its distance, its way, nor that it is alive now."""
         src = msg.src
         if src == self.label:
             return
         x = msg.extra
         hops = nick = None
-        if x:  # once per message: kept short
+        if x and age is None:  # once per message: kept short
             ttl0 = x.get("ttl0")
             if type(ttl0) is int and msg.ttl <= ttl0 <= 255:
                 hops = ttl0 - msg.ttl + 1
@@ -727,11 +733,26 @@ class Membership:
                     nick = None
         caps = parse_caps(x.get("caps")) if x and msg.kind in ("PRESENCE", "KEY") else None
         n = self.neighbours.get(addr)
-        self._learn_member(src, nick, hops, addr if n is not None and n.up else None, now, caps)
+        via = addr if n is not None and n.up and age is None else None
+        known = self.members.get(src)
+        seen = now if age is None else now - max(0.0, age)
+        if known is not None and known.last_seen > seen:
+            seen = known.last_seen
+        self._learn_member(src, nick, hops, via, seen, caps)
+        member = self.members[src]
         if x and msg.kind == "PRESENCE" and "links" in x:
             links = parse_links(x["links"])
             if links is not None:
-                self.members[src].links = links
+                member.links = links
+        if trusted and msg.kind == "PRESENCE" and not msg.dst and (
+                member.presence is None or msg.ts > member.presence.ts):
+            member.presence = msg
+
+    def presences(self, limit: int) -> List[Message]:
+        """The last PRESENCE of each member we know (newest last, at most ``limit``): names are the
+        mesh's state, not its history, so even one older than what the asker last saw still counts."""
+        out = sorted((m.presence for m in self.members.values() if m.presence is not None), key=lambda p: p.ts)
+        return out[-limit:] if limit > 0 else []
 
     def _learn_member(self, label: str, nick: Optional[str], hops: Optional[int], via: Optional[Addr],
                       now: float, caps: Optional[frozenset] = None) -> None:

@@ -631,6 +631,12 @@ class Node(FileSharingIO):
         with self._lock:
             if not rows:
                 rows = self.delivery.recent_since(action.ts, action.limit) if self.delivery else []
+            if self.membership is not None:
+                # First the last PRESENCE of each node we know (as signed): the asker restarted, and
+                # learns the mesh's names and keys now rather than at their next announcements.
+                names = [encode(p._replace(ttl=1))
+                         for p in self.membership.presences(max(0, action.limit // 2))]
+                rows = names + rows[:max(0, action.limit - len(names))]
             if self.delivery is not None:
                 self.delivery.serve(action.addr, rows, self._clock())
         self._wake()  # the serving is paced by the delivery layer's timer

@@ -464,8 +464,9 @@ class Relay(SecurityHooks, DeliveryHooks, TraceHooks):
         if m is not None:
             # What an unverified message says of its sender (nick, caps) is not taken where we check
             # signatures: one forged datagram must not rename a node or make a name ambiguous.
-            if not served:  # a copy served to us by repair: old, and one hop from whoever had it
-                m.learn(msg, addr, now, trusted=verified is not False)
+            # A copy served to us by repair or a catch-up is old, and one hop from whoever had it: what
+            # its origin says of itself is learned (a PRESENCE: its name, caps, key), not its way.
+            m.learn(msg, addr, now, trusted=verified is not False, age=(wall - msg.ts) if served else None)
             if addr not in m.neighbours:
                 actions.extend(self._sends(m.stranger(addr, len(data), now, wall), now, wall))
         to_me = msg.dst == self.label

@@ -509,7 +509,7 @@ class Repair:
                 msg = decode(raw)
             except (WireError, TypeError, AttributeError):
                 continue
-            if msg.kind != "CHAT" or msg.dst:
+            if msg.kind not in ("CHAT", "PRESENCE") or msg.dst:  # broadcasts, and names (the node's last PRESENCEs)
                 continue
             if len(self._serve_queue) >= SERVE_QUEUE_MAX:
                 self.counters["serve_queue_dropped"] += 1

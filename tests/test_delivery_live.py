@@ -1,6 +1,7 @@
 """Acknowledged direct messages, the outbox and gap repair on real sockets, with and without history."""
 
 import threading
+import time
 
 from meshchat.console import stats_lines
 from meshchat.delivery import Delivered, Undelivered
@@ -85,3 +86,42 @@ def test_a_node_whose_discovery_cannot_start_closes_its_history_so_a_retry_can_o
         Node(RelayConfig(label=""), port=port, membership=FAST, history=history, discovery=nowhere)
     again = Node(RelayConfig(label=""), port=port, membership=FAST, history=history)  # its lock is free
     again.stop()
+
+
+def test_a_node_restarted_with_history_knows_the_names_two_hops_away_at_once(tmp_path):
+    from dataclasses import replace
+
+    from ports import free_ports
+
+    [port] = free_ports(1)
+    alice, bob, carol = (replace(FAST, nick=n) for n in ("alice", "bob", "carol"))
+    first = Probe(membership=alice, history=History(data_dir=str(tmp_path / "a")), port=port)
+    b = Probe(processed=first.processed, membership=bob, history=History(data_dir=str(tmp_path / "b")))
+    c = Probe(processed=first.processed, membership=carol, history=History(data_dir=str(tmp_path / "c")))
+    try:
+        for x, y in ((first, b), (b, c)):
+            x.node.add_peer(y.node.addr)
+            y.node.add_peer(x.node.addr)
+        for p in (first, b, c):
+            p.node.start()
+        deadline = time.monotonic() + 10
+        while first.node.resolve("carol")[0] is None:  # carol's PRESENCE, flooded through bob
+            assert time.monotonic() < deadline, "alice never heard of carol"
+            first.processed.get(timeout=10)
+        c.node.say("something for alice's history")
+        first.wait_for_body("something for alice's history")
+        first.node.stop()
+        again = Probe(processed=b.processed, membership=alice, history=History(data_dir=str(tmp_path / "a")), port=port)
+        try:
+            again.node.add_peer(b.node.addr)
+            again.node.start()
+            deadline = time.monotonic() + 10  # carol's next PRESENCE is a minute or more away
+            while again.node.resolve("carol")[0] != c.label:
+                assert time.monotonic() < deadline, "the restarted node did not learn carol's name from bob"
+                b.processed.get(timeout=10)
+            assert again.node.membership.members[c.label].hops is None, "its way is not taken from an old copy"
+        finally:
+            again.node.stop()
+    finally:
+        for p in (first, b, c):
+            p.node.stop()
