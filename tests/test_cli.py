@@ -1,5 +1,6 @@
 """The command line: arguments, exit statuses, and real processes starting and stopping."""
 
+import contextlib
 import json
 import os
 import signal
@@ -275,70 +276,56 @@ def test_quiet_terminal_output_has_no_echo_of_our_own_lines():
     assert result.returncode == 0 and "<you>" not in result.stdout and "received 0" in result.stdout
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
-def test_quiet_in_a_terminal_shows_no_prompt():
-    import os
+@contextlib.contextmanager
+def _in_a_terminal(*args: str):
+    """A meshchat process whose stdin and stdout are a pseudo-terminal: (its master end, the process)."""
     import pty
-    import select
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--no-discover", "--no-history", "--port", "0", "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--no-discover", "--no-history", "--port", "0", *args],
                             stdin=slave, stdout=slave, stderr=subprocess.DEVNULL)
     os.close(slave)
-    out = b""
     try:
-        os.write(master, b"hello\n/stats\n/quit\n")
-        while True:
-            ready, _, _ = select.select([master], [], [], 10.0)
-            assert ready, f"no output within 10 s: {out!r}"
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the process closed its end
-                break
-            if not data:
-                break
-            out += data
-        assert proc.wait(10) == 0
+        yield master, proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+def _screen(master: int, out: bytes = b"", until=None) -> bytes:
+    """What the terminal was sent: until ``until(out)`` holds, or (None) until the process has gone."""
+    import select
+    while until is None or not until(out):
+        ready, _, _ = select.select([master], [], [], 10.0)
+        assert ready, f"nothing more within 10 s: {out!r}"
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not data:
+            break
+        out += data
+    return out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_quiet_in_a_terminal_shows_no_prompt():
+    with _in_a_terminal("--quiet") as (master, proc):
+        os.write(master, b"hello\n/stats\n/quit\n")
+        out = _screen(master)
+        assert proc.wait(10) == 0
     assert b"received 0" in out and b"> " not in out and b"<you>" not in out
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
 def test_a_notice_printed_as_the_prompt_first_appears_leaves_one_prompt_not_two():
-    import os
-    import pty
-    import select
     with Proc("--port", "0", "--json", "--headless") as peer:  # up at once: its notice races the prompt
-        master, slave = pty.openpty()
-        proc = subprocess.Popen([sys.executable, "-m", "meshchat", "--no-discover", "--no-history", "--port", "0",
-                                 "--peers", peer.ready()], stdin=slave, stdout=slave, stderr=subprocess.DEVNULL)
-        os.close(slave)
-        out = b""
-        try:
-            while b"neighbour" not in out:
-                ready, _, _ = select.select([master], [], [], 10.0)
-                assert ready, f"no neighbour notice within 10 s: {out!r}"
-                out += os.read(master, 65536)
+        with _in_a_terminal("--peers", peer.ready()) as (master, proc):
+            out = _screen(master, until=lambda shown: b"neighbour" in shown)
             os.write(master, b"/quit\n")
-            while True:  # everything until it has gone
-                ready, _, _ = select.select([master], [], [], 10.0)
-                assert ready, f"no end within 10 s: {out!r}"
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: the process closed its end
-                    break
-                if not data:
-                    break
-                out += data
+            out = _screen(master, out)
             assert proc.wait(10) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            os.close(master)
     assert b"> >" not in out and b">  >" not in out, out
 
 
